@@ -1,0 +1,69 @@
+"""What every model worker shares: model directory, device, threads, busy-time accounting.
+
+A worker is a callable class for ``ray.data.Dataset.map_batches``: a batch is a dict
+of numpy arrays, the same dict (with the worker's output columns) comes back.
+``REQUIRED_COLUMNS`` and ``OUTPUT_COLUMNS`` let the pipeline check its wiring before
+any actor starts.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import ClassVar, Iterator
+
+import numpy as np
+
+from workers.devices import pick_device, set_torch_threads
+from workers.models import ModelDirectory, ModelSource
+
+Batch = dict[str, np.ndarray]
+
+
+class ModelWorker:
+    STAGE: ClassVar[str]
+    REQUIRED_COLUMNS: ClassVar[dict[str, str]]  # column -> what it holds
+    OUTPUT_COLUMNS: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: ModelSource, *, dtype: str = "auto", threads: int | None = None):
+        self.model = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
+        self.device, self.dtype = pick_device(dtype)
+        if self.device.type == "cpu":
+            set_torch_threads(threads)
+
+    @classmethod
+    def busy_column(cls) -> str:
+        return f"busy_seconds_{cls.STAGE}"
+
+    @contextmanager
+    def busy(self, batch: Batch) -> Iterator[None]:
+        """Time the computation of one batch and spread it over its rows.
+
+        Summing the column over all rows gives the stage's total compute time,
+        whatever batches and workers the rows went through.
+        """
+        started = time.perf_counter()
+        yield
+        rows = len(next(iter(batch.values())))
+        batch[self.busy_column()] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
+
+
+def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch column from per-row arrays: stacked when shapes agree, else an object array.
+
+    Rows of different sizes can share a batch; Ray Data stores the object form as a
+    variable-shaped tensor column.
+    """
+    if len({array.shape for array in arrays}) <= 1:
+        return np.stack(arrays) if arrays else np.empty((0,))
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
+
+
+def group_rows(keys: list[tuple]) -> dict[tuple, list[int]]:
+    """Row indices per distinct key, in first-seen order (rows batched only with compatible rows)."""
+    groups: dict[tuple, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return groups

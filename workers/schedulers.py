@@ -1,0 +1,46 @@
+"""Scheduler names users type, mapped to diffusers scheduler classes and options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+
+# name -> (diffusers class, config overrides). Overrides turn a class into the
+# variant users know by that name (e.g. "dpm++" is DPM-Solver++ multistep).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def check_scheduler_name(name: str | None) -> None:
+    if name is not None and name not in SCHEDULERS:
+        raise ValueError(f"scheduler: unknown {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def make_scheduler(name: str | None, model_config: dict[str, Any]):
+    """A fresh scheduler (they are stateful) from the model's config.
+
+    ``None`` keeps the model's own scheduler class; a name swaps the class but keeps
+    the model's noise schedule (betas, offsets), as diffusers' ``from_config`` does.
+    """
+    check_scheduler_name(name)
+    if name is None:
+        return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(model_config, **overrides)
+
+
+def scheduler_label(name: str | None, model_config: dict[str, Any]) -> str:
+    """The name recorded in the manifest: the user's name, or the model's class."""
+    return name if name is not None else model_config["_class_name"]

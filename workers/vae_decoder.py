@@ -1,0 +1,42 @@
+"""VAE decoder worker: final latents -> uint8 RGB images (height x width x 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from workers.base import Batch, ModelWorker, group_rows, stack_column
+
+
+class VaeDecoderWorker(ModelWorker):
+    STAGE = "vae_decoder"
+    REQUIRED_COLUMNS = {"latents": "final latents from the denoiser (scaled, as the U-Net sees them)"}
+    OUTPUT_COLUMNS = ("image",)
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        self.vae = self.model.load(self.model.family.vae_component, self.device, self.dtype)
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor)
+
+    def __call__(self, batch: Batch) -> Batch:
+        with self.busy(batch):
+            # 1. decode rows of one latent shape together
+            latents = list(batch["latents"])
+            images: list[np.ndarray | None] = [None] * len(latents)
+            for _, rows in group_rows([latent.shape for latent in latents]).items():
+                for row, image in zip(rows, self._decode(np.stack([latents[r] for r in rows]))):
+                    images[row] = image
+            # 2. latents stay in the batch: the writer keeps their statistics
+            batch["image"] = stack_column(images)
+        return batch
+
+    @torch.inference_mode()
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        latents_tensor = torch.from_numpy(latents).to(self.device, self.dtype)
+        decoded = self.vae.decode(latents_tensor / self.scaling_factor + self.shift_factor, return_dict=False)[0]
+        # as diffusers' postprocess + numpy_to_pil: [-1, 1] -> [0, 1] -> round to uint8
+        pixels = self.image_processor.postprocess(decoded, output_type="np")
+        return (pixels * 255).round().astype(np.uint8)
