@@ -1,0 +1,113 @@
+"""The ``latentray`` command: demo, generate, model export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from jobs import generate as generate_job
+from jobs.options import add_ray_options, generate_config
+
+DEMO_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a black background",
+    "a green triangle on a white background",
+    "a blue circle on a yellow background",
+    "a white square on a red background",
+    "a purple triangle on a green background",
+    "an orange circle on a purple background",
+    "a black triangle on an orange background",
+]
+
+
+def fail(message: str) -> int:
+    print(f"latentray: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from jobs.ray_runtime import connect
+    from pipelines.generate import plan_generation, run_generation
+
+    try:
+        plan = plan_generation(generate_config(args))  # bad input fails here, before Ray starts
+    except ValueError as error:
+        return fail(str(error))
+    where = connect(args.address)
+    print(f"latentray: generating {plan.input_rows} rows on {where} -> {plan.config.output}", file=sys.stderr)
+    try:
+        record = run_generation(plan)
+    except ValueError as error:
+        return fail(str(error))
+    print(json.dumps({key: record[key] for key in ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")}, indent=2))
+    return 0 if record["status"] == "complete" else 1
+
+
+def write_demo_prompts(path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table({"id": [f"demo-{i:02d}" for i in range(len(DEMO_PROMPTS))], "prompt": DEMO_PROMPTS}), path)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    prompts = os.path.join(args.output, "prompts.parquet")
+    write_demo_prompts(prompts)
+    argv = ["--prompts", prompts, "--output", args.output, "--model", args.model, "--steps", str(args.steps)]
+    if args.address:
+        argv += ["--address", args.address]
+    status = run_generate(generate_job.build_parser().parse_args(argv))
+    if status == 0:
+        print(f"latentray: demo images in {os.path.join(args.output, 'images')}, manifest in {os.path.join(args.output, 'manifest')}", file=sys.stderr)
+    return status
+
+
+def run_model_export(args: argparse.Namespace) -> int:
+    from workers.presets import PRESETS, export_preset
+
+    if args.name not in PRESETS:
+        return fail(f"unknown preset {args.name!r}; presets are {', '.join(PRESETS)}")
+    export_preset(args.name, args.directory)
+    print(f"latentray: wrote preset {args.name!r} as a diffusers directory to {args.directory}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentray", description="Batch generation and latent datasets for latent diffusion models on Ray.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    demo = verbs.add_parser("demo", help="generate a few images with the built-in model on an embedded Ray",
+                            description="Generate a few images with the built-in model on an embedded local Ray.")
+    demo.add_argument("--output", default="latentray-demo", help="output folder (default: ./latentray-demo)")
+    demo.add_argument("--model", default="tiny", help="model (default: the built-in tiny preset)")
+    demo.add_argument("--steps", type=int, default=20)
+    add_ray_options(demo)
+    demo.set_defaults(run=run_demo)
+
+    generate = verbs.add_parser("generate", parents=[generate_job.build_parser()], add_help=False,
+                                help="generate images for a Parquet table of prompts",
+                                description=generate_job.build_parser().description)
+    generate.set_defaults(run=run_generate)
+
+    model = verbs.add_parser("model", help="built-in models", description="Built-in model presets.")
+    model_verbs = model.add_subparsers(dest="model_verb", required=True)
+    export = model_verbs.add_parser("export", help="write a preset as a standard diffusers directory",
+                                    description="Write a preset as a diffusers directory that StableDiffusionPipeline.from_pretrained loads.")
+    export.add_argument("name", help="preset name (tiny, small)")
+    export.add_argument("directory", help="directory to write")
+    export.set_defaults(run=run_model_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

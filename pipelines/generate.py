@@ -1,0 +1,339 @@
+"""Bulk generation: a Parquet table of prompts -> images, manifest, errors and latent statistics.
+
+    read row groups -> validate rows (CPU task) -> text encoder -> denoiser -> VAE decoder
+    (actors: separate pools with ``split``, one actor with ``fused``) -> write images (CPU task)
+    -> the driver commits manifest and error parts -> latent_stats.json, run.json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from pipelines import io
+from pipelines.config import GenerateConfig, StageOptions
+from pipelines.images import EXTENSIONS, encode_image
+from pipelines.model_source import ModelDescription, describe_model
+from pipelines.outputs import RunOutput
+from pipelines.prompt_rows import PromptDefaults, normalize_prompts
+from pipelines.run_record import library_versions, utc_now
+from pipelines.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
+from pipelines.stages import Stage, check_wiring
+from pipelines.stats import stats_of_rows
+from workers.denoiser import DenoiserWorker
+from workers.fused import FusedGenerationWorker
+from workers.schedulers import scheduler_label
+from workers.text_encoder import TextEncoderWorker
+from workers.vae_decoder import VaeDecoderWorker
+
+logger = logging.getLogger(__name__)
+
+# CPU reserved by each light task (read, validate, write): fractions so that actors
+# never leave a read or write task without a CPU to run on (see cluster sizing below)
+TASK_CPUS = 0.25
+READ_ROWS_PER_BLOCK = 1024
+SPLIT_WORKERS = {"text_encoder": TextEncoderWorker, "denoiser": DenoiserWorker, "vae_decoder": VaeDecoderWorker}
+
+
+# -- stage placement ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def current(cls) -> "ClusterShape":
+        resources = ray.cluster_resources()
+        return cls(cpus=resources.get("CPU", 1.0), gpus=resources.get("GPU", 0.0))
+
+
+def resolve_placement(placement: str, cluster: ClusterShape) -> str:
+    """``auto``: fused everywhere, measured fastest on CPU and on single-GPU nodes (see README)."""
+    return "fused" if placement == "auto" else placement
+
+
+def default_stage_options(placement: str, cluster: ClusterShape, batch_size: int) -> dict[str, StageOptions]:
+    """Resources per stage when the user sets none.
+
+    GPU: every actor gets a share of a GPU, one set of actors per GPU. CPU: the actors
+    reserve at most all CPUs but one task's worth, so read and write tasks always
+    find a CPU (a pool that reserves every CPU starves its own reads and hangs).
+    """
+    gpus = int(cluster.gpus)
+    if gpus:
+        if placement == "fused":
+            return {"fused": StageOptions(batch_size=batch_size, concurrency=gpus, num_gpus=1, num_cpus=1)}
+        shares = {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}
+        return {name: StageOptions(batch_size=batch_size, concurrency=gpus, num_gpus=share, num_cpus=0.5) for name, share in shares.items()}
+    threads = max(1, int(cluster.cpus))
+    spare = max(cluster.cpus - 2 * TASK_CPUS, TASK_CPUS)
+    if placement == "fused":
+        return {"fused": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(1.0, spare), threads=threads)}
+    return {
+        "text_encoder": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(0.25, spare / 4), threads=1),
+        "denoiser": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(1.0, spare / 2), threads=threads),
+        "vae_decoder": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(0.25, spare / 4), threads=1),
+    }
+
+
+def build_model_stages(config: GenerateConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
+    defaults = default_stage_options(placement, cluster, config.batch_size)
+    workers = {"fused": FusedGenerationWorker} if placement == "fused" else SPLIT_WORKERS
+    unknown = set(config.stages) - set(workers)
+    if unknown:
+        raise ValueError(f"stages: {', '.join(sorted(unknown))} not in the {placement} placement (stages: {', '.join(workers)})")
+    stages = []
+    for name, worker in workers.items():
+        kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
+        if worker in (DenoiserWorker, FusedGenerationWorker):
+            kwargs["scheduler"] = config.scheduler
+        options = config.stages.get(name, StageOptions()).merged_over(defaults[name])
+        stages.append(Stage(name=name, worker=worker, options=options, constructor_kwargs=kwargs))
+    return stages
+
+
+# -- CPU tasks ------------------------------------------------------------------------------------
+
+
+def read_fragments(batch: dict[str, np.ndarray], columns: list[str]):
+    """Row groups -> tables of rows with their input position (``row``)."""
+    for uri, group, first, rows in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"]):
+        yield from io.read_fragment(io.ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, READ_ROWS_PER_BLOCK)
+
+
+def write_images(batch: dict[str, np.ndarray], output: str, image_format: str, quality: int, keep_latents: bool) -> dict[str, np.ndarray]:
+    """Encode and store each row's image; replace pixels by per-channel latent aggregates.
+
+    A row whose latent is not finite gets an error instead of an image.
+    """
+    rows = len(batch["id"])
+    paths, reasons = [], []
+    means, stds, minimums, maximums, counts = [], [], [], [], []
+    for index in range(rows):
+        latent = np.asarray(batch["latents"][index], np.float64)
+        values = latent.reshape(latent.shape[0], -1)
+        counts.append(values.shape[1])
+        means.append(values.mean(axis=1)), stds.append(values.std(axis=1))
+        minimums.append(values.min(axis=1)), maximums.append(values.max(axis=1))
+        if not np.isfinite(values).all():
+            paths.append(""), reasons.append("the final latent has non-finite values (NaN or infinity)")
+            continue
+        path = f"images/{quote(str(batch['id'][index]), safe='')}.{EXTENSIONS[image_format]}"
+        io.write_bytes(io.join(output, path), encode_image(batch["image"][index], image_format, quality))
+        paths.append(path), reasons.append("")
+    batch.pop("image")
+    if not keep_latents:
+        batch.pop("latents")
+    batch.update(
+        image_path=np.array(paths, dtype=object), error_reason=np.array(reasons, dtype=object),
+        latent_count=np.array(counts, np.int64), latent_mean=np.array(means), latent_std=np.array(stds),
+        latent_min=np.array(minimums), latent_max=np.array(maximums),
+    )
+    return batch
+
+
+# -- driver: commit results as they stream in -----------------------------------------------------
+
+
+class ManifestCommitter:
+    """Buffers finished rows in the driver and commits them in parts of ``rows_per_part``."""
+
+    def __init__(self, output: RunOutput, scheduler: str, rows_per_part: int, save_latents: bool):
+        self.output, self.scheduler, self.rows_per_part, self.save_latents = output, scheduler, rows_per_part, save_latents
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_rows = 0
+        self.busy_seconds: dict[str, float] = {}
+        self.ok_rows = self.error_rows = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for column in [c for c in batch if c.startswith("busy_seconds_")]:
+            stage = column.removeprefix("busy_seconds_")
+            self.busy_seconds[stage] = self.busy_seconds.get(stage, 0.0) + float(np.sum(batch.pop(column)))
+        self.pending.append(batch)
+        self.pending_rows += len(batch["id"])
+        if self.pending_rows >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        batch = {column: _concat([part[column] for part in self.pending]) for column in self.pending[0]}
+        self.pending, self.pending_rows = [], 0
+        failed = batch["error_reason"] != ""
+        errors = pa.Table.from_pydict({
+            "id": [str(v) for v in batch["id"][failed]], "row": batch["row"][failed].astype(np.int64),
+            "stage": ["denoiser"] * int(failed.sum()), "reason": list(batch["error_reason"][failed]),
+        }, schema=ERRORS_SCHEMA)
+        ok = {column: values[~failed] for column, values in batch.items()}
+        self.ok_rows += int((~failed).sum())
+        self.error_rows += int(failed.sum())
+        # one part per latent shape: a fixed-shape tensor column needs one shape
+        shapes = [tuple(latent.shape) for latent in ok["latents"]] if self.save_latents else [None] * len(ok["id"])
+        for shape in dict.fromkeys(shapes):
+            rows = np.array([s == shape for s in shapes], dtype=bool)
+            part = {column: values[rows] for column, values in ok.items()}
+            stats = stats_of_rows(part["latent_count"], part["latent_mean"], part["latent_std"], part["latent_min"], part["latent_max"]) if rows.any() else None
+            self.output.commit(self._manifest_table(part, shape), errors, stats)
+            errors = None
+
+    def _manifest_table(self, part: dict[str, np.ndarray], latent_shape: tuple[int, ...] | None) -> pa.Table:
+        rows = len(part["id"])
+        columns = {
+            "id": [str(v) for v in part["id"]], "prompt": list(part["prompt"]), "negative_prompt": list(part["negative_prompt"]),
+            "seed": part["seed"].astype(np.int64), "num_inference_steps": part["num_inference_steps"].astype(np.int32),
+            "guidance_scale": part["guidance_scale"].astype(np.float64), "height": part["height"].astype(np.int32),
+            "width": part["width"].astype(np.int32), "scheduler": [self.scheduler] * rows,
+            "image_path": list(part["image_path"]), "prompt_truncated": part["prompt_truncated"].astype(bool),
+            "latent_mean": list(part["latent_mean"].astype(np.float32)), "latent_std": list(part["latent_std"].astype(np.float32)),
+        }
+        schema = manifest_schema(latent_shape)
+        arrays = [pa.array(columns[field.name], field.type) for field in schema if field.name != "latent"]
+        if latent_shape is not None:
+            latents = np.stack(list(part["latents"])).astype(np.float32) if rows else np.zeros((0, *latent_shape), np.float32)
+            arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(latents))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _concat(values: list[np.ndarray]) -> np.ndarray:
+    if any(v.dtype == object for v in values) or len({v.shape[1:] for v in values}) > 1:
+        column = np.empty(sum(len(v) for v in values), dtype=object)
+        column[:] = [item for v in values for item in v]
+        return column
+    return np.concatenate(values)
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class GenerationPlan:
+    """Everything checked and known before Ray starts: a bad input fails here, fast."""
+
+    config: GenerateConfig
+    model: ModelDescription
+    output: RunOutput
+    identity: dict
+    fragments: list[io.ParquetFragment]
+    columns: list[str]
+    done_ids: frozenset[str]
+    duplicate_rows: dict[int, int]
+
+    @property
+    def input_rows(self) -> int:
+        return sum(fragment.num_rows for fragment in self.fragments)
+
+
+def plan_generation(config: GenerateConfig) -> GenerationPlan:
+    # 1. the input, the model and the output, before any model loads
+    schema, fragments = io.parquet_fragments(config.prompts)
+    check_prompt_schema(schema, config.prompts)
+    model = describe_model(config.model)
+    output = RunOutput(config.output, "manifest")
+    identity = {**config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint}
+    output.prepare(identity, config.overwrite)
+    # 2. rows a previous run accounted for, and repeated ids
+    return GenerationPlan(
+        config=config, model=model, output=output, identity=identity, fragments=fragments,
+        columns=["prompt", *[c for c in PROMPT_OPTIONAL_COLUMNS if c in schema.names]],
+        done_ids=output.done_ids(),
+        duplicate_rows=_duplicate_rows(config.prompts) if "id" in schema.names else {},
+    )
+
+
+def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
+    """Run one generation job on the connected Ray cluster; return its run record (run.json)."""
+    started = time.time()
+    plan = config if isinstance(config, GenerationPlan) else plan_generation(config)
+    config, model, output = plan.config, plan.model, plan.output
+
+    # 3. stages for this cluster, wiring checked before anything runs
+    cluster = ClusterShape.current()
+    placement = resolve_placement(config.placement, cluster)
+    stages = build_model_stages(config, model, placement, cluster)
+    check_wiring(stages, {"id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"})
+    record = {
+        "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
+        "model": model.identity(), "placement": placement,
+        "stages": {stage.name: vars(stage.options) for stage in stages}, "versions": library_versions(),
+    }
+    output.write_json("run.json", record)
+
+    # 4. the dataset: read -> validate -> model stages -> write images
+    dataset = _build_dataset(plan, stages)
+
+    # 5. commit results in the driver as they stream in
+    label = scheduler_label(config.scheduler, {"_class_name": model.scheduler_class})
+    committer = ManifestCommitter(output, label, config.manifest_rows_per_part, config.save_latents)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        committer.add(batch)
+    committer.flush()
+
+    # 6. statistics and the run record, from what the output holds (earlier runs included)
+    ok_rows, error_rows = output.counts()
+    stats = output.latent_stats()
+    output.write_json("latent_stats.json", {"latent_channels": model.latent_channels, **(stats.to_dict() if stats else {})})
+    wall = time.time() - started
+    record.update(
+        status="complete" if ok_rows + error_rows == plan.input_rows else "incomplete", finished_at=utc_now(),
+        counts={"input_rows": plan.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
+                "generated_this_run": committer.ok_rows, "accounted_before_this_run": len(plan.done_ids)},
+        error_reasons=output.error_reasons(), wall_seconds=round(wall, 3),
+        images_per_second=round(committer.ok_rows / wall, 4) if wall > 0 else None,
+        stage_busy_seconds={name: round(seconds, 3) for name, seconds in committer.busy_seconds.items()},
+    )
+    output.write_json("run.json", record)
+    if record["status"] != "complete":
+        logger.warning("counts do not add up: %s", record["counts"])
+    return record
+
+
+def _build_dataset(plan: GenerationPlan, stages: list[Stage]) -> ray.data.Dataset:
+    config, model = plan.config, plan.model
+    defaults = PromptDefaults(
+        negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
+        height=config.height or model.default_height, width=config.width or model.default_width,
+        seed=config.seed, max_image_size=config.max_image_size, size_multiple=model.size_multiple,
+    )
+    # batches form identically on every run, so reruns produce byte-identical images
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.from_items([vars(f) for f in plan.fragments], override_num_blocks=max(1, len(plan.fragments)))
+    dataset = dataset.map_batches(read_fragments, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns})
+    dataset = dataset.map_batches(
+        normalize_prompts, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
+        fn_kwargs={"defaults": defaults, "duplicate_rows": plan.duplicate_rows, "done_ids": plan.done_ids,
+                   "errors_uri": plan.output.errors_uri},
+    )
+    for stage in stages:
+        dataset = stage.apply(dataset)
+    return dataset.map_batches(
+        write_images, batch_size=config.batch_size, num_cpus=TASK_CPUS,
+        fn_kwargs={"output": config.output, "image_format": config.image_format,
+                   "quality": config.image_quality, "keep_latents": config.save_latents},
+    )
+
+
+def _duplicate_rows(prompts_uri: str) -> dict[int, int]:
+    """Position of every repeat of an id -> position of the id's first row."""
+    ids = io.read_parquet_columns(prompts_uri, ["id"]).column("id").to_pylist()
+    first_seen: dict[str, int] = {}
+    repeats: dict[int, int] = {}
+    for position, value in enumerate(ids):
+        if value is None:
+            continue
+        key = str(value)
+        if key in first_seen:
+            repeats[position] = first_seen[key]
+        else:
+            first_seen[key] = position
+    return repeats

@@ -1,0 +1,242 @@
+"""All file and object-store access of latentray, through fsspec.
+
+Every path a user gives is an fsspec URI (a local path, ``file://``, ``s3://``, ...).
+Objects are written whole: on object stores a PUT is atomic; on local disks files
+are written under a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``uri`` and the path inside it."""
+    return url_to_fs(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def is_local(uri: str) -> bool:
+    protocol = filesystem(uri)[0].protocol
+    return "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
+
+
+# -- whole objects --------------------------------------------------------------------------------
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        with os.fdopen(handle, "wb") as staged:
+            staged.write(data)
+        os.replace(staging, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_bytes(uri, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str) -> Any | None:
+    """The JSON object at ``uri``, or None when there is none."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, with the URI in the message, when the output cannot be written."""
+    probe = join(uri, ".latentray-write-check")
+    try:
+        write_bytes(probe, b"ok")
+        remove_tree(probe)
+    except Exception as error:  # any backend error means the same thing to the user
+        raise ValueError(f"output: cannot write to {uri!r}: {type(error).__name__}: {error}") from error
+
+
+# -- Parquet --------------------------------------------------------------------------------------
+
+
+def list_parquet_files(uri: str) -> list[str]:
+    """The Parquet files of a file or folder URI, sorted, as URIs of the same filesystem."""
+    fs, path = filesystem(uri)
+    try:
+        if fs.isfile(path):
+            paths = [path]
+        else:
+            paths = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+    except Exception as error:
+        raise ValueError(f"cannot read {uri!r}: {type(error).__name__}: {error}") from error
+    if not paths:
+        raise ValueError(f"no Parquet files at {uri!r}")
+    return [fs.unstrip_protocol(p) for p in paths]
+
+
+@dataclass(frozen=True)
+class ParquetFragment:
+    """One row group of one file, and where its rows stand in the whole input."""
+
+    uri: str
+    row_group: int
+    first_row: int
+    num_rows: int
+
+
+def parquet_fragments(uri: str) -> tuple[pa.Schema, list[ParquetFragment]]:
+    """The schema and row groups of a Parquet file or folder (footers only, no data read)."""
+    fragments: list[ParquetFragment] = []
+    schema = None
+    position = 0
+    for file_uri in list_parquet_files(uri):
+        fs, path = filesystem(file_uri)
+        try:
+            with fs.open(path, "rb") as handle:
+                metadata = pq.ParquetFile(handle).metadata
+                file_schema = metadata.schema.to_arrow_schema()
+        except Exception as error:
+            raise ValueError(f"cannot read Parquet file {file_uri!r}: {type(error).__name__}: {error}") from error
+        if schema is None:
+            schema = file_schema
+        elif set(file_schema.names) != set(schema.names):
+            raise ValueError(f"{file_uri!r} has columns {file_schema.names}, other files have {schema.names}")
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            fragments.append(ParquetFragment(file_uri, group, position, rows))
+            position += rows
+    return schema, fragments
+
+
+def read_fragment(fragment: ParquetFragment, columns: list[str] | None, rows_per_block: int) -> Iterator[pa.Table]:
+    """A row group in tables of at most ``rows_per_block`` rows, with each row's input position in ``row``."""
+    fs, path = filesystem(fragment.uri)
+    with fs.open(path, "rb") as handle:
+        position = fragment.first_row
+        for record_batch in pq.ParquetFile(handle).iter_batches(rows_per_block, row_groups=[fragment.row_group], columns=columns):
+            table = pa.Table.from_batches([record_batch])
+            yield table.append_column("row", pa.array(range(position, position + len(table)), pa.int64()))
+            position += len(table)
+
+
+def read_parquet_columns(uri: str, columns: list[str] | None) -> pa.Table:
+    """Some columns of a Parquet file or folder, read in this process (ids, small columns)."""
+    tables = []
+    for file_uri in list_parquet_files(uri):
+        fs, path = filesystem(file_uri)
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_parquet_folder(uri: str, columns: list[str] | None = None) -> pa.Table | None:
+    """All parts of an output table folder, or None when it has none yet."""
+    if not exists(uri):
+        return None
+    try:
+        return read_parquet_columns(uri, columns)
+    except ValueError:  # the folder holds no part yet
+        return None
+
+
+def parquet_metadata(uri: str) -> dict[bytes, bytes]:
+    """The key-value metadata of a Parquet file's schema (read from the footer)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).schema_arrow.metadata or {}
+
+
+def write_parquet_part(table: pa.Table, folder_uri: str, row_ids: list[str]) -> str:
+    """Write one part of an output table, named from the ids of its rows.
+
+    The name depends only on the rows, never on the run: writing the same rows
+    again replaces the same object instead of adding a duplicate.
+    """
+    name = "part-" + hashlib.sha1("\n".join(row_ids).encode()).hexdigest()[:20] + ".parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    uri = join(folder_uri, name)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+    return uri
+
+
+# -- model directories ----------------------------------------------------------------------------
+
+
+def fingerprint_tree(uri: str) -> str:
+    """A content fingerprint of a directory: sha256 over every file's relative path and bytes.
+
+    For object stores the object's ETag/checksum stands in for its bytes, so a remote
+    model is fingerprinted without downloading it.
+    """
+    fs, root = filesystem(uri)
+    digest = hashlib.sha256()
+    for path in sorted(fs.find(root)):
+        relative = posixpath.relpath(path, root)
+        digest.update(relative.encode() + b"\0")
+        if is_local(uri):
+            with fs.open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        else:
+            info = fs.info(path)
+            digest.update(str(info.get("ETag") or info.get("etag") or fs.checksum(path)).encode())
+            digest.update(str(info.get("size")).encode())
+    return digest.hexdigest()
+
+
+def localize_tree(uri: str, fingerprint: str, cache_root: str) -> str:
+    """A local copy of a remote directory, made once per node, keyed by URI and content."""
+    if is_local(uri):
+        return filesystem(uri)[1]
+    key = hashlib.sha256(f"{uri}\0{fingerprint}".encode()).hexdigest()[:24]
+    target = os.path.join(cache_root, "models", key)
+    if os.path.isfile(os.path.join(target, ".complete")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(target))
+    try:
+        fs, root = filesystem(uri)
+        fs.get(root.rstrip("/") + "/", staging + "/", recursive=True)
+        open(os.path.join(staging, ".complete"), "w").close()
+        os.rename(staging, target)
+    except OSError:
+        if not os.path.isfile(os.path.join(target, ".complete")):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,127 @@
+"""Validation and normalisation of prompt rows: each row becomes a fully resolved request or an error.
+
+Runs as a CPU task in Ray Data, before any model. Rows that fail go to ``errors/``
+with the reason; the others carry every setting explicitly, so workers never see a
+missing value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow as pa
+
+from pipelines import io
+from pipelines.schemas import ERRORS_SCHEMA
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptDefaults:
+    """The run-level values a row falls back to, and the limits it must respect."""
+
+    negative_prompt: str
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    seed: int
+    max_image_size: int
+    size_multiple: int  # the VAE's downsampling factor
+
+
+def position_id(row: int) -> str:
+    """The id of a row without one: its position in the input (files in sorted order)."""
+    return f"{row:09d}"
+
+
+def derived_seed(run_seed: int, row_id: str) -> int:
+    """A row's seed from the run's seed and its id: stable, and independent of batching."""
+    return int.from_bytes(hashlib.sha256(f"{run_seed}:{row_id}".encode()).digest()[:8], "big") & MAX_SEED
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str | None]:
+    """(resolved row, None) or (None, reason)."""
+    prompt = row.get("prompt")
+    if _missing(prompt):
+        return None, "prompt is null"
+    if not str(prompt).strip():
+        return None, "prompt is empty"
+
+    def setting(column: str, default):
+        value = row.get(column)
+        return default if _missing(value) else value
+
+    steps = int(setting("num_inference_steps", defaults.steps))
+    if steps < 1:
+        return None, f"num_inference_steps must be >= 1, got {steps}"
+    guidance = float(setting("guidance_scale", defaults.guidance))
+    if not guidance >= 0:
+        return None, f"guidance_scale must be >= 0, got {guidance}"
+    size = {}
+    for column in ("height", "width"):
+        value = int(setting(column, getattr(defaults, column)))
+        if value < defaults.size_multiple or value % defaults.size_multiple:
+            return None, f"{column} must be a positive multiple of {defaults.size_multiple}, got {value}"
+        if value > defaults.max_image_size:
+            return None, f"{column} {value} is above the maximum {defaults.max_image_size}"
+        size[column] = value
+    seed = row.get("seed")
+    seed = derived_seed(defaults.seed, row["id"]) if _missing(seed) else int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        return None, f"seed must be between 0 and 2**63-1, got {seed}"
+    return {
+        "id": row["id"], "row": int(row["row"]), "prompt": str(prompt),
+        "negative_prompt": str(setting("negative_prompt", defaults.negative_prompt)),
+        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size,
+    }, None
+
+
+def normalize_prompts(
+    table: pa.Table,
+    *,
+    defaults: PromptDefaults,
+    duplicate_rows: dict[int, int],
+    done_ids: frozenset[str],
+    errors_uri: str,
+) -> pd.DataFrame:
+    """Resolve a block of prompt rows; write its bad rows to ``errors/``; return the good ones.
+
+    ``duplicate_rows`` maps the position of every repeat of an id to the position of
+    its first occurrence; ``done_ids`` are rows a previous run already accounted for.
+    """
+    frame = table.to_pandas()
+    if "id" in frame.columns:
+        frame["id"] = [None if _missing(value) else str(value) for value in frame["id"]]
+    else:
+        frame["id"] = [position_id(row) for row in frame["row"]]
+
+    good, bad = [], []
+    for row in frame.to_dict("records"):
+        if row["id"] is None:
+            bad.append({"id": position_id(row["row"]), "row": row["row"], "stage": "validate", "reason": "id is null"})
+            continue
+        if row["id"] in done_ids:
+            continue
+        if row["row"] in duplicate_rows:
+            reason = f"id {row['id']!r} repeats the id of input row {duplicate_rows[row['row']]}"
+            bad.append({"id": row["id"], "row": row["row"], "stage": "validate", "reason": reason})
+            continue
+        resolved, reason = resolve_row(row, defaults)
+        if resolved is None:
+            bad.append({"id": row["id"], "row": row["row"], "stage": "validate", "reason": reason})
+        else:
+            good.append(resolved)
+
+    if bad:
+        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri, [str(r["row"]) for r in bad])
+    columns = ["id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"]
+    return pd.DataFrame(good, columns=columns)

@@ -1,0 +1,52 @@
+"""A stage = a worker class (the work) + how Ray runs it (batch size, actors, resources).
+
+Work and placement stay apart: moving a model from a split pool to the fused actor
+changes no model code. ``check_wiring`` fails before the cluster runs anything when
+a stage needs a column that no earlier stage provides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.data
+
+from pipelines.config import StageOptions
+
+
+@dataclass(kw_only=True)
+class Stage:
+    name: str
+    worker: type
+    options: StageOptions
+    constructor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def required_columns(self) -> dict[str, str]:
+        return self.worker.REQUIRED_COLUMNS
+
+    @property
+    def output_columns(self) -> tuple[str, ...]:
+        return self.worker.OUTPUT_COLUMNS
+
+    def apply(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
+        options = self.options
+        return dataset.map_batches(
+            self.worker,
+            batch_size=options.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=options.concurrency),
+            num_cpus=options.num_cpus,
+            num_gpus=options.num_gpus or None,
+            fn_constructor_kwargs={**self.constructor_kwargs, "threads": options.threads},
+        )
+
+
+def check_wiring(stages: list[Stage], input_columns: set[str]) -> None:
+    available = set(input_columns)
+    for stage in stages:
+        missing = [column for column in stage.required_columns if column not in available]
+        if missing:
+            details = "; ".join(f"{column} ({stage.required_columns[column]})" for column in missing)
+            raise ValueError(f"stage {stage.name!r} needs columns no earlier stage provides: {details}")
+        available |= set(stage.output_columns)

@@ -1,0 +1,95 @@
+"""Exact per-channel latent statistics, merged from per-batch partial aggregates.
+
+Each batch contributes (count, mean, M2, min, max) per channel; partials merge with
+Chan et al.'s parallel formula, which is exact in arithmetic and numerically stable
+(unlike summing squares), so the order batches arrive in does not matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ChannelStats:
+    count: np.ndarray  # values seen per channel (int64)
+    mean: np.ndarray
+    m2: np.ndarray  # sum of squared deviations from the mean
+    minimum: np.ndarray
+    maximum: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> "ChannelStats":
+        return cls(
+            count=np.zeros(channels, np.int64), mean=np.zeros(channels), m2=np.zeros(channels),
+            minimum=np.full(channels, np.inf), maximum=np.full(channels, -np.inf),
+        )
+
+    @classmethod
+    def of(cls, latents: np.ndarray) -> "ChannelStats":
+        """Statistics of latents shaped (rows, channels, ...)."""
+        values = np.moveaxis(np.asarray(latents, dtype=np.float64), 1, 0).reshape(latents.shape[1], -1)
+        mean = values.mean(axis=1)
+        return cls(
+            count=np.full(values.shape[0], values.shape[1], np.int64), mean=mean,
+            m2=((values - mean[:, None]) ** 2).sum(axis=1), minimum=values.min(axis=1), maximum=values.max(axis=1),
+        )
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        if len(self.count) != len(other.count):
+            raise ValueError(f"latent channels differ: {len(self.count)} vs {len(other.count)}")
+        count = self.count + other.count
+        safe = np.maximum(count, 1)
+        delta = other.mean - self.mean
+        return ChannelStats(
+            count=count,
+            mean=self.mean + delta * other.count / safe,
+            m2=self.m2 + other.m2 + delta**2 * self.count * other.count / safe,
+            minimum=np.minimum(self.minimum, other.minimum),
+            maximum=np.maximum(self.maximum, other.maximum),
+        )
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation (ddof=0), as ``numpy.std``."""
+        return np.sqrt(self.m2 / np.maximum(self.count, 1))
+
+    def to_dict(self) -> dict:
+        return {
+            "count": self.count.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist(),
+            "min": self.minimum.tolist(), "max": self.maximum.tolist(), "m2": self.m2.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ChannelStats":
+        return cls(
+            count=np.asarray(data["count"], np.int64), mean=np.asarray(data["mean"], np.float64),
+            m2=np.asarray(data["m2"], np.float64), minimum=np.asarray(data["min"], np.float64),
+            maximum=np.asarray(data["max"], np.float64),
+        )
+
+
+def merge_all(partials: list[ChannelStats]) -> ChannelStats | None:
+    total = None
+    for partial in partials:
+        total = partial if total is None else total.merge(partial)
+    return total
+
+
+def stats_of_rows(count: np.ndarray, mean: np.ndarray, std: np.ndarray, minimum: np.ndarray, maximum: np.ndarray) -> ChannelStats:
+    """Merge per-row aggregates (rows x channels) in one step, exactly.
+
+    M2 of the union = sum of the rows' M2 + sum of n_i * (mean_i - mean)^2.
+    """
+    count = np.asarray(count, np.int64)
+    mean = np.asarray(mean, np.float64)
+    weights = count[:, None].astype(np.float64)
+    total = weights.sum(axis=0)
+    overall = (weights * mean).sum(axis=0) / np.maximum(total, 1)
+    m2 = (weights * np.asarray(std, np.float64) ** 2).sum(axis=0) + (weights * (mean - overall) ** 2).sum(axis=0)
+    return ChannelStats(
+        count=total.astype(np.int64), mean=overall, m2=m2,
+        minimum=np.asarray(minimum, np.float64).min(axis=0), maximum=np.asarray(maximum, np.float64).max(axis=0),
+    )
