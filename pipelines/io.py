@@ -23,8 +23,14 @@ from fsspec.core import url_to_fs
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of ``uri`` and the path inside it."""
-    return url_to_fs(uri)
+    """The filesystem of ``uri`` and the path inside it.
+
+    Listing caches are dropped: other processes (Ray workers) write the same
+    folders, and a stale listing would hide their parts.
+    """
+    fs, path = url_to_fs(uri)
+    fs.invalidate_cache()
+    return fs, path
 
 
 def join(uri: str, *parts: str) -> str:

@@ -85,7 +85,7 @@ def stats_of_rows(count: np.ndarray, mean: np.ndarray, std: np.ndarray, minimum:
     """
     count = np.asarray(count, np.int64)
     mean = np.asarray(mean, np.float64)
-    weights = count[:, None].astype(np.float64)
+    weights = np.broadcast_to(count[:, None], mean.shape).astype(np.float64)
     total = weights.sum(axis=0)
     overall = (weights * mean).sum(axis=0) / np.maximum(total, 1)
     m2 = (weights * np.asarray(std, np.float64) ** 2).sum(axis=0) + (weights * (mean - overall) ** 2).sum(axis=0)
