@@ -12,7 +12,6 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +20,7 @@ import ray.data
 
 from pipelines import io
 from pipelines.config import GenerateConfig, StageOptions
-from pipelines.images import EXTENSIONS, encode_image
+from pipelines.images import write_generated_images
 from pipelines.model_source import ModelDescription, describe_model
 from pipelines.outputs import RunOutput
 from pipelines.prompt_rows import PromptDefaults, normalize_prompts
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 # CPU reserved by each light task (read, validate, write): fractions so that actors
 # never leave a read or write task without a CPU to run on (see cluster sizing below)
 TASK_CPUS = 0.25
-READ_ROWS_PER_BLOCK = 1024
 SPLIT_WORKERS = {"text_encoder": TextEncoderWorker, "denoiser": DenoiserWorker, "vae_decoder": VaeDecoderWorker}
 
 
@@ -63,84 +61,55 @@ def resolve_placement(placement: str, cluster: ClusterShape) -> str:
     return "fused" if placement == "auto" else placement
 
 
-def default_stage_options(placement: str, cluster: ClusterShape, batch_size: int) -> dict[str, StageOptions]:
-    """Resources per stage when the user sets none.
+# Share of the actors' CPU budget each stage gets on a CPU-only cluster: the denoiser
+# does nearly all the work, the text encoder and VAE decoder are light.
+CPU_SHARES = {"fused": {"fused": 1.0}, "split": {"text_encoder": 0.25, "denoiser": 0.5, "vae_decoder": 0.25}}
+GPU_SHARES = {"fused": {"fused": 1.0}, "split": {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}}
 
-    GPU: every actor gets a share of a GPU, one set of actors per GPU. CPU: the actors
-    reserve at most all CPUs but one task's worth, so read and write tasks always
-    find a CPU (a pool that reserves every CPU starves its own reads and hangs).
+
+def stage_options(placement: str, cluster: ClusterShape, batch_size: int, overrides: dict[str, StageOptions]) -> dict[str, StageOptions]:
+    """Resources per stage: the user's settings, the rest filled in for this cluster.
+
+    GPU: one set of actors per GPU, each a share of it. CPU: one actor per stage, and
+    CPU reservations derived from the final pool sizes so that actors never take every
+    CPU: a read or write task must always find one, or the dataset stalls.
     """
+    unknown = set(overrides) - set(CPU_SHARES[placement])
+    if unknown:
+        raise ValueError(f"stages: {', '.join(sorted(unknown))} not in the {placement} placement (stages: {', '.join(CPU_SHARES[placement])})")
     gpus = int(cluster.gpus)
-    if gpus:
-        if placement == "fused":
-            return {"fused": StageOptions(batch_size=batch_size, concurrency=gpus, num_gpus=1, num_cpus=1)}
-        shares = {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}
-        return {name: StageOptions(batch_size=batch_size, concurrency=gpus, num_gpus=share, num_cpus=0.5) for name, share in shares.items()}
-    threads = max(1, int(cluster.cpus))
-    spare = max(cluster.cpus - 2 * TASK_CPUS, TASK_CPUS)
-    if placement == "fused":
-        return {"fused": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(1.0, spare), threads=threads)}
-    return {
-        "text_encoder": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(0.25, spare / 4), threads=1),
-        "denoiser": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(1.0, spare / 2), threads=threads),
-        "vae_decoder": StageOptions(batch_size=batch_size, concurrency=1, num_cpus=min(0.25, spare / 4), threads=1),
-    }
+    budget = max(cluster.cpus - 2 * TASK_CPUS, TASK_CPUS)
+    options = {}
+    for name in CPU_SHARES[placement]:
+        chosen = overrides.get(name, StageOptions())
+        concurrency = chosen.concurrency or max(1, gpus)
+        default = StageOptions(
+            batch_size=batch_size, concurrency=concurrency,
+            num_gpus=GPU_SHARES[placement][name] if gpus else 0,
+            num_cpus=1.0 if gpus else min(1.0, budget * CPU_SHARES[placement][name] / concurrency),
+            # None: every core of the actor's own node (light stages need one)
+            threads=None if gpus or name in ("fused", "denoiser") else 1,
+        )
+        options[name] = chosen.merged_over(default)
+    reserved = sum(option.num_cpus * option.concurrency for option in options.values())
+    if reserved > cluster.cpus - TASK_CPUS:
+        raise ValueError(
+            f"stages reserve {reserved:g} of the cluster's {cluster.cpus:g} CPUs; read and write tasks need "
+            f"{TASK_CPUS:g} free or the run stalls: lower num_cpus or concurrency of {', '.join(options)}"
+        )
+    return options
 
 
 def build_model_stages(config: GenerateConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
-    defaults = default_stage_options(placement, cluster, config.batch_size)
     workers = {"fused": FusedGenerationWorker} if placement == "fused" else SPLIT_WORKERS
-    unknown = set(config.stages) - set(workers)
-    if unknown:
-        raise ValueError(f"stages: {', '.join(sorted(unknown))} not in the {placement} placement (stages: {', '.join(workers)})")
+    options = stage_options(placement, cluster, config.batch_size, config.stages)
     stages = []
     for name, worker in workers.items():
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
         if worker in (DenoiserWorker, FusedGenerationWorker):
             kwargs["scheduler"] = config.scheduler
-        options = config.stages.get(name, StageOptions()).merged_over(defaults[name])
-        stages.append(Stage(name=name, worker=worker, options=options, constructor_kwargs=kwargs))
+        stages.append(Stage(name=name, worker=worker, options=options[name], constructor_kwargs=kwargs))
     return stages
-
-
-# -- CPU tasks ------------------------------------------------------------------------------------
-
-
-def read_fragments(batch: dict[str, np.ndarray], columns: list[str]):
-    """Row groups -> tables of rows with their input position (``row``)."""
-    for uri, group, first, rows in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"]):
-        yield from io.read_fragment(io.ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, READ_ROWS_PER_BLOCK)
-
-
-def write_images(batch: dict[str, np.ndarray], output: str, image_format: str, quality: int, keep_latents: bool) -> dict[str, np.ndarray]:
-    """Encode and store each row's image; replace pixels by per-channel latent aggregates.
-
-    A row whose latent is not finite gets an error instead of an image.
-    """
-    rows = len(batch["id"])
-    paths, reasons = [], []
-    means, stds, minimums, maximums, counts = [], [], [], [], []
-    for index in range(rows):
-        latent = np.asarray(batch["latents"][index], np.float64)
-        values = latent.reshape(latent.shape[0], -1)
-        counts.append(values.shape[1])
-        means.append(values.mean(axis=1)), stds.append(values.std(axis=1))
-        minimums.append(values.min(axis=1)), maximums.append(values.max(axis=1))
-        if not np.isfinite(values).all():
-            paths.append(""), reasons.append("the final latent has non-finite values (NaN or infinity)")
-            continue
-        path = f"images/{quote(str(batch['id'][index]), safe='')}.{EXTENSIONS[image_format]}"
-        io.write_bytes(io.join(output, path), encode_image(batch["image"][index], image_format, quality))
-        paths.append(path), reasons.append("")
-    batch.pop("image")
-    if not keep_latents:
-        batch.pop("latents")
-    batch.update(
-        image_path=np.array(paths, dtype=object), error_reason=np.array(reasons, dtype=object),
-        latent_count=np.array(counts, np.int64), latent_mean=np.array(means), latent_std=np.array(stds),
-        latent_min=np.array(minimums), latent_max=np.array(maximums),
-    )
-    return batch
 
 
 # -- driver: commit results as they stream in -----------------------------------------------------
@@ -178,16 +147,10 @@ class ManifestCommitter:
         ok = {column: values[~failed] for column, values in batch.items()}
         self.ok_rows += int((~failed).sum())
         self.error_rows += int(failed.sum())
-        # one part per latent shape: a fixed-shape tensor column needs one shape
-        shapes = [tuple(latent.shape) for latent in ok["latents"]] if self.save_latents else [None] * len(ok["id"])
-        for shape in dict.fromkeys(shapes):
-            rows = np.array([s == shape for s in shapes], dtype=bool)
-            part = {column: values[rows] for column, values in ok.items()}
-            stats = stats_of_rows(part["latent_count"], part["latent_mean"], part["latent_std"], part["latent_min"], part["latent_max"]) if rows.any() else None
-            self.output.commit(self._manifest_table(part, shape), errors, stats)
-            errors = None
+        stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"]) if len(ok["id"]) else None
+        self.output.commit(self._manifest_table(ok), errors, stats)
 
-    def _manifest_table(self, part: dict[str, np.ndarray], latent_shape: tuple[int, ...] | None) -> pa.Table:
+    def _manifest_table(self, part: dict[str, np.ndarray]) -> pa.Table:
         rows = len(part["id"])
         columns = {
             "id": [str(v) for v in part["id"]], "prompt": list(part["prompt"]), "negative_prompt": list(part["negative_prompt"]),
@@ -197,12 +160,11 @@ class ManifestCommitter:
             "image_path": list(part["image_path"]), "prompt_truncated": part["prompt_truncated"].astype(bool),
             "latent_mean": list(part["latent_mean"].astype(np.float32)), "latent_std": list(part["latent_std"].astype(np.float32)),
         }
-        schema = manifest_schema(latent_shape)
-        arrays = [pa.array(columns[field.name], field.type) for field in schema if field.name != "latent"]
-        if latent_shape is not None:
-            latents = np.stack(list(part["latents"])).astype(np.float32) if rows else np.zeros((0, *latent_shape), np.float32)
-            arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(latents))
-        return pa.Table.from_arrays(arrays, schema=schema)
+        if self.save_latents:
+            columns["latent"] = [np.asarray(latent, np.float32).ravel() for latent in part["latents"]]
+            columns["latent_shape"] = [list(np.shape(latent)) for latent in part["latents"]]
+        schema = manifest_schema(self.save_latents)
+        return pa.Table.from_arrays([pa.array(columns[field.name], field.type) for field in schema], schema=schema)
 
 
 def _concat(values: list[np.ndarray]) -> np.ndarray:
@@ -308,7 +270,7 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage]) -> ray.data.Datase
     # batches form identically on every run, so reruns produce byte-identical images
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = ray.data.from_items([vars(f) for f in plan.fragments], override_num_blocks=max(1, len(plan.fragments)))
-    dataset = dataset.map_batches(read_fragments, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns})
+    dataset = dataset.map_batches(io.read_fragments_batch, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns})
     dataset = dataset.map_batches(
         normalize_prompts, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"defaults": defaults, "duplicate_rows": plan.duplicate_rows, "done_ids": plan.done_ids,
@@ -317,7 +279,7 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage]) -> ray.data.Datase
     for stage in stages:
         dataset = stage.apply(dataset)
     return dataset.map_batches(
-        write_images, batch_size=config.batch_size, num_cpus=TASK_CPUS,
+        write_generated_images, batch_size=config.batch_size, num_cpus=TASK_CPUS,
         fn_kwargs={"output": config.output, "image_format": config.image_format,
                    "quality": config.image_quality, "keep_latents": config.save_latents},
     )

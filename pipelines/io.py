@@ -159,6 +159,15 @@ def read_fragment(fragment: ParquetFragment, columns: list[str] | None, rows_per
             position += len(table)
 
 
+READ_ROWS_PER_BLOCK = 1024
+
+
+def read_fragments_batch(batch: dict, columns: list[str] | None):
+    """Ray Data UDF: a batch of row-group descriptions -> tables of their rows (with ``row``)."""
+    for uri, group, first, rows in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"]):
+        yield from read_fragment(ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, READ_ROWS_PER_BLOCK)
+
+
 def read_parquet_columns(uri: str, columns: list[str] | None) -> pa.Table:
     """Some columns of a Parquet file or folder, read in this process (ids, small columns)."""
     tables = []

@@ -45,7 +45,7 @@ def derived_seed(run_seed: int, row_id: str) -> int:
 
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str | None]:
@@ -106,7 +106,7 @@ def normalize_prompts(
 
     good, bad = [], []
     for row in frame.to_dict("records"):
-        if row["id"] is None:
+        if _missing(row["id"]):
             bad.append({"id": position_id(row["row"]), "row": row["row"], "stage": "validate", "reason": "id is null"})
             continue
         if row["id"] in done_ids:

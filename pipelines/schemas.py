@@ -61,12 +61,14 @@ MANIFEST_FIELDS = [
 ]
 
 
-def manifest_schema(latent_shape: tuple[int, ...] | None) -> pa.Schema:
-    """The manifest schema; with ``--save-latents`` a fixed-shape tensor column ``latent``."""
-    fields = list(MANIFEST_FIELDS)
-    if latent_shape is not None:
-        fields.append(pa.field("latent", pa.fixed_shape_tensor(pa.float32(), latent_shape)))
-    return pa.schema(fields)
+# With --save-latents: the final latent, flattened, and its (channels, height, width).
+# Not a fixed-shape tensor column: rows of one run may have different sizes, and every
+# part of the manifest must share one schema to read as one table.
+LATENT_FIELDS = [pa.field("latent", pa.list_(pa.float32())), pa.field("latent_shape", pa.list_(pa.int32()))]
+
+
+def manifest_schema(save_latents: bool) -> pa.Schema:
+    return pa.schema(MANIFEST_FIELDS + (LATENT_FIELDS if save_latents else []))
 
 
 ERRORS_SCHEMA = pa.schema([

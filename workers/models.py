@@ -53,8 +53,10 @@ class ModelDirectory:
         folder = os.path.join(self.path, component)
         if issubclass(component_class, torch.nn.Module):
             # use_safetensors=True refuses pickled .bin weights: loading them can run code
-            module = component_class.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-            return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            # diffusers names the precision argument torch_dtype, transformers 5 dtype
+            precision = {"torch_dtype" if component_class.__module__.startswith("diffusers") else "dtype": dtype}
+            module = component_class.from_pretrained(folder, use_safetensors=True, local_files_only=True, **precision)
+            return module.to(device).eval().requires_grad_(False)
         return component_class.from_pretrained(folder, local_files_only=True)
 
     def config(self, component: str) -> dict:

@@ -1,0 +1,53 @@
+"""Helpers for tests: prompt tables, diffusers references, image comparison."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def write_prompts(path, rows: list[dict] | dict) -> str:
+    """Write a prompt table (list of row dicts, or a dict of columns) to ``path``."""
+    table = pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.table(rows)
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def diffusers_reference(model_dir: str, rows: list[dict], scheduler: str | None = None) -> list[np.ndarray]:
+    """What diffusers' own StableDiffusionPipeline draws for each row, one row at a time."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from workers.schedulers import make_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    images = []
+    for row in rows:
+        result = pipe(
+            row["prompt"], negative_prompt=row.get("negative_prompt") or None,
+            num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
+            height=row["height"], width=row["width"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
+            output_type="np",
+        ).images[0]
+        images.append((result * 255).round().astype(np.uint8))
+    return images
+
+
+def assert_images_match(actual: np.ndarray, expected: np.ndarray) -> None:
+    """diffusers' own tolerance between batch sizes on CPU: at most 1 level of 255, >= 99.9% identical."""
+    assert actual.shape == expected.shape
+    difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1, f"max difference {difference.max()}"
+    assert (difference == 0).mean() >= 0.999, f"only {(difference == 0).mean():.5f} of pixels identical"
+
+
+def read_image(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))

@@ -1,0 +1,166 @@
+"""The generation pipeline end to end on a real local Ray, tiny preset, local folders."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
+from pipelines.config import GenerateConfig, StageOptions
+from pipelines.generate import run_generation
+
+STEPS = 4
+GOOD_ROWS = [
+    {"id": "cat", "prompt": "a cat", "seed": 11},
+    {"id": "dog", "prompt": "a dog", "negative_prompt": "blurry", "seed": 12, "guidance_scale": 3.0},
+    {"id": "owl", "prompt": "an owl", "height": 32, "width": 48},
+    {"id": "fox", "prompt": "a fox", "num_inference_steps": 2, "guidance_scale": 1.0},
+    {"id": "long", "prompt": "word " * 40},
+    {"id": "elk", "prompt": "an elk", "seed": 7},
+]
+BAD_ROWS = {
+    "empty": ({"prompt": "  "}, "prompt is empty"),
+    "null": ({"prompt": None}, "prompt is null"),
+    "steps": ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps must be >= 1, got 0"),
+    "guidance": ({"prompt": "x", "guidance_scale": -2.0}, "guidance_scale must be >= 0, got -2.0"),
+    "odd-size": ({"prompt": "x", "height": 60}, "height must be a positive multiple of 8, got 60"),
+    "huge": ({"prompt": "x", "width": 4096}, "width 4096 is above the maximum 2048"),
+}
+COLUMNS = ("id", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width")
+
+
+def prompt_rows() -> list[dict]:
+    rows = [dict(row) for row in GOOD_ROWS]
+    rows += [{"id": row_id, **row} for row_id, (row, _) in BAD_ROWS.items()]
+    rows.append({"id": "cat", "prompt": "a second cat"})  # repeated id: an error, the first "cat" stays
+    return [{column: row.get(column) for column in COLUMNS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.parquet", prompt_rows())
+
+
+def generate(prompts: str, output, **options) -> dict:
+    config = GenerateConfig(prompts=prompts, output=str(output), model="tiny", steps=STEPS, **options)
+    return run_generation(config)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, prompts, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    return output, generate(prompts, output, save_latents=True, batch_size=4)
+
+
+def manifest(output) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(output, "manifest")).set_index("id").sort_index()
+
+
+def images(output) -> dict[str, np.ndarray]:
+    frame = manifest(output)
+    return {row_id: read_image(os.path.join(output, path)) for row_id, path in frame["image_path"].items()}
+
+
+def test_counts_add_up_and_every_bad_row_has_its_reason(first_run):
+    output, record = first_run
+    assert record["status"] == "complete"
+    assert record["counts"]["input_rows"] == len(prompt_rows()) == 13
+    assert record["counts"]["ok_rows"] == len(GOOD_ROWS)
+    assert record["counts"]["error_rows"] == len(BAD_ROWS) + 1
+    errors = pd.read_parquet(os.path.join(output, "errors"))
+    reasons = dict(zip(errors["id"] + "@" + errors["row"].astype(str), errors["reason"]))
+    for row_id, (_, reason) in BAD_ROWS.items():
+        assert reason in reasons.values()
+    assert reasons["cat@12"] == "id 'cat' repeats the id of input row 0"
+    assert set(errors["stage"]) == {"validate"}
+    assert json.load(open(output / "run.json"))["counts"] == record["counts"]
+
+
+def test_manifest_describes_each_image(first_run):
+    output, _ = first_run
+    frame = manifest(output)
+    assert sorted(frame.index) == sorted(row["id"] for row in GOOD_ROWS)
+    assert frame.loc["owl", ["height", "width"]].tolist() == [32, 48]
+    assert frame.loc["fox", "num_inference_steps"] == 2 and frame.loc["cat", "num_inference_steps"] == STEPS
+    assert frame.loc["dog", "negative_prompt"] == "blurry" and frame.loc["cat", "seed"] == 11
+    assert frame["prompt_truncated"].to_dict() == {row["id"]: row["id"] == "long" for row in GOOD_ROWS}
+    assert set(frame["scheduler"]) == {"DDIMScheduler"}
+    for row_id, image in images(output).items():
+        assert image.shape == (frame.loc[row_id, "height"], frame.loc[row_id, "width"], 3)
+        assert frame.loc[row_id, "image_path"] == f"images/{row_id}.png"
+        latent = np.asarray(frame.loc[row_id, "latent"]).reshape(frame.loc[row_id, "latent_shape"])
+        assert latent.shape == (4, image.shape[0] // 8, image.shape[1] // 8)
+        np.testing.assert_allclose(frame.loc[row_id, "latent_mean"], latent.reshape(4, -1).astype(np.float64).mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_latent_stats_equal_numpy_over_the_latents(first_run):
+    output, _ = first_run
+    stats = json.load(open(output / "latent_stats.json"))
+    latents = [np.asarray(latent, np.float64).reshape(4, -1) for latent in manifest(output)["latent"]]  # channel-first
+    values = np.concatenate(latents, axis=1)
+    np.testing.assert_allclose(stats["mean"], values.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], values.std(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(stats["min"], values.min(axis=1), rtol=1e-6)
+    assert stats["count"] == [values.shape[1]] * 4
+
+
+def test_images_equal_what_diffusers_draws_for_each_row(first_run, tiny_model_dir):
+    output, _ = first_run
+    frame = manifest(output).reset_index()
+    expected = diffusers_reference(tiny_model_dir, frame.to_dict("records"))
+    actual = images(output)
+    for row, reference in zip(frame["id"], expected):
+        assert_images_match(actual[row], reference)
+
+
+def test_batch_size_workers_and_placement_do_not_change_images(first_run, prompts, tmp_path):
+    reference = images(first_run[0])
+    variants = {
+        "batch-1": {"batch_size": 1},
+        "two-workers": {"stages": {"fused": StageOptions(concurrency=2, threads=1)}, "batch_size": 2},
+        "split": {"placement": "split", "batch_size": 8},
+    }
+    for name, options in variants.items():
+        record = generate(prompts, tmp_path / name, **options)
+        assert record["counts"]["ok_rows"] == len(GOOD_ROWS), name
+        for row_id, image in images(tmp_path / name).items():
+            assert_images_match(image, reference[row_id])
+
+
+def test_same_input_and_config_twice_gives_identical_files(first_run, prompts, tmp_path):
+    output = tmp_path / "again"
+    generate(prompts, output, save_latents=True, batch_size=4)
+    for name in os.listdir(first_run[0] / "images"):
+        assert (output / "images" / name).read_bytes() == (first_run[0] / "images" / name).read_bytes(), name
+
+
+def test_rerun_resumes_a_partial_output_without_duplicates(first_run, prompts, tmp_path):
+    output = tmp_path / "partial"
+    shutil.copytree(first_run[0], output)
+    # keep only the errors and two committed rows, as if the run had stopped early
+    frame = manifest(output)
+    shutil.rmtree(output / "manifest")
+    frame.loc[["cat", "dog"]].reset_index().to_parquet(output / "manifest.parquet")
+    os.makedirs(output / "manifest")
+    os.replace(output / "manifest.parquet", output / "manifest" / "part-kept.parquet")
+
+    record = generate(prompts, output, save_latents=True, batch_size=4)
+    assert record["counts"]["generated_this_run"] == len(GOOD_ROWS) - 2
+    assert record["counts"]["ok_rows"] + record["counts"]["error_rows"] == record["counts"]["input_rows"]
+    assert sorted(manifest(output).index) == sorted(row["id"] for row in GOOD_ROWS)
+
+    again = generate(prompts, output, save_latents=True, batch_size=4)
+    assert again["counts"]["generated_this_run"] == 0 and again["status"] == "complete"
+
+
+def test_rerun_with_another_config_is_refused_unless_overwrite(first_run, prompts, tmp_path):
+    output = tmp_path / "changed"
+    shutil.copytree(first_run[0], output)
+    with pytest.raises(ValueError, match=r"different configuration \(steps was 4, now 3\).*--overwrite"):
+        run_generation(GenerateConfig(prompts=prompts, output=str(output), model="tiny", steps=3, save_latents=True))
+    record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model="tiny", steps=3, overwrite=True))
+    assert record["counts"]["generated_this_run"] == len(GOOD_ROWS)
+    assert set(manifest(output)["num_inference_steps"]) == {3, 2}
