@@ -111,3 +111,107 @@ class GenerateConfig:
 
     def output_identity(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+
+
+CROPS = ("center", "random")
+SAMPLE_MODES = ("mean", "sample")
+LATENT_DTYPES = ("float16", "float32")  # Arrow and Parquet have no bfloat16
+# Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): 89.5 million pixels
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+def parse_bucket_list(text: str) -> list[tuple[int, int]]:
+    """``"1024x1024,1152x896"`` (WIDTHxHEIGHT) -> [(height, width), ...]."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            width, height = (int(part) for part in item.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"buckets: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 1152x896)") from None
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise ValueError(f"buckets: {item.strip()!r}: width and height must be multiples of 8, at least 8")
+        sizes.append((height, width))
+    return list(dict.fromkeys(sizes))
+
+
+@dataclass(kw_only=True)
+class EncodeConfig:
+    """One latent-dataset run: images -> latents (and caption embeddings) for training."""
+
+    images: str  # Parquet file or folder URI
+    output: str  # output folder URI
+    model: str = "tiny"  # preset name, or diffusers directory (local path or any fsspec URI)
+    resolution: int | None = None  # square side, or the pixel budget's side with buckets; None: the model's size
+    crop: str = "center"
+    buckets: str | None = None  # "auto": SDXL-style sizes of about resolution**2 pixels; or "WxH,WxH,..."
+    bucket_step: int = 64  # sides of "auto" buckets are multiples of this
+    flip: bool = False  # also store the latent of the mirrored crop
+    image_column: str = "image"
+    path_column: str | None = None  # a column of paths/URIs instead of image bytes
+    caption_column: str | None = None
+    id_column: str | None = None  # None: "id" when the table has it, else ids from row positions
+    text_embeddings: bool = False
+    sample: str = "mean"  # latent from the posterior: its mean, or a sample with the row's seed
+    latent_dtype: str = "float16"
+    seed: int = 0  # rows derive their seed (random crop, sampling) from it and their id
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    min_image_size: int | None = None  # shortest side accepted; None: an image must cover its target (no upscaling)
+    background: str = "white"  # what transparent pixels are composited on
+    batch_size: int = 8
+    placement: str = "auto"
+    overwrite: bool = False
+    dtype: str = "auto"
+    stages: dict[str, StageOptions] = field(default_factory=dict)
+    rows_per_part: int = 1000  # rows per latents/ part
+
+    def __post_init__(self) -> None:
+        for name in ("images", "output", "model", "image_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty string")
+        for name in ("path_column", "caption_column", "id_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}: must be a column name, got {value!r}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"resolution: must be a multiple of 8, at least 8, got {self.resolution}")
+        for name, allowed in (("crop", CROPS), ("sample", SAMPLE_MODES), ("latent_dtype", LATENT_DTYPES),
+                              ("placement", PLACEMENTS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.buckets is not None and self.buckets != "auto":
+            parse_bucket_list(self.buckets)
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            raise ValueError(f"bucket_step: must be a multiple of 8, at least 8, got {self.bucket_step}")
+        if self.text_embeddings and self.caption_column is None:
+            raise ValueError("text_embeddings: needs a caption column (--caption-column)")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: must be between 0 and 2**63-1, got {self.seed}")
+        for name in ("max_image_pixels", "batch_size", "rows_per_part"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.min_image_size is not None and self.min_image_size < 1:
+            raise ValueError(f"min_image_size: must be >= 1, got {self.min_image_size}")
+        self.background_rgb()  # fails here, naming the field, rather than in a task
+        self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
+
+    def background_rgb(self) -> tuple[int, int, int]:
+        from PIL import ImageColor
+
+        try:
+            return ImageColor.getrgb(self.background)[:3]
+        except ValueError:
+            raise ValueError(f"background: {self.background!r} is not a colour (e.g. white, #808080, rgb(0,0,0))") from None
+
+    # fields that change what a run writes: a rerun into the same output must agree on them
+    # (the input URI is not one: rows are cached by content, so a moved or grown corpus reuses them)
+    OUTPUT_FIELDS = (
+        "resolution", "crop", "buckets", "bucket_step", "flip", "image_column", "path_column", "caption_column",
+        "id_column", "text_embeddings", "sample", "latent_dtype", "seed", "max_image_pixels", "min_image_size",
+        "background", "dtype",
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def output_identity(self) -> dict:
+        return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}

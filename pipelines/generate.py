@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -116,12 +115,20 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
 
 
 class ManifestCommitter:
-    """Buffers finished rows in the driver and commits them in parts of ``rows_per_part``."""
+    """Buffers finished rows in the driver and commits them in parts.
+
+    A part is committed at ``rows_per_part`` rows or after ``COMMIT_SECONDS``, whichever
+    comes first: large parts keep the manifest to few files, the time bound keeps what
+    a slow run loses on interruption to a minute of work.
+    """
+
+    COMMIT_SECONDS = 60.0
 
     def __init__(self, output: RunOutput, scheduler: str, rows_per_part: int, save_latents: bool):
         self.output, self.scheduler, self.rows_per_part, self.save_latents = output, scheduler, rows_per_part, save_latents
         self.pending: list[dict[str, np.ndarray]] = []
         self.pending_rows = 0
+        self.last_commit = time.monotonic()
         self.busy_seconds: dict[str, float] = {}
         self.ok_rows = self.error_rows = 0
 
@@ -131,10 +138,11 @@ class ManifestCommitter:
             self.busy_seconds[stage] = self.busy_seconds.get(stage, 0.0) + float(np.sum(batch.pop(column)))
         self.pending.append(batch)
         self.pending_rows += len(batch["id"])
-        if self.pending_rows >= self.rows_per_part:
+        if self.pending_rows >= self.rows_per_part or time.monotonic() - self.last_commit >= self.COMMIT_SECONDS:
             self.flush()
 
     def flush(self) -> None:
+        self.last_commit = time.monotonic()
         if not self.pending:
             return
         batch = {column: _concat([part[column] for part in self.pending]) for column in self.pending[0]}

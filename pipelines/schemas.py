@@ -77,3 +77,135 @@ ERRORS_SCHEMA = pa.schema([
     pa.field("stage", pa.string()),
     pa.field("reason", pa.string()),
 ])
+
+
+# -- image table (input of `latentray encode`) ----------------------------------------------------
+
+
+def image_source_kind(data_type: pa.DataType) -> str | None:
+    """How a column holds image bytes: "bytes" (binary), "struct" (HF datasets' {bytes, path}), or None."""
+    if pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type) or pa.types.is_binary_view(data_type):
+        return "bytes"
+    if pa.types.is_struct(data_type) and data_type.get_field_index("bytes") >= 0:
+        inner = data_type.field("bytes").type
+        if pa.types.is_binary(inner) or pa.types.is_large_binary(inner) or pa.types.is_binary_view(inner):
+            return "struct"
+    return None
+
+
+def check_image_schema(
+    schema: pa.Schema, where: str, *, image_column: str, path_column: str | None, caption_column: str | None, id_column: str | None,
+) -> None:
+    """Refuse an image table whose source, caption or id column is missing or of the wrong type, naming it.
+
+    ``id_column`` None: the ``id`` column when there is one (else ids from positions);
+    a named id column must exist.
+    """
+    columns = ", ".join(schema.names) or "none"
+    if path_column is not None:
+        if path_column not in schema.names:
+            raise ValueError(f"{where}: no {path_column!r} column for --path-column (columns are: {columns})")
+        if not _is_string(schema.field(path_column).type):
+            raise ValueError(f"{where}: column {path_column!r} must hold path or URI strings, not {schema.field(path_column).type}")
+    elif image_column not in schema.names:
+        raise ValueError(
+            f"{where}: no {image_column!r} column (columns are: {columns}); name the column of image bytes "
+            "with --image-column, or a column of paths/URIs with --path-column"
+        )
+    elif image_source_kind(schema.field(image_column).type) is None:
+        kind = schema.field(image_column).type
+        hint = f"; if it holds paths or URIs, pass --path-column {image_column}" if _is_string(kind) else ""
+        raise ValueError(f"{where}: column {image_column!r} must hold image bytes (binary, or a struct with a 'bytes' field), not {kind}{hint}")
+    if caption_column is not None:
+        if caption_column not in schema.names:
+            raise ValueError(f"{where}: no {caption_column!r} column for --caption-column (columns are: {columns})")
+        kind = schema.field(caption_column).type
+        if not (_is_string(kind) or pa.types.is_null(kind)):
+            raise ValueError(f"{where}: column {caption_column!r} must hold strings, not {kind}")
+    if id_column is not None and id_column not in schema.names:
+        raise ValueError(f"{where}: no {id_column!r} column for --id-column (columns are: {columns})")
+    id_name = id_column or "id"
+    if id_name in schema.names:
+        kind = schema.field(id_name).type
+        if not (_is_string(kind) or pa.types.is_integer(kind)):
+            raise ValueError(f"{where}: column {id_name!r} must hold strings or integers, not {kind}")
+
+
+# -- latent dataset outputs -----------------------------------------------------------------------
+
+LATENT_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def latent_type(shape: tuple[int, ...] | None, dtype: str) -> pa.DataType:
+    """A latent column's type: a fixed-shape tensor when every row has ``shape``.
+
+    ``None`` (aspect buckets: shapes differ between rows) gives a flat list with the
+    shape in ``latent_shape``. Arrow's fixed-shape tensor type carries one shape per
+    column, and parts of one table must share their column types, so a per-bucket
+    tensor type would split the output into tables that no longer read as one; Arrow's
+    variable-shape tensor is not available in pyarrow, and Ray's own variable-shaped
+    tensor type reads as an ndarray only where Ray is imported.
+    """
+    value_type = LATENT_DTYPES[dtype]
+    return pa.list_(value_type) if shape is None else pa.fixed_shape_tensor(value_type, list(shape))
+
+
+SIZE_TYPE = pa.list_(pa.int32(), 2)  # [height, width] or [top, left], as SDXL's micro-conditioning orders them
+
+
+def latents_schema(
+    *, latent_shape: tuple[int, ...] | None, dtype: str, flip: bool, caption: bool, embedding_shape: tuple[int, ...] | None,
+) -> pa.Schema:
+    """The ``latents/`` table of `latentray encode`; optional columns follow the run's options."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("latent", latent_type(latent_shape, dtype)),
+        pa.field("latent_shape", pa.list_(pa.int32(), 3)),  # (channels, height, width) of this row's latent
+    ]
+    if flip:
+        fields.append(pa.field("latent_flipped", latent_type(latent_shape, dtype)))  # of the horizontally mirrored crop
+    fields += [
+        pa.field("original_size", SIZE_TYPE),  # of the decoded, upright image
+        pa.field("crop_top_left", SIZE_TYPE),  # in the resized image
+        pa.field("target_size", SIZE_TYPE),  # of the crop: the bucket, or the square --resolution
+    ]
+    if caption:
+        fields.append(pa.field("caption", pa.string()))
+    if embedding_shape is not None:
+        fields.append(pa.field("prompt_embeds", pa.fixed_shape_tensor(LATENT_DTYPES[dtype], list(embedding_shape))))
+        fields.append(pa.field("caption_truncated", pa.bool_()))
+    fields += [
+        pa.field("source", pa.string()),  # the image's URI, or <Parquet file>#row=<n> for bytes in the table
+        pa.field("content_hash", pa.string()),  # sha256 of the source bytes
+        pa.field("cache_key", pa.string()),  # content, caption, model and preprocessing: equal keys, equal rows
+        pa.field("row", pa.int64()),  # position in the input (files in sorted order)
+        pa.field("seed", pa.int64()),  # the row's seed (random crop, --sample sample)
+        pa.field("run", pa.int32()),  # the run that wrote the row: a newer run's row supersedes an older one
+    ]
+    return pa.schema(fields)
+
+
+# Reason codes of `latentray encode` errors: every input row ends in latents/ or in errors/ with one.
+ENCODE_ERROR_CODES = {
+    "undecodable": "not an image Pillow can read: zero bytes, unknown format or corrupt data",
+    "truncated": "the file ends before its image data does",
+    "too_large": "more pixels than --max-image-pixels, refused from the header before decoding",
+    "too_small": "smaller than --min-image-size (by default: than its target; latentray does not upscale unless asked)",
+    "unsupported_mode": "a pixel format latentray cannot convert to RGB",
+    "unreadable_path": "the URI in --path-column could not be read",
+    "missing_source": "the row has no image bytes or path",
+    "null_id": "the row's id is null",
+    "duplicate_id": "the row repeats the id of an earlier row (the earlier row is kept)",
+    "non_finite_latent": "the VAE returned NaN or infinity for the row",
+}
+# errors that belong to an input position rather than to an id (the id is missing or taken)
+ROW_KEYED_CODES = frozenset({"null_id", "duplicate_id"})
+
+# The generation errors table plus what encoding knows about a failed row; ``reason`` holds the message.
+ENCODE_ERRORS_SCHEMA = pa.schema(list(ERRORS_SCHEMA) + [
+    pa.field("code", pa.string()),  # one of ENCODE_ERROR_CODES
+    pa.field("source", pa.string()),
+    pa.field("content_hash", pa.string()),  # null when the source could not be read
+    pa.field("cache_key", pa.string()),  # null when the source could not be read: such rows are retried
+    pa.field("run", pa.int32()),
+])

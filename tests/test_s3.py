@@ -4,7 +4,6 @@ import io as bytes_io
 import json
 
 import boto3
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
