@@ -1,0 +1,27 @@
+"""GPU checks: run where CUDA is present, skipped elsewhere (no machine here has a GPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_workers_pick_cuda_in_half_precision():
+    from workers.devices import pick_device
+
+    device, dtype = pick_device()
+    assert device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+
+
+def test_half_precision_images_stay_close_to_float32(tiny_model_dir):
+    from workers.fused import FusedGenerationWorker
+
+    batch = {
+        "prompt": np.array(["a red circle"], dtype=object), "negative_prompt": np.array([""], dtype=object),
+        "seed": np.array([1]), "num_inference_steps": np.array([10]), "guidance_scale": np.array([7.5]),
+        "height": np.array([64]), "width": np.array([64]),
+    }
+    half = FusedGenerationWorker(tiny_model_dir)(dict(batch))["image"][0].astype(int)
+    full = FusedGenerationWorker(tiny_model_dir, dtype="float32")(dict(batch))["image"][0].astype(int)
+    assert np.abs(half - full).mean() < 8  # same seed, same picture up to rounding in fp16
