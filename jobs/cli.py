@@ -1,4 +1,4 @@
-"""The ``latentray`` command: demo, generate, model export."""
+"""The ``latentray`` command: demo, generate, encode, submit, report, model export."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import logging
 import os
 import sys
 
+from jobs import encode as encode_job
 from jobs import generate as generate_job
-from jobs.options import add_ray_options, generate_config
+from jobs.options import add_ray_options, encode_config, generate_config
+from jobs.submit import add_submit_parsers
 
 DEMO_PROMPTS = [
     "a red circle on a blue background",
@@ -44,6 +46,44 @@ def run_generate(args: argparse.Namespace) -> int:
         return fail(str(error))
     print(json.dumps({key: record[key] for key in ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")}, indent=2))
     return 0 if record["status"] == "complete" else 1
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from jobs.ray_runtime import connect
+    from pipelines.encode import plan_encoding, run_encoding
+
+    try:
+        plan = plan_encoding(encode_config(args))  # bad input or a changed config fails here, before Ray starts
+    except ValueError as error:
+        return fail(str(error))
+    where = connect(args.address)
+    print(f"latentray: encoding {plan.input_rows} rows on {where} -> {plan.config.output} (run {plan.run})", file=sys.stderr)
+    try:
+        record = run_encoding(plan)
+    except ValueError as error:
+        return fail(str(error))
+    print(json.dumps({key: record[key] for key in ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds")}, indent=2))
+    return 0 if record["status"] == "complete" else 1
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import run_submit as submit_job
+
+    try:
+        return submit_job(args)
+    except ValueError as error:
+        return fail(str(error))
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pipelines.report import write_report
+
+    try:
+        written = write_report(args.output, samples=args.samples)
+    except ValueError as error:
+        return fail(str(error))
+    print(f"latentray: wrote {written.html} and {written.contact_sheet}", file=sys.stderr)
+    return 0
 
 
 def write_demo_prompts(path: str) -> None:
@@ -92,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="generate images for a Parquet table of prompts",
                                 description=generate_job.build_parser().description)
     generate.set_defaults(run=run_generate)
+
+    encode = verbs.add_parser("encode", parents=[encode_job.build_parser()], add_help=False,
+                              help="encode a Parquet table of images into latents for training",
+                              description=encode_job.build_parser().description)
+    encode.set_defaults(run=run_encode)
+
+    add_submit_parsers(verbs).set_defaults(run=run_submit)
+
+    report = verbs.add_parser("report", help="write report.html and contact_sheet.png next to a run's outputs",
+                              description="Write OUTPUT/report.html (self-contained) and OUTPUT/contact_sheet.png for a finished run.")
+    report.add_argument("output", help="the run's output folder (any fsspec URI)")
+    report.add_argument("--samples", type=int, default=16, help="images on the contact sheet (default: 16)")
+    report.set_defaults(run=run_report)
 
     model = verbs.add_parser("model", help="built-in models", description="Built-in model presets.")
     model_verbs = model.add_subparsers(dest="model_verb", required=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.config import GenerateConfig, StageOptions, parse_stage_option
+from pipelines.config import (
+    CROPS, DEFAULT_MAX_IMAGE_PIXELS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
+)
 from workers.schedulers import SCHEDULERS
 
 
@@ -41,6 +43,47 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
     parser.add_argument("--max-image-size", type=int, default=2048, help="largest height or width a row may ask for")
     add_stage_options(parser)
     add_ray_options(parser)
+
+
+def add_encode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="Parquet file or folder of images (any fsspec URI)")
+    parser.add_argument("--output", required=True, help="output folder (any fsspec URI)")
+    parser.add_argument("--model", default="tiny", help="preset (tiny, small) or diffusers directory, local or any fsspec URI")
+    parser.add_argument("--resolution", type=int, help="square crop side; with --buckets the side of the pixel budget (default: the model's size)")
+    parser.add_argument("--crop", choices=CROPS, default="center", help="where the crop is cut: centre, or a position seeded per row (default: center)")
+    parser.add_argument("--buckets", nargs="?", const="auto", metavar="WxH,...",
+                        help="aspect-ratio buckets: alone, SDXL-style sizes of about resolution^2 pixels; "
+                             "or a list of WIDTHxHEIGHT sizes. Each image goes to the nearest aspect ratio")
+    parser.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default: 64)")
+    parser.add_argument("--flip", action="store_true", help="also store the latent of the horizontally mirrored crop")
+    parser.add_argument("--image-column", default="image", help="column of image bytes: binary, or a struct with 'bytes' as HF datasets writes (default: image)")
+    parser.add_argument("--path-column", help="column of image paths/URIs instead (relative ones resolve against the table's folder)")
+    parser.add_argument("--caption-column", help="column of captions, stored beside the latents")
+    parser.add_argument("--id-column", help="column of row ids (default: 'id' when present, else the row's position)")
+    parser.add_argument("--text-embeddings", action="store_true", help="also store the caption's text-encoder hidden states")
+    parser.add_argument("--sample", choices=SAMPLE_MODES, default="mean",
+                        help="latent from the VAE posterior: its mean, or a sample drawn with the row's seed (default: mean)")
+    parser.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="stored precision of latents and embeddings (default: float16)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each row derives its seed (random crop, sampling) from it and its id")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help=f"larger images are refused from their header, before decoding (default: {DEFAULT_MAX_IMAGE_PIXELS}, Pillow's)")
+    parser.add_argument("--min-image-size", type=int,
+                        help="shortest side accepted, smaller images go to errors (default: an image must cover its target: no upscaling)")
+    parser.add_argument("--background", default="white", help="colour transparent pixels are composited on (default: white)")
+    add_stage_options(parser)
+    add_ray_options(parser)
+
+
+def encode_config(args: argparse.Namespace) -> EncodeConfig:
+    return EncodeConfig(
+        images=args.images, output=args.output, model=args.model, resolution=args.resolution, crop=args.crop,
+        buckets=args.buckets, bucket_step=args.bucket_step, flip=args.flip, image_column=args.image_column,
+        path_column=args.path_column, caption_column=args.caption_column, id_column=args.id_column,
+        text_embeddings=args.text_embeddings, sample=args.sample, latent_dtype=args.latent_dtype, seed=args.seed,
+        max_image_pixels=args.max_image_pixels, min_image_size=args.min_image_size, background=args.background,
+        batch_size=args.batch_size, placement=args.placement, overwrite=args.overwrite, dtype=args.dtype,
+        stages=stage_overrides(args.stage),
+    )
 
 
 def stage_overrides(texts: list[str]) -> dict[str, StageOptions]:

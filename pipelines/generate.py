@@ -18,10 +18,12 @@ import ray
 import ray.data
 
 from pipelines import io
-from pipelines.config import GenerateConfig, StageOptions
+from pipelines.config import GenerateConfig
 from pipelines.images import write_generated_images
 from pipelines.model_source import ModelDescription, describe_model
 from pipelines.outputs import RunOutput
+from pipelines.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.progress import ProgressReporter
 from pipelines.prompt_rows import PromptDefaults, normalize_prompts
 from pipelines.run_record import library_versions, utc_now
 from pipelines.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
@@ -35,73 +37,26 @@ from workers.vae_decoder import VaeDecoderWorker
 
 logger = logging.getLogger(__name__)
 
-# CPU reserved by each light task (read, validate, write): fractions so that actors
-# never leave a read or write task without a CPU to run on (see cluster sizing below)
-TASK_CPUS = 0.25
 SPLIT_WORKERS = {"text_encoder": TextEncoderWorker, "denoiser": DenoiserWorker, "vae_decoder": VaeDecoderWorker}
-
-
-# -- stage placement ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClusterShape:
-    cpus: float
-    gpus: float
-
-    @classmethod
-    def current(cls) -> "ClusterShape":
-        resources = ray.cluster_resources()
-        return cls(cpus=resources.get("CPU", 1.0), gpus=resources.get("GPU", 0.0))
+# What each stage gets of the cluster: the denoiser does nearly all the work
+SHARES = {
+    "fused": {"fused": StageShare(cpu=1.0, gpu=1.0, heavy=True)},
+    "split": {
+        "text_encoder": StageShare(cpu=0.25, gpu=0.1, heavy=False),
+        "denoiser": StageShare(cpu=0.5, gpu=0.7, heavy=True),
+        "vae_decoder": StageShare(cpu=0.25, gpu=0.2, heavy=False),
+    },
+}
 
 
 def resolve_placement(placement: str, cluster: ClusterShape) -> str:
-    """``auto``: fused everywhere, measured fastest on CPU and on single-GPU nodes (see README)."""
+    """``auto``: fused; as fast as split on CPU with less memory, and one GPU has nothing to fan out (see README)."""
     return "fused" if placement == "auto" else placement
-
-
-# Share of the actors' CPU budget each stage gets on a CPU-only cluster: the denoiser
-# does nearly all the work, the text encoder and VAE decoder are light.
-CPU_SHARES = {"fused": {"fused": 1.0}, "split": {"text_encoder": 0.25, "denoiser": 0.5, "vae_decoder": 0.25}}
-GPU_SHARES = {"fused": {"fused": 1.0}, "split": {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}}
-
-
-def stage_options(placement: str, cluster: ClusterShape, batch_size: int, overrides: dict[str, StageOptions]) -> dict[str, StageOptions]:
-    """Resources per stage: the user's settings, the rest filled in for this cluster.
-
-    GPU: one set of actors per GPU, each a share of it. CPU: one actor per stage, and
-    CPU reservations derived from the final pool sizes so that actors never take every
-    CPU: a read or write task must always find one, or the dataset stalls.
-    """
-    unknown = set(overrides) - set(CPU_SHARES[placement])
-    if unknown:
-        raise ValueError(f"stages: {', '.join(sorted(unknown))} not in the {placement} placement (stages: {', '.join(CPU_SHARES[placement])})")
-    gpus = int(cluster.gpus)
-    budget = max(cluster.cpus - 2 * TASK_CPUS, TASK_CPUS)
-    options = {}
-    for name in CPU_SHARES[placement]:
-        chosen = overrides.get(name, StageOptions())
-        concurrency = chosen.concurrency or max(1, gpus)
-        default = StageOptions(
-            batch_size=batch_size, concurrency=concurrency,
-            num_gpus=GPU_SHARES[placement][name] if gpus else 0,
-            num_cpus=1.0 if gpus else min(1.0, budget * CPU_SHARES[placement][name] / concurrency),
-            # None: every core of the actor's own node (light stages need one)
-            threads=None if gpus or name in ("fused", "denoiser") else 1,
-        )
-        options[name] = chosen.merged_over(default)
-    reserved = sum(option.num_cpus * option.concurrency for option in options.values())
-    if reserved > cluster.cpus - TASK_CPUS:
-        raise ValueError(
-            f"stages reserve {reserved:g} of the cluster's {cluster.cpus:g} CPUs; read and write tasks need "
-            f"{TASK_CPUS:g} free or the run stalls: lower num_cpus or concurrency of {', '.join(options)}"
-        )
-    return options
 
 
 def build_model_stages(config: GenerateConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     workers = {"fused": FusedGenerationWorker} if placement == "fused" else SPLIT_WORKERS
-    options = stage_options(placement, cluster, config.batch_size, config.stages)
+    options = stage_options(SHARES[placement], cluster, config.batch_size, config.stages, placement)
     stages = []
     for name, worker in workers.items():
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
@@ -245,12 +200,15 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     # 5. commit results in the driver as they stream in
     label = scheduler_label(config.scheduler, {"_class_name": model.scheduler_class})
     committer = ManifestCommitter(output, label, config.manifest_rows_per_part, config.save_latents)
+    progress = ProgressReporter(label="generate", total=plan.input_rows, done=len(plan.done_ids))
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         committer.add(batch)
+        progress.advance(len(batch["id"]))
     committer.flush()
 
     # 6. statistics and the run record, from what the output holds (earlier runs included)
     ok_rows, error_rows = output.counts()
+    progress.finish(accounted=ok_rows + error_rows)
     stats = output.latent_stats()
     output.write_json("latent_stats.json", {"latent_channels": model.latent_channels, **(stats.to_dict() if stats else {})})
     wall = time.time() - started

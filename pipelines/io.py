@@ -86,6 +86,19 @@ def remove_tree(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def resolve_reference(base_uri: str, reference: str) -> str:
+    """A path or URI found in a file, resolved as a relative link against the file's folder.
+
+    ``images/a.jpg`` in ``s3://bucket/corpus/part-0.parquet`` -> ``s3://bucket/corpus/images/a.jpg``;
+    URIs with a scheme and absolute paths stay as they are.
+    """
+    if "://" in reference or reference.startswith("/"):
+        return reference
+    protocol, separator, path = base_uri.rpartition("://")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), reference))
+    return f"{protocol}{separator}{resolved}"
+
+
 def check_writable(uri: str) -> None:
     """Fail early, with the URI in the message, when the output cannot be written."""
     probe = join(uri, ".latentray-write-check")
@@ -162,10 +175,13 @@ def read_fragment(fragment: ParquetFragment, columns: list[str] | None, rows_per
 READ_ROWS_PER_BLOCK = 1024
 
 
-def read_fragments_batch(batch: dict, columns: list[str] | None):
-    """Ray Data UDF: a batch of row-group descriptions -> tables of their rows (with ``row``)."""
+def read_fragments_batch(batch: dict, columns: list[str] | None, rows_per_block: int = READ_ROWS_PER_BLOCK):
+    """Ray Data UDF: a batch of row-group descriptions -> tables of their rows (with ``row``).
+
+    ``rows_per_block`` bounds block sizes: smaller for tables that hold image bytes.
+    """
     for uri, group, first, rows in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"]):
-        yield from read_fragment(ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, READ_ROWS_PER_BLOCK)
+        yield from read_fragment(ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, rows_per_block)
 
 
 def read_parquet_columns(uri: str, columns: list[str] | None) -> pa.Table:
@@ -178,6 +194,20 @@ def read_parquet_columns(uri: str, columns: list[str] | None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (a part), with its schema metadata."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def iter_parquet_batches(uri: str, columns: list[str] | None, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
+    """A Parquet file in record batches, streamed (a reader never holds a whole part)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        yield from pq.ParquetFile(handle).iter_batches(rows_per_batch, columns=columns)
+
+
 def read_parquet_folder(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     """All parts of an output table folder, or None when it has none yet."""
     if not exists(uri):
@@ -186,6 +216,13 @@ def read_parquet_folder(uri: str, columns: list[str] | None = None) -> pa.Table 
         return read_parquet_columns(uri, columns)
     except ValueError:  # the folder holds no part yet
         return None
+
+
+def parquet_schema(uri: str) -> pa.Schema:
+    """The Arrow schema of a Parquet file (read from the footer)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).schema_arrow
 
 
 def parquet_metadata(uri: str) -> dict[bytes, bytes]:

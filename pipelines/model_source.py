@@ -7,6 +7,7 @@ node, it yields a local directory, copying a remote model once into the node's c
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from pipelines import io
@@ -35,6 +36,9 @@ class ModelDescription:
     size_multiple: int  # the VAE's downsampling factor
     latent_channels: int
     scheduler_class: str
+    # how latents are scaled for the denoiser: (latent - shift_factor) * scaling_factor
+    vae_scaling_factor: float = 0.18215
+    vae_shift_factor: float = 0.0
 
     def identity(self) -> dict:
         return {"uri": self.location.uri, "fingerprint": self.location.fingerprint}
@@ -65,7 +69,22 @@ def describe_model(model: str) -> ModelDescription:
         size_multiple=size_multiple,
         latent_channels=unet["in_channels"],
         scheduler_class=scheduler["_class_name"],
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        vae_shift_factor=float(vae.get("shift_factor") or 0.0),
     )
+
+
+def component_fingerprint(model: str, components: tuple[str, ...]) -> str:
+    """A content fingerprint of some components of a model (no weights loaded).
+
+    What a latent dataset depends on is the VAE (and the text encoder), not the whole
+    model: a fine-tuned U-Net beside the same VAE leaves cached latents valid.
+    """
+    uri = materialize_preset(model) if model in PRESETS else model
+    digest = hashlib.sha256()
+    for component in components:
+        digest.update(f"{component}\0{io.fingerprint_tree(io.join(uri, component))}\0".encode())
+    return digest.hexdigest()
 
 
 def _read_config(uri: str, name: str, model: str) -> dict:

@@ -92,11 +92,12 @@ class RunOutput:
                 partials.append(ChannelStats.from_dict(json.loads(metadata[STATS_METADATA_KEY])))
         return merge_all(partials)
 
-    def error_reasons(self) -> dict[str, int]:
-        table = io.read_parquet_folder(self.errors_uri, columns=["reason"])
+    def error_reasons(self, column: str = "reason") -> dict[str, int]:
+        """Error rows per value of ``column`` (the message; encoding also has a reason ``code``)."""
+        table = io.read_parquet_folder(self.errors_uri, columns=[column])
         if table is None:
             return {}
-        counts = pc.value_counts(table.column("reason"))
+        counts = pc.value_counts(table.column(column))
         return {item["values"].as_py(): item["counts"].as_py() for item in counts}
 
     def write_json(self, name: str, value: dict) -> None:

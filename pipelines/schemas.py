@@ -209,3 +209,37 @@ ENCODE_ERRORS_SCHEMA = pa.schema(list(ERRORS_SCHEMA) + [
     pa.field("cache_key", pa.string()),  # null when the source could not be read: such rows are retried
     pa.field("run", pa.int32()),
 ])
+
+
+# -- procedural shapes corpus (training data of the demo model; an image table for `latentray encode`) --
+
+SHAPES_CORPUS_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image", pa.binary()),  # PNG bytes
+    pa.field("caption", pa.string()),  # "a red circle on a blue background"
+    pa.field("color", pa.string()),  # what the caption names: palette colour of the shape
+    pa.field("shape", pa.string()),  # circle, square or triangle
+    pa.field("background", pa.string()),  # palette colour of the background
+    pa.field("left", pa.int32()),  # the shape's square bounding box, pixels
+    pa.field("top", pa.int32()),
+    pa.field("size", pa.int32()),
+])
+
+
+# -- adherence of generated images to their prompts -----------------------------------------------
+
+ADHERENCE_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string()),
+    pa.field("held_out", pa.bool_()),  # the prompt's (colour, shape) was kept out of training
+    pa.field("expected_color", pa.string()),
+    pa.field("expected_shape", pa.string()),
+    pa.field("expected_background", pa.string()),
+    pa.field("found_color", pa.string()),  # null: the analyser found no foreground
+    pa.field("found_shape", pa.string()),  # null: no single compact shape
+    pa.field("found_background", pa.string()),  # null: no uniform background
+    pa.field("color_match", pa.bool_()),
+    pa.field("shape_match", pa.bool_()),
+    pa.field("background_match", pa.bool_()),
+    pa.field("reason", pa.string()),  # why the analyser found nothing ("" when it found a shape)
+])

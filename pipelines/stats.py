@@ -51,6 +51,16 @@ class ChannelStats:
             maximum=np.maximum(self.maximum, other.maximum),
         )
 
+    def pooled(self) -> "ChannelStats":
+        """All channels as one (the figure a single scaling/shift factor is fitted to)."""
+        count = int(self.count.sum())
+        mean = float((self.count * self.mean).sum() / max(count, 1))
+        m2 = float(self.m2.sum() + (self.count * (self.mean - mean) ** 2).sum())
+        return ChannelStats(
+            count=np.array([count], np.int64), mean=np.array([mean]), m2=np.array([m2]),
+            minimum=np.array([self.minimum.min()]), maximum=np.array([self.maximum.max()]),
+        )
+
     @property
     def std(self) -> np.ndarray:
         """Population standard deviation (ddof=0), as ``numpy.std``."""
@@ -93,3 +103,11 @@ def stats_of_rows(count: np.ndarray, mean: np.ndarray, std: np.ndarray, minimum:
         count=total.astype(np.int64), mean=overall, m2=m2,
         minimum=np.asarray(minimum, np.float64).min(axis=0), maximum=np.asarray(maximum, np.float64).max(axis=0),
     )
+
+
+def stats_of_latents(latents: list[np.ndarray]) -> ChannelStats | None:
+    """Exact statistics of latents shaped (channels, ...), whatever their sizes: one aggregate per shape, merged."""
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for latent in latents:
+        by_shape.setdefault(latent.shape, []).append(latent)
+    return merge_all([ChannelStats.of(np.stack(group)) for group in by_shape.values()])

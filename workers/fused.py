@@ -1,4 +1,6 @@
-"""Fused worker: text encoder, denoiser and VAE decoder in one actor, run in sequence.
+"""Fused workers: every model of a job in one actor, run in sequence.
+
+Generation: text encoder, denoiser and VAE decoder. Encoding: caption encoder and VAE encoder.
 
 One actor per device holds every component, so embeddings and latents never leave
 the process. The stages are the very same worker classes as in split placement.
@@ -9,8 +11,9 @@ from __future__ import annotations
 from workers.base import Batch
 from workers.denoiser import DenoiserWorker
 from workers.models import ModelDirectory
-from workers.text_encoder import TextEncoderWorker
+from workers.text_encoder import CaptionEncoderWorker, TextEncoderWorker
 from workers.vae_decoder import VaeDecoderWorker
+from workers.vae_encoder import VaeEncoderWorker
 
 
 class FusedGenerationWorker:
@@ -30,3 +33,19 @@ class FusedGenerationWorker:
     def __call__(self, batch: Batch) -> Batch:
         # 1. encode prompts; 2. denoise; 3. decode
         return self.vae_decoder(self.denoiser(self.text_encoder(batch)))
+
+
+class FusedEncodingWorker:
+    STAGE = "fused"
+    STAGES = (CaptionEncoderWorker, VaeEncoderWorker)
+    REQUIRED_COLUMNS = {**CaptionEncoderWorker.REQUIRED_COLUMNS, **VaeEncoderWorker.REQUIRED_COLUMNS}
+    OUTPUT_COLUMNS = CaptionEncoderWorker.OUTPUT_COLUMNS + VaeEncoderWorker.OUTPUT_COLUMNS
+
+    def __init__(self, model, *, sample: str = "mean", flip: bool = False, **options):
+        directory = ModelDirectory(model)  # resolved once for both stages
+        self.caption_encoder = CaptionEncoderWorker(directory, **options)
+        self.vae_encoder = VaeEncoderWorker(directory, sample=sample, flip=flip, **options)
+
+    def __call__(self, batch: Batch) -> Batch:
+        # 1. encode captions; 2. encode images
+        return self.vae_encoder(self.caption_encoder(batch))

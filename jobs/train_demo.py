@@ -1,0 +1,394 @@
+"""Train the built-in demo model: ``python -m jobs.train_demo --output DIR``.
+
+The model is trained with latentray's own latent-dataset job, in stages, each writing
+under DIR (a local folder) and recording its figures and wall time in DIR/training.json:
+
+    1. corpus    procedural shapes -> DIR/corpus/train/ and DIR/corpus/validation/ (Parquet image tables)
+    2. vae       AutoencoderKL on the training images, PSNR on the validation images; saved with a
+                 frozen text encoder as the diffusers directory DIR/vae/ that `latentray encode` reads
+    3. encode    `latentray encode` (pipelines.encode on an embedded Ray) -> DIR/latents/
+                 (latents and caption embeddings)
+    4. unet      UNet2DConditionModel on DIR/latents/, read with pipelines.latent_dataset,
+                 captions dropped for classifier-free guidance -> DIR/unet/ (averaged weights)
+    5. export    DIR/model/: a standard StableDiffusionPipeline directory; DIR/loss_curves.png
+    6. evaluate  `latentray generate` on prompts of every colour and shape -> DIR/evaluation/,
+                 prompt adherence (seen and held-out combinations) -> DIR/evaluation/adherence.json
+
+Every seed is fixed. ``--scale smoke`` runs every stage in about a minute at toy size
+(the same architecture and batch sizes, few images and steps) and writes, beside its
+own figures, the wall time the full scale should take from the step times it measured.
+``--from-stage`` reruns from a stage, reusing what earlier stages left in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+from pipelines import io
+from pipelines.procedural import DEFAULT_HELD_OUT, ShapesCorpusConfig
+from workers.demo_architecture import DemoArchitecture
+
+logger = logging.getLogger("latentray.train_demo")
+
+STAGES = ("corpus", "vae", "encode", "unet", "export", "evaluate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingScale:
+    """How much data and how many steps; the architecture and batch sizes never change with it."""
+
+    train_images: int
+    validation_images: int
+    vae_steps: int
+    unet_steps: int
+    evaluation_prompts_per_combination: int
+
+
+SCALES = {
+    "smoke": TrainingScale(train_images=64, validation_images=16, vae_steps=6, unet_steps=6, evaluation_prompts_per_combination=1),
+    # PHASE 2: confirm from the smoke run's estimates with the CPU free (target: well under an hour in all)
+    "full": TrainingScale(train_images=20000, validation_images=512, vae_steps=1500, unet_steps=4000, evaluation_prompts_per_combination=8),
+}
+
+
+@dataclass(kw_only=True)
+class TrainDemoConfig:
+    output: str  # local folder
+    scale: str = "full"
+    seed: int = 0
+    threads: int = 2  # torch threads for training
+    from_stage: str = "corpus"
+    held_out: tuple[tuple[str, str], ...] = DEFAULT_HELD_OUT
+    architecture: DemoArchitecture = field(default_factory=DemoArchitecture)
+    # None: the scale's figure
+    train_images: int | None = None
+    vae_steps: int | None = None
+    unet_steps: int | None = None
+    guidance: float = 7.5  # of the evaluation: `latentray demo`'s default
+    evaluation_steps: int = 20
+    address: str | None = None  # Ray cluster for encode and evaluate; None: embedded
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise ValueError("output: must be a non-empty path")
+        if not io.is_local(self.output):
+            raise ValueError(f"output: must be a local folder (diffusers saves models locally), got {self.output!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale: must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if self.from_stage not in STAGES:
+            raise ValueError(f"from_stage: must be one of {', '.join(STAGES)}, got {self.from_stage!r}")
+        for name in ("threads", "evaluation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("train_images", "vae_steps", "unet_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed: must be between 0 and 2**31-1, got {self.seed}")
+        self.output = io.filesystem(self.output)[1]  # a plain local path: diffusers and torch open it
+
+    @property
+    def sizes(self) -> TrainingScale:
+        base = SCALES[self.scale]
+        overrides = {name: getattr(self, name) for name in ("train_images", "vae_steps", "unet_steps") if getattr(self, name)}
+        return replace(base, **overrides)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.output, *parts)
+
+    def corpus(self, split: str) -> ShapesCorpusConfig:
+        """Training images avoid the held-out combinations; validation images draw from every combination."""
+        if split == "train":
+            return ShapesCorpusConfig(count=self.sizes.train_images, seed=self.seed, split="train", held_out=self.held_out)
+        return ShapesCorpusConfig(count=self.sizes.validation_images, seed=self.seed + 1, split="all", held_out=self.held_out)
+
+
+# -- the record -----------------------------------------------------------------------------------
+
+
+class TrainingRecord:
+    """DIR/training.json: each stage's figures and wall time, rewritten after every stage."""
+
+    def __init__(self, config: TrainDemoConfig):
+        self.uri = config.path("training.json")
+        previous = io.read_json(self.uri) or {}
+        # stages before --from-stage keep what their own run recorded
+        kept = {name: value for name, value in previous.get("stages", {}).items() if STAGES.index(name) < STAGES.index(config.from_stage)}
+        self.data = {"config": _jsonable(asdict(config)), "sizes": asdict(config.sizes), "stages": kept}
+
+    def stage(self, name: str, seconds: float, figures: dict) -> None:
+        self.data["stages"][name] = {"wall_seconds": round(seconds, 2), **figures}
+        io.write_json(self.uri, self.data)
+
+    def add(self, key: str, value) -> None:
+        self.data[key] = value
+        io.write_json(self.uri, self.data)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+def stage_corpus(config: TrainDemoConfig) -> dict:
+    from pipelines.procedural import write_corpus
+
+    figures = {}
+    for split in ("train", "validation"):
+        folder = config.path("corpus", split)
+        io.remove_tree(folder)  # a smaller corpus must not keep a larger one's parts
+        started = time.perf_counter()
+        parts = write_corpus(config.corpus(split), folder)
+        figures[split] = {"images": config.corpus(split).count, "parts": len(parts), "seconds": round(time.perf_counter() - started, 2)}
+    total = sum(split["images"] for split in figures.values())
+    figures["seconds_per_image"] = round(sum(split["seconds"] for split in figures.values()) / total, 5)
+    return figures
+
+
+def load_corpus_images(uri: str):
+    """uint8 (N, H, W, 3) tensor of every image of a corpus folder, in id order."""
+    import io as bytes_io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    table = io.read_parquet_columns(uri, ["id", "image"]).sort_by("id")
+    pixels = [np.asarray(Image.open(bytes_io.BytesIO(data)).convert("RGB")) for data in table.column("image").to_pylist()]
+    return torch.from_numpy(np.stack(pixels))
+
+
+def stage_vae(config: TrainDemoConfig) -> dict:
+    from pipelines.procedural import caption_words
+    from workers import demo_architecture as demo
+    from workers.training import VaeTrainingConfig, latent_scaling_factor, reconstruction_psnr, train_vae
+
+    architecture = config.architecture
+    train_images = load_corpus_images(config.path("corpus", "train"))
+    validation_images = load_corpus_images(config.path("corpus", "validation"))
+
+    # 1. train, then measure on images it never saw
+    vae = demo.build_vae(architecture, seed=config.seed)
+    log = train_vae(vae, train_images, VaeTrainingConfig(steps=config.sizes.vae_steps, seed=config.seed))
+    psnr = reconstruction_psnr(vae, validation_images)
+
+    # 2. SD's rule: scale latents to unit variance for the U-Net
+    scaling_factor = latent_scaling_factor(vae, train_images[:2048])
+    vae.register_to_config(scaling_factor=scaling_factor)
+
+    # 3. the directory `latentray encode` reads: this VAE, the frozen text encoder, an untrained U-Net
+    tokenizer = demo.caption_tokenizer(caption_words(), architecture.max_tokens)
+    pipeline = demo.assemble_pipeline(
+        vae=vae, text_encoder=demo.build_text_encoder(architecture, tokenizer, seed=config.seed + 2),
+        tokenizer=tokenizer, unet=demo.build_unet(architecture, seed=config.seed + 3), scheduler=demo.build_scheduler(),
+    )
+    demo.save_pipeline(pipeline, config.path("vae"))
+    return {"psnr": psnr, "scaling_factor": round(scaling_factor, 5), "training": log.to_dict()}
+
+
+def stage_encode(config: TrainDemoConfig) -> dict:
+    import ray
+
+    from jobs.ray_runtime import connect
+    from pipelines.config import EncodeConfig
+    from pipelines.encode import run_encoding
+
+    encode_config = EncodeConfig(
+        images=config.path("corpus", "train"), output=config.path("latents"), model=config.path("vae"),
+        resolution=config.architecture.image_size, caption_column="caption", text_embeddings=True,
+        # float32: the U-Net trains on exactly what the encoders computed
+        sample="mean", latent_dtype="float32", overwrite=True,
+    )
+    started_here = not ray.is_initialized()
+    connect(config.address, num_cpus=None if config.address else 2)
+    try:
+        record = run_encoding(encode_config)
+    finally:
+        if started_here:
+            ray.shutdown()  # the training stages get the CPUs back
+    if record["status"] != "complete":
+        raise RuntimeError(f"encode: the run did not complete: {record['counts']}")
+    return {key: record.get(key) for key in ("counts", "wall_seconds", "images_per_second", "stage_busy_seconds", "placement")}
+
+
+def load_conditioned_latents(config: TrainDemoConfig):
+    """The encode output through latentray's own reader, with each caption's embedding stored once."""
+    import torch
+
+    from pipelines.latent_dataset import LatentDataset
+    from workers.text_encoder import TextEncoderWorker
+    from workers.training import ConditionedLatents
+
+    latents, caption_index, embeddings, index_of = [], [], [], {}
+    for row in LatentDataset(config.path("latents"), columns=["latent", "prompt_embeds", "caption"]):
+        if row["caption"] not in index_of:
+            index_of[row["caption"]] = len(embeddings)
+            embeddings.append(row["prompt_embeds"].float())
+        latents.append(row["latent"].float())
+        caption_index.append(index_of[row["caption"]])
+    # the unconditional embedding exactly as generation computes it for an empty negative prompt
+    empty = TextEncoderWorker(config.path("vae"), threads=config.threads).embed([""])[0]
+    return ConditionedLatents(
+        latents=torch.stack(latents), caption_index=torch.tensor(caption_index),
+        caption_embeddings=torch.stack(embeddings), empty_caption_embedding=torch.from_numpy(empty).float(),
+    )
+
+
+def stage_unet(config: TrainDemoConfig) -> dict:
+    from workers import demo_architecture as demo
+    from workers.training import UnetTrainingConfig, train_unet
+
+    data = load_conditioned_latents(config)
+    unet = demo.build_unet(config.architecture, seed=config.seed + 3)
+    averaged, log = train_unet(unet, data, demo.build_scheduler().alphas_cumprod,
+                               UnetTrainingConfig(steps=config.sizes.unet_steps, seed=config.seed))
+    averaged.save_pretrained(config.path("unet"), safe_serialization=True)
+    return {"rows": len(data.latents), "captions": len(data.caption_embeddings), "training": log.to_dict()}
+
+
+def stage_export(config: TrainDemoConfig, stages: dict) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    from workers import demo_architecture as demo
+    from workers.models import ModelDirectory
+
+    components = ModelDirectory(config.path("vae"))
+    pipeline = demo.assemble_pipeline(
+        vae=components.load("vae"), text_encoder=components.load("text_encoder"), tokenizer=components.load("tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(config.path("unet"), use_safetensors=True, local_files_only=True),
+        scheduler=demo.build_scheduler(),
+    )
+    target = config.path("model")
+    io.remove_tree(target)
+    demo.save_pipeline(pipeline, target)
+    io.write_bytes(config.path("loss_curves.png"), _loss_curves_png(stages))
+    sizes = {name: _folder_bytes(os.path.join(target, name)) for name in sorted(os.listdir(target)) if os.path.isdir(os.path.join(target, name))}
+    return {"model_bytes": _folder_bytes(target), "component_bytes": sizes}
+
+
+def _loss_curves_png(stages: dict) -> bytes:
+    """From the record: a stage skipped by --from-stage kept the losses of the run that trained it."""
+    from pipelines.loss_curves import render_loss_curves
+
+    titles = {"vae": "VAE: L1 + MSE + KL (mean per logging window)", "unet": "U-Net: noise-prediction MSE (mean per logging window)"}
+    return render_loss_curves({title: stages.get(name, {}).get("training", {}).get("losses", []) for name, title in titles.items()})
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
+def stage_evaluate(config: TrainDemoConfig) -> dict:
+    import pyarrow.parquet as pq
+    import ray
+
+    from jobs.ray_runtime import connect
+    from pipelines.adherence import score_generation
+    from pipelines.config import GenerateConfig
+    from pipelines.generate import run_generation
+    from pipelines.procedural import evaluation_prompts
+
+    prompts_uri = config.path("evaluation", "prompts.parquet")
+    prompts = evaluation_prompts(config.held_out, config.sizes.evaluation_prompts_per_combination)
+    os.makedirs(os.path.dirname(prompts_uri), exist_ok=True)
+    pq.write_table(prompts, prompts_uri)
+    generated = config.path("evaluation", "generated")
+    started_here = not ray.is_initialized()
+    connect(config.address, num_cpus=None if config.address else 2)
+    try:
+        record = run_generation(GenerateConfig(
+            prompts=prompts_uri, output=generated, model=config.path("model"), steps=config.evaluation_steps,
+            guidance=config.guidance, seed=config.seed, overwrite=True,
+        ))
+    finally:
+        if started_here:
+            ray.shutdown()
+    summary, per_image = score_generation(generated, config.held_out)
+    io.write_json(config.path("evaluation", "adherence.json"), summary)
+    pq.write_table(per_image, config.path("evaluation", "adherence.parquet"))
+    return {"adherence": summary, "generation_wall_seconds": record["wall_seconds"]}
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def estimate_full_scale(record: dict) -> dict:
+    """Seconds the full scale should take per stage, from the step and image times this run measured."""
+    full, stages = SCALES["full"], record["stages"]
+    estimate = {}
+    if "corpus" in stages:
+        estimate["corpus"] = stages["corpus"]["seconds_per_image"] * (full.train_images + full.validation_images)
+    if "vae" in stages and stages["vae"]["training"]["seconds_per_step"]:
+        estimate["vae"] = stages["vae"]["training"]["seconds_per_step"] * full.vae_steps
+    if "unet" in stages and stages["unet"]["training"]["seconds_per_step"]:
+        estimate["unet"] = stages["unet"]["training"]["seconds_per_step"] * full.unet_steps
+    return {name: round(seconds) for name, seconds in estimate.items()}
+
+
+def run(config: TrainDemoConfig) -> dict:
+    import torch
+
+    torch.set_num_threads(config.threads)
+    os.makedirs(config.output, exist_ok=True)
+    record = TrainingRecord(config)
+    for name in STAGES[STAGES.index(config.from_stage):]:
+        logger.info("stage %s", name)
+        started = time.perf_counter()
+        figures = stage_export(config, record.data["stages"]) if name == "export" else STAGE_FUNCTIONS[name](config)
+        record.stage(name, time.perf_counter() - started, figures)
+        logger.info("stage %s done in %.1f s", name, time.perf_counter() - started)
+    record.add("estimated_full_scale_seconds", estimate_full_scale(record.data))
+    return record.data
+
+
+STAGE_FUNCTIONS = {"corpus": stage_corpus, "vae": stage_vae, "encode": stage_encode, "unet": stage_unet, "evaluate": stage_evaluate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train_demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, help="local folder for the corpus, latents, model and records")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (default) or smoke (toy size, ~1 minute)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training (default: 2)")
+    parser.add_argument("--from-stage", choices=STAGES, default="corpus", help="rerun from this stage, reusing earlier ones' output")
+    parser.add_argument("--train-images", type=int, help="override the scale's number of training images")
+    parser.add_argument("--vae-steps", type=int, help="override the scale's VAE steps")
+    parser.add_argument("--unet-steps", type=int, help="override the scale's U-Net steps")
+    parser.add_argument("--address", help="Ray cluster for encode and evaluate (default: RAY_ADDRESS, else an embedded local Ray)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("latentray.train_demo", "workers.training"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        config = TrainDemoConfig(
+            output=args.output, scale=args.scale, seed=args.seed, threads=args.threads, from_stage=args.from_stage,
+            train_images=args.train_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps, address=args.address,
+        )
+    except ValueError as error:
+        print(f"train_demo: error: {error}", file=sys.stderr)
+        return 2
+    record = run(config)
+    print(json.dumps({key: record[key] for key in ("sizes", "estimated_full_scale_seconds")} | {
+        "stages": {name: {key: value for key, value in figures.items() if key != "training"} for name, figures in record["stages"].items()},
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

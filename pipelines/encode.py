@@ -1,0 +1,247 @@
+"""Latent datasets: a Parquet table of images -> latents (and caption embeddings) for training.
+
+    read row groups -> prepare (CPU task: source bytes, cache key, decode, resize, crop)
+    -> caption encoder and VAE encoder (actors: one pool each with ``split``, one actor
+    with ``fused``) -> commit latents parts (CPU task) -> the driver drops superseded rows
+    -> latent_stats.json, run.json
+
+The same bones as generation: model description and loading, stages and placement,
+the output protocol (``RunOutput``) and exact statistics from the parts' footers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.data
+
+from pipelines import io
+from pipelines.config import EncodeConfig, parse_bucket_list
+from pipelines.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, duplicate_positions, prepare_images
+from pipelines.image_decode import Preprocessing, aspect_buckets
+from pipelines.latent_output import (
+    LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts, stats_report,
+)
+from pipelines.model_source import ModelDescription, component_fingerprint, describe_model
+from pipelines.outputs import RunOutput
+from pipelines.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.progress import ProgressReporter
+from pipelines.prompt_rows import position_id
+from pipelines.run_record import library_versions, utc_now
+from pipelines.schemas import check_image_schema
+from pipelines.stages import Stage, check_wiring
+from workers.fused import FusedEncodingWorker
+from workers.text_encoder import CaptionEncoderWorker
+from workers.vae_encoder import VaeEncoderWorker
+
+logger = logging.getLogger(__name__)
+
+# rows per block read from the input: tables that hold image bytes make large blocks
+READ_ROWS_PER_BLOCK = 256
+# rows per prepare task: decoding is the heavy CPU work of the job, spread over many tasks
+PREPARE_BATCH_ROWS = 32
+
+# Share of the cluster per stage. Without caption embeddings the VAE encoder is the only
+# model: fused and split are the same single stage. The VAE encoder is the heavy one.
+VAE_ONLY = {"vae_encoder": StageShare(cpu=1.0, gpu=1.0, heavy=True)}
+SHARES = {
+    "fused": {"fused": StageShare(cpu=1.0, gpu=1.0, heavy=True)},
+    "split": {"text_encoder": StageShare(cpu=0.25, gpu=0.2, heavy=False), "vae_encoder": StageShare(cpu=0.75, gpu=0.8, heavy=True)},
+}
+WORKERS = {"vae_encoder": VaeEncoderWorker, "text_encoder": CaptionEncoderWorker, "fused": FusedEncodingWorker}
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+def resolve_placement(placement: str, text_embeddings: bool) -> str:
+    """``auto``: fused, as generation (one actor holds both encoders; nothing crosses the object store)."""
+    if not text_embeddings:
+        return "vae_only"
+    return "fused" if placement == "auto" else placement
+
+
+def build_model_stages(config: EncodeConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
+    shares = VAE_ONLY if placement == "vae_only" else SHARES[placement]
+    options = stage_options(shares, cluster, config.batch_size, config.stages, placement)
+    stages = []
+    for name in shares:
+        kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
+        if name != "text_encoder":
+            kwargs.update(sample=config.sample, flip=config.flip)
+        stages.append(Stage(name=name, worker=WORKERS[name], options=options[name], constructor_kwargs=kwargs))
+    return stages
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class EncodingPlan:
+    """Everything checked and known before Ray starts: a bad input fails here, fast."""
+
+    config: EncodeConfig
+    model: ModelDescription
+    output: RunOutput
+    identity: dict
+    run: int  # this run's number in the output (1 for the first)
+    fragments: list[io.ParquetFragment]
+    settings: RowSettings
+    layout: LatentLayout
+    input_ids: list[str | None]
+    duplicate_rows: dict[int, int]
+    done: dict[str, str]  # id -> cache key of rows the output already holds
+
+    @property
+    def input_rows(self) -> int:
+        return sum(fragment.num_rows for fragment in self.fragments)
+
+
+def plan_encoding(config: EncodeConfig) -> EncodingPlan:
+    # 1. the input table and the model, before any model loads
+    schema, fragments = io.parquet_fragments(config.images)
+    check_image_schema(schema, config.images, image_column=config.image_column, path_column=config.path_column,
+                       caption_column=config.caption_column, id_column=config.id_column)
+    id_column = config.id_column or ("id" if "id" in schema.names else None)
+    model = describe_model(config.model)
+    resolution = config.resolution or model.default_height
+    preprocessing = _preprocessing(config, model, resolution)
+
+    # 2. the output: its identity is the model's encoders and everything that shapes a row (defaults resolved)
+    components = ("vae", "text_encoder", "tokenizer") if config.text_embeddings else ("vae",)
+    identity = {
+        **config.output_identity(), "resolution": resolution, "id_column": id_column,
+        "targets": [list(target) for target in preprocessing.targets],
+        "model": model.location.uri, "model_fingerprint": component_fingerprint(config.model, components),
+    }
+    output = RunOutput(config.output, "latents")
+    previous = output.prepare(identity, config.overwrite)
+
+    # 3. what earlier runs left: superseded copies out (an interrupted run), then the cache keys
+    drop_superseded(output)
+    parts = read_output_parts(output)
+    run = 1 + max([(previous or {}).get("run", 0)] + [int(part.runs.max()) for part in parts if len(part.table)])
+
+    # 4. ids and repeated ids
+    input_ids = _input_ids(config.images, id_column, sum(f.num_rows for f in fragments))
+    columns = SourceColumns(image=None if config.path_column else config.image_column, path=config.path_column,
+                            caption=config.caption_column, id=id_column)
+    file_starts: dict[str, int] = {}
+    for fragment in fragments:
+        file_starts.setdefault(fragment.uri, fragment.first_row)
+    return EncodingPlan(
+        config=config, model=model, output=output, identity=identity, run=run, fragments=fragments,
+        settings=RowSettings(
+            columns=columns, preprocessing=preprocessing, seed=config.seed, run=run,
+            encoding_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+            file_starts=tuple(sorted((start, uri) for uri, start in file_starts.items())),
+        ),
+        layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
+                            caption=config.caption_column is not None, text_embeddings=config.text_embeddings),
+        input_ids=input_ids, duplicate_rows=duplicate_positions(input_ids), done=done_keys(parts),
+    )
+
+
+def _preprocessing(config: EncodeConfig, model: ModelDescription, resolution: int) -> Preprocessing:
+    if config.buckets is None:
+        targets = [(resolution, resolution)]
+    elif config.buckets == "auto":
+        targets = aspect_buckets(resolution, config.bucket_step)
+    else:
+        targets = parse_bucket_list(config.buckets)
+    for height, width in targets:
+        if height % model.size_multiple or width % model.size_multiple:
+            raise ValueError(f"buckets: {width}x{height} is not a multiple of the VAE's factor {model.size_multiple}")
+    if resolution % model.size_multiple:
+        raise ValueError(f"resolution: {resolution} is not a multiple of the VAE's factor {model.size_multiple}")
+    return Preprocessing(
+        targets=tuple(targets), crop=config.crop, max_pixels=config.max_image_pixels,
+        min_size=config.min_image_size, background=config.background_rgb(),
+    )
+
+
+def _input_ids(images_uri: str, id_column: str | None, rows: int) -> list[str | None]:
+    """Every input row's id, in input order (positions when the table has no id column)."""
+    if id_column is None:
+        return [position_id(row) for row in range(rows)]
+    values = io.read_parquet_columns(images_uri, [id_column]).column(id_column).to_pylist()
+    return [None if value is None else str(value) for value in values]
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
+    """Run one encoding job on the connected Ray cluster; return its run record (run.json)."""
+    started = time.time()
+    plan = config if isinstance(config, EncodingPlan) else plan_encoding(config)
+    config, model, output = plan.config, plan.model, plan.output
+
+    # 5. stages for this cluster, wiring checked before anything runs
+    cluster = ClusterShape.current()
+    placement = resolve_placement(config.placement, config.text_embeddings)
+    stages = build_model_stages(config, model, placement, cluster)
+    check_wiring(stages, set(PREPARED_COLUMNS) | ({"caption"} if plan.layout.caption else set()))
+    record = {
+        "status": "running", "run": plan.run, "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
+        "model": model.identity(), "placement": placement, "stages": {stage.name: vars(stage.options) for stage in stages},
+        "versions": library_versions(),
+    }
+    output.write_json("run.json", record)
+
+    # 6. the dataset: read -> prepare -> encoders -> commit parts; the driver receives summaries only
+    busy: dict[str, float] = {}
+    progress = ProgressReporter(label="encode", total=plan.input_rows, done=sum(row_id in plan.done for row_id in plan.input_ids))
+    for summary in _build_dataset(plan, stages).iter_batches(batch_size=None, batch_format="numpy"):
+        progress.advance(int(summary["encoded"].sum() + summary["failed"].sum()))
+        for text in summary["busy"]:
+            for stage, seconds in json.loads(text).items():
+                busy[stage] = busy.get(stage, 0.0) + seconds
+
+    # 7. one copy per row, then statistics and the run record from what the output holds
+    superseded = drop_superseded(output, current_run=plan.run)
+    counts = account(read_output_parts(output), plan.input_ids, plan.duplicate_rows, plan.run)
+    progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
+    report = stats_report(output.latent_stats(), model.latent_channels, model.vae_scaling_factor, model.vae_shift_factor)
+    output.write_json("latent_stats.json", report)
+    for warning in report["warnings"]:
+        logger.warning("%s", warning)
+    wall = time.time() - started
+    record.update(
+        status="complete" if counts["ok_rows"] + counts["error_rows"] == counts["input_rows"] else "incomplete",
+        finished_at=utc_now(), counts={**counts, "superseded_rows_removed": superseded},
+        error_reasons=output.error_reasons("code"), wall_seconds=round(wall, 3),
+        images_per_second=round(counts["encoded_this_run"] / wall, 4) if wall > 0 else None,
+        stage_busy_seconds={name: round(seconds, 3) for name, seconds in busy.items()},
+    )
+    output.write_json("run.json", record)
+    if record["status"] != "complete":
+        logger.warning("counts do not add up: %s", record["counts"])
+    return record
+
+
+def _build_dataset(plan: EncodingPlan, stages: list[Stage]) -> ray.data.Dataset:
+    # batches form identically on every run: same parts, same names, on a rerun of the same rows
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.from_items([vars(f) for f in plan.fragments], override_num_blocks=max(1, len(plan.fragments)))
+    dataset = dataset.map_batches(
+        io.read_fragments_batch, batch_size=1, num_cpus=TASK_CPUS,
+        fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": READ_ROWS_PER_BLOCK},
+    )
+    dataset = dataset.map_batches(
+        prepare_images, batch_format="pyarrow", batch_size=PREPARE_BATCH_ROWS, num_cpus=TASK_CPUS,
+        fn_kwargs={"settings": plan.settings, "done": plan.done, "duplicate_rows": plan.duplicate_rows,
+                   "errors_uri": plan.output.errors_uri},
+    )
+    for stage in stages:
+        dataset = stage.apply(dataset)
+    return dataset.map_batches(
+        commit_latents, batch_size=plan.config.rows_per_part, num_cpus=TASK_CPUS,
+        fn_kwargs={"output": plan.output, "layout": plan.layout, "run": plan.run},
+    )

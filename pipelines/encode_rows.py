@@ -1,0 +1,198 @@
+"""Input rows of a latent-dataset run: id, source bytes, cache key, decoded crop, or an error.
+
+``prepare_images`` runs as a CPU task in Ray Data, before any model, and imports no
+model code. Each input row leaves it in one of three ways: skipped (the output already
+holds it under the same cache key), as an error row written to ``errors/`` with a
+reason code, or as a crop ready for the VAE encoder.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import io
+from pipelines.image_decode import ImageRejected, Preprocessing, preprocess
+from pipelines.prompt_rows import derived_seed, position_id
+from pipelines.schemas import ENCODE_ERRORS_SCHEMA
+
+PREPARE_STAGE = "prepare"  # the ``stage`` of errors found here
+# what a prepared row carries to the encoders (and ``caption`` when the table has captions)
+PREPARED_COLUMNS = ("id", "row", "source", "content_hash", "cache_key", "seed", "pixels", "original_size", "crop_top_left", "target_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceColumns:
+    """Which input columns hold what (``None``: the table has no such column)."""
+
+    image: str | None  # image bytes (binary, or a struct with ``bytes``)
+    path: str | None  # paths/URIs of image files, relative ones resolved against the table's file
+    caption: str | None
+    id: str | None
+
+    def to_read(self) -> list[str]:
+        return [c for c in dict.fromkeys((self.id, self.path or self.image, self.caption)) if c is not None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowSettings:
+    """Everything a task needs to turn input rows into crops, the same for every row of a run."""
+
+    columns: SourceColumns
+    preprocessing: Preprocessing
+    seed: int  # the run's seed; rows derive theirs from it and their id
+    encoding_key: str  # model fingerprint + preprocessing config: part of every row's cache key
+    run: int
+    file_starts: tuple[tuple[int, str], ...]  # (position of the file's first row, file URI), sorted
+
+    def file_of(self, row: int) -> tuple[str, int]:
+        """The input file holding input position ``row``, and the row's index inside it."""
+        index = bisect.bisect_right([start for start, _ in self.file_starts], row) - 1
+        start, uri = self.file_starts[index]
+        return uri, row - start
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def cache_key(content: str, caption: str | None, encoding_key: str) -> str:
+    """Equal keys, equal output rows: same bytes, same caption, same model and preprocessing."""
+    caption_part = "\0null" if caption is None else "\0text:" + caption
+    return hashlib.sha256(f"{content}{caption_part}\0{encoding_key}".encode()).hexdigest()
+
+
+class RowError(Exception):
+    def __init__(self, code: str, message: str, source: str | None = None, content: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.source, self.content, self.key = code, message, source, content, key
+
+
+def duplicate_positions(ids: list) -> dict[int, int]:
+    """Position of every repeat of an id -> position of the id's first row (null ids are not repeats)."""
+    first_seen: dict[str, int] = {}
+    repeats: dict[int, int] = {}
+    for position, value in enumerate(ids):
+        if value is None:
+            continue
+        key = str(value)
+        if key in first_seen:
+            repeats[position] = first_seen[key]
+        else:
+            first_seen[key] = position
+    return repeats
+
+
+def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, str]:
+    """(image bytes, source reference) of one input row."""
+    columns = settings.columns
+    if columns.path is not None:
+        reference = record.get(columns.path)
+        if reference is None or not str(reference).strip():
+            raise RowError("missing_source", f"column {columns.path!r} is empty")
+        uri = io.resolve_reference(settings.file_of(row)[0], str(reference).strip())
+        try:
+            return io.read_bytes(uri), uri
+        except Exception as error:  # any backend error means the same to the user: no bytes
+            raise RowError("unreadable_path", f"cannot read {uri!r}: {type(error).__name__}: {error}", source=uri) from None
+    file_uri, index = settings.file_of(row)
+    reference = f"{file_uri}#row={index}"
+    value = record.get(columns.image)
+    data = value.get("bytes") if isinstance(value, dict) else value  # HF datasets: {"bytes", "path"}
+    if data is None:
+        raise RowError("missing_source", f"column {columns.image!r} holds no bytes", source=reference)
+    return bytes(data), reference
+
+
+def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings, done: dict[str, str]) -> dict | None:
+    """A row ready for encoding, None when the output already holds it, or ``RowError``."""
+    # 1. the source bytes, their hash and the row's cache key
+    data, source = read_source(record, row, settings)
+    content = content_hash(data)
+    caption = None if settings.columns.caption is None else record.get(settings.columns.caption)
+    key = cache_key(content, caption, settings.encoding_key)
+    if done.get(row_id) == key:
+        return None
+
+    # 2. decode, resize, crop
+    seed = derived_seed(settings.seed, row_id)
+    try:
+        fitted = preprocess(data, settings.preprocessing, seed)
+    except ImageRejected as rejected:
+        raise RowError(rejected.code, rejected.message, source, content, key) from None
+    return {
+        "id": row_id, "row": row, "source": source, "content_hash": content, "cache_key": key, "seed": seed,
+        "caption": caption, "pixels": fitted.pixels, "original_size": fitted.original_size,
+        "crop_top_left": fitted.crop_top_left, "target_size": fitted.target_size,
+    }
+
+
+def prepare_images(
+    table: pa.Table, *, settings: RowSettings, done: dict[str, str], duplicate_rows: dict[int, int], errors_uri: str,
+) -> dict[str, np.ndarray]:
+    """Ray Data task: a block of input rows -> crops to encode; bad rows go to ``errors/`` here.
+
+    ``done`` maps the ids the output already holds to their cache keys; ``duplicate_rows``
+    maps the position of every repeated id to its first occurrence. Errors tied to a
+    position (null or repeated id) are written again on every run: they cost nothing to
+    find, and a newer copy supersedes the older one.
+    """
+    good, bad = [], []
+    id_column = settings.columns.id
+    for record in table.to_pylist():
+        row = int(record["row"])
+        raw_id = record.get(id_column) if id_column is not None else position_id(row)
+        row_id = position_id(row) if raw_id is None else str(raw_id)
+        try:
+            if raw_id is None:
+                raise RowError("null_id", f"column {id_column!r} is null")
+            if row in duplicate_rows:
+                raise RowError("duplicate_id", f"id {row_id!r} repeats the id of input row {duplicate_rows[row]}")
+            prepared = prepare_row(record, row_id, row, settings, done)
+        except RowError as error:
+            bad.append({
+                "id": row_id, "row": row, "stage": PREPARE_STAGE, "reason": error.message, "code": error.code,
+                "source": error.source, "content_hash": error.content, "cache_key": error.key, "run": settings.run,
+            })
+            continue
+        if prepared is not None:
+            good.append(prepared)
+
+    if bad:
+        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ENCODE_ERRORS_SCHEMA), errors_uri, [f"{r['id']}@{r['row']}" for r in bad])
+    if not good:
+        return {}  # Ray Data passes no empty block on to the encoders (and empty tensor columns do not convert)
+    return crops_batch(good, with_caption=settings.columns.caption is not None)
+
+
+def crops_batch(rows: list[dict], with_caption: bool) -> dict[str, np.ndarray]:
+    """Prepared rows as a numpy batch; pixels of different sizes (buckets) as an object column."""
+    def strings(name: str) -> np.ndarray:
+        return np.array([r[name] for r in rows], dtype=object)
+
+    def pairs(name: str) -> np.ndarray:
+        return np.array([r[name] for r in rows], dtype=np.int32).reshape(len(rows), 2)
+
+    batch = {
+        "id": strings("id"), "row": np.array([r["row"] for r in rows], np.int64), "source": strings("source"),
+        "content_hash": strings("content_hash"), "cache_key": strings("cache_key"),
+        "seed": np.array([r["seed"] for r in rows], np.int64),
+        "original_size": pairs("original_size"), "crop_top_left": pairs("crop_top_left"), "target_size": pairs("target_size"),
+        "pixels": _pixels_column([r["pixels"] for r in rows]),
+    }
+    if with_caption:
+        batch["caption"] = strings("caption")
+    return batch
+
+
+def _pixels_column(crops: list[np.ndarray]) -> np.ndarray:
+    # as workers.base.stack_column (not imported: that module loads torch, this task must not)
+    if len({crop.shape for crop in crops}) == 1:
+        return np.stack(crops)
+    column = np.empty(len(crops), dtype=object)
+    column[:] = crops
+    return column

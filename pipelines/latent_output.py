@@ -1,0 +1,285 @@
+"""The output side of a latent-dataset run: latents parts, superseded rows, accounting, statistics.
+
+``commit_latents`` runs as a CPU task in Ray Data after the encoders and imports no
+model code: it writes each batch as one ``latents/`` part (exact partial statistics in
+its footer, see ``pipelines.outputs``) and hands the driver a one-row summary, so
+latents never travel through the driver.
+
+A row is never held twice. Every row records the ``run`` that wrote it; when a rerun
+writes a row again (its content changed, or an unreadable path is retried), the
+driver rewrites the older part without the older copy (``drop_superseded``). An
+interrupted run can leave both copies for a moment; the next run's plan removes the
+older one before anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import io
+from pipelines.outputs import RunOutput
+from pipelines.schemas import ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, latents_schema
+from pipelines.stats import ChannelStats, stats_of_latents
+
+ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
+FACTOR_TOLERANCE = 0.10  # suggested scaling/shift factors further than this from the model's get a warning
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentLayout:
+    """Which columns the ``latents/`` table has, and how latents are stored."""
+
+    dtype: str  # float16 | float32
+    fixed_shape: bool  # one latent shape for every row (no buckets): a fixed-shape tensor column
+    flip: bool
+    caption: bool
+    text_embeddings: bool
+
+
+# -- the write task -------------------------------------------------------------------------------
+
+
+def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: LatentLayout, run: int) -> dict[str, np.ndarray]:
+    """Ray Data task: encoded rows -> one ``latents/`` part (non-finite rows to ``errors/``) -> a summary row."""
+    busy = {column.removeprefix("busy_seconds_"): float(np.sum(batch.pop(column))) for column in list(batch) if column.startswith("busy_seconds_")}
+    rows = len(batch["id"])
+
+    # 1. the values as stored: checks and statistics are of what readers will see
+    dtype = np.dtype(layout.dtype)
+    with np.errstate(over="ignore"):  # values beyond float16 become infinite: those rows go to errors below
+        latents = [np.asarray(latent).astype(dtype) for latent in batch["latent"]]
+        flipped = [np.asarray(latent).astype(dtype) for latent in batch["latent_flipped"]] if layout.flip else None
+    finite = np.array([np.isfinite(latents[i]).all() and (flipped is None or np.isfinite(flipped[i]).all()) for i in range(rows)], dtype=bool)
+
+    # 2. rows the VAE returned no usable latent for
+    errors = _non_finite_errors(batch, np.flatnonzero(~finite), layout, run)
+
+    # 3. one part of the good rows, with the exact statistics of their latents in its footer
+    keep = np.flatnonzero(finite)
+    table = latents_table(batch, keep, latents, flipped, layout, run) if len(keep) else None
+    stats = stats_of_latents([latents[i] for i in keep])
+    output.commit(table, errors, stats)
+    return {"encoded": np.array([len(keep)]), "failed": np.array([rows - len(keep)]), "busy": np.array([json.dumps(busy)], dtype=object)}
+
+
+def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run: int) -> pa.Table | None:
+    if not len(rows):
+        return None
+    overflow = "; values beyond float16's range (65504) overflow: try --latent-dtype float32" if layout.dtype == "float16" else ""
+    return pa.Table.from_pylist([{
+        "id": str(batch["id"][i]), "row": int(batch["row"][i]), "stage": ENCODE_STAGE, "code": "non_finite_latent",
+        "reason": f"the latent has NaN or infinite values{overflow}", "source": str(batch["source"][i]),
+        "content_hash": str(batch["content_hash"][i]), "cache_key": str(batch["cache_key"][i]), "run": run,
+    } for i in rows], schema=ENCODE_ERRORS_SCHEMA)
+
+
+def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flipped: list[np.ndarray] | None, layout: LatentLayout, run: int) -> pa.Table:
+    kept = [latents[i] for i in keep]
+    embedding_shape = tuple(np.shape(batch["prompt_embeds"][keep[0]])) if layout.text_embeddings else None
+    schema = latents_schema(
+        latent_shape=kept[0].shape if layout.fixed_shape else None, dtype=layout.dtype, flip=layout.flip,
+        caption=layout.caption, embedding_shape=embedding_shape,
+    )
+    columns = {
+        "id": pa.array([str(batch["id"][i]) for i in keep], pa.string()),
+        "latent": tensor_column(kept, schema.field("latent").type),
+        "latent_shape": pairs_column([latent.shape for latent in kept], 3),
+        "original_size": pairs_column(batch["original_size"][keep], 2),
+        "crop_top_left": pairs_column(batch["crop_top_left"][keep], 2),
+        "target_size": pairs_column(batch["target_size"][keep], 2),
+        "source": pa.array([str(batch["source"][i]) for i in keep], pa.string()),
+        "content_hash": pa.array([str(batch["content_hash"][i]) for i in keep], pa.string()),
+        "cache_key": pa.array([str(batch["cache_key"][i]) for i in keep], pa.string()),
+        "row": pa.array(batch["row"][keep], pa.int64()),
+        "seed": pa.array(batch["seed"][keep], pa.int64()),
+        "run": pa.array(np.full(len(keep), run), pa.int32()),
+    }
+    if layout.flip:
+        columns["latent_flipped"] = tensor_column([flipped[i] for i in keep], schema.field("latent_flipped").type)
+    if layout.caption:
+        columns["caption"] = pa.array([batch["caption"][i] for i in keep], pa.string())
+    if layout.text_embeddings:
+        embeddings = [np.asarray(batch["prompt_embeds"][i]).astype(layout.dtype) for i in keep]
+        columns["prompt_embeds"] = tensor_column(embeddings, schema.field("prompt_embeds").type)
+        columns["caption_truncated"] = pa.array(batch["caption_truncated"][keep], pa.bool_())
+    return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+
+
+def tensor_column(arrays: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
+    """Same-dtype arrays as a fixed-shape tensor column, or flattened into a list column."""
+    flat = pa.array(np.concatenate([np.ascontiguousarray(array).ravel() for array in arrays]))
+    if isinstance(arrow_type, pa.FixedShapeTensorType):
+        return pa.ExtensionArray.from_storage(arrow_type, pa.FixedSizeListArray.from_arrays(flat, arrays[0].size))
+    offsets = np.concatenate([[0], np.cumsum([array.size for array in arrays])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat, type=arrow_type)
+
+
+def pairs_column(values, size: int) -> pa.Array:
+    flat = np.asarray(values, dtype=np.int32).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int32()), size)
+
+
+def latents_of(table: pa.Table | pa.RecordBatch, column: str = "latent") -> list[np.ndarray]:
+    """Per-row latents of a ``latents/`` table, shaped (channels, height, width), in their stored dtype."""
+    values = table.column(column)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values.type, pa.FixedShapeTensorType):
+        return list(values.to_numpy_ndarray())
+    flat = values.flatten().to_numpy(zero_copy_only=False)
+    offsets = values.offsets.to_numpy()
+    shapes = table.column("latent_shape").to_pylist()
+    return [flat[start:end].reshape(shape) for start, end, shape in zip(offsets[:-1], offsets[1:], shapes)]
+
+
+# -- what the output holds ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    uri: str
+    is_results: bool  # a latents/ part (else an errors/ part)
+    table: pa.Table  # the part's bookkeeping columns: id, row, run, cache_key (and code for errors)
+
+    def supersede_keys(self) -> list[tuple]:
+        """What a newer row replaces: the same id, or for position-keyed errors the same input position."""
+        ids, rows = self.table.column("id").to_pylist(), self.table.column("row").to_pylist()
+        codes = self.table.column("code").to_pylist() if not self.is_results else [None] * len(ids)
+        return [("row", row) if code in ROW_KEYED_CODES else ("id", row_id) for row_id, row, code in zip(ids, rows, codes)]
+
+    @property
+    def runs(self) -> np.ndarray:
+        return self.table.column("run").to_numpy(zero_copy_only=False)
+
+
+def read_output_parts(output: RunOutput) -> list[OutputPart]:
+    """The bookkeeping columns of every part of ``latents/`` and ``errors/``."""
+    parts = []
+    for folder, is_results in ((output.results_uri, True), (output.errors_uri, False)):
+        if not io.exists(folder):
+            continue
+        try:
+            uris = io.list_parquet_files(folder)
+        except ValueError:  # no part yet
+            continue
+        columns = ["id", "row", "run", "cache_key"] + ([] if is_results else ["code"])
+        parts += [OutputPart(uri, is_results, io.read_parquet_file(uri, columns)) for uri in uris]
+    return parts
+
+
+def done_keys(parts: list[OutputPart]) -> dict[str, str]:
+    """Cache key of every id the output holds for good: a rerun skips a row whose key matches."""
+    done = {}
+    for part in parts:
+        codes = part.table.column("code").to_pylist() if not part.is_results else [None] * len(part.table)
+        for row_id, key, code in zip(part.table.column("id").to_pylist(), part.table.column("cache_key").to_pylist(), codes):
+            if key is not None and code not in ROW_KEYED_CODES:
+                done[row_id] = key
+    return done
+
+
+def drop_superseded(output: RunOutput, current_run: int | None = None) -> int:
+    """Remove every row a newer run wrote again; return how many were removed.
+
+    With ``current_run`` (at the end of a finished run) position-keyed errors of earlier
+    runs go too: the run wrote every one that still applies.
+    """
+    parts = read_output_parts(output)
+    newest: dict[tuple, int] = {}
+    for part in parts:
+        for key, run in zip(part.supersede_keys(), part.runs):
+            newest[key] = max(newest.get(key, run), run)
+    removed = 0
+    for part in parts:
+        stale = np.array([
+            run < newest[key] or (current_run is not None and key[0] == "row" and run < current_run)
+            for key, run in zip(part.supersede_keys(), part.runs)
+        ], dtype=bool)
+        if stale.any():
+            _rewrite_without(output, part, stale)
+            removed += int(stale.sum())
+    return removed
+
+
+def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> None:
+    """Write the part's other rows as a new part (statistics recomputed), then delete the old part."""
+    kept = io.read_parquet_file(part.uri).filter(pa.array(~stale))
+    if len(kept):
+        if part.is_results:
+            output.commit(kept, None, stats_of_latents(latents_of(kept)))
+        else:
+            names = [f"{row_id}@{row}" for row_id, row in zip(kept.column("id").to_pylist(), kept.column("row").to_pylist())]
+            io.write_parquet_part(kept, output.errors_uri, names)
+    io.remove_tree(part.uri)
+
+
+def account(parts: list[OutputPart], input_ids: list[str | None], duplicate_rows: dict[int, int], run: int) -> dict[str, int]:
+    """Where each input row ended, and what this run wrote."""
+    latent_ids, error_ids, error_positions = set(), set(), set()
+    written = {"encoded_this_run": 0, "errors_this_run": 0}
+    for part in parts:
+        for key in part.supersede_keys():
+            if part.is_results:
+                latent_ids.add(key[1])
+            elif key[0] == "row":
+                error_positions.add(key[1])
+            else:
+                error_ids.add(key[1])
+        written["encoded_this_run" if part.is_results else "errors_this_run"] += int((part.runs == run).sum())
+    ok = errors = 0
+    for position, row_id in enumerate(input_ids):
+        if row_id is None or position in duplicate_rows:
+            errors += position in error_positions
+        elif row_id in latent_ids:
+            ok += 1
+        elif row_id in error_ids:
+            errors += 1
+    input_keys = {row_id for row_id in input_ids if row_id is not None}
+    held_elsewhere = len((latent_ids | error_ids) - input_keys)
+    return {"input_rows": len(input_ids), "ok_rows": ok, "error_rows": errors, **written,
+            "cached_rows": len(input_ids) - written["encoded_this_run"] - written["errors_this_run"],
+            "rows_not_in_input": held_elsewhere}
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+def stats_report(stats: ChannelStats | None, latent_channels: int, scaling_factor: float, shift_factor: float) -> dict:
+    """latent_stats.json: per-channel statistics of the stored latents and the factors they suggest.
+
+    Stored latents are ``(z - shift) * scaling``. A corpus whose raw latents z have
+    mean m and std s suggests ``scaling = 1 / s`` and ``shift = m`` (the factors that
+    would give stored latents mean 0, std 1). Both are compared with the model's on
+    the scale of the stored latents: the scaling factor is off by more than 10% when
+    their std is outside [1/1.1, 1/0.9], the shift when their mean is more than 0.1 std
+    from zero (a relative test against a shift of 0 would always fail).
+    """
+    report = {"latent_channels": latent_channels, "over": "the latent column (flipped latents excluded)",
+              "scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    if stats is None:
+        return {**report, "warnings": []}
+    pooled = stats.pooled()
+    stored_mean, stored_std = float(pooled.mean[0]), float(pooled.std[0])
+    suggested_scaling = scaling_factor / stored_std if stored_std > 0 else None
+    suggested_shift = shift_factor + stored_mean / scaling_factor
+    warnings = []
+    if suggested_scaling is None or abs(suggested_scaling / scaling_factor - 1) > FACTOR_TOLERANCE:
+        warnings.append(
+            f"WARNING: the corpus suggests scaling_factor {suggested_scaling} (1/std of the raw latents), the model uses "
+            f"{scaling_factor}: more than {FACTOR_TOLERANCE:.0%} apart (stored latents have std {stored_std:.4g}, not 1)"
+        )
+    if stored_std == 0 or abs(stored_mean) > FACTOR_TOLERANCE * stored_std:
+        warnings.append(
+            f"WARNING: the corpus suggests shift_factor {suggested_shift:.6g} (mean of the raw latents), the model uses "
+            f"{shift_factor}: stored latents have mean {stored_mean:.4g}, more than {FACTOR_TOLERANCE:g} std from 0"
+        )
+    return {
+        **report, **stats.to_dict(),
+        "all_channels": {"count": int(pooled.count[0]), "mean": stored_mean, "std": stored_std},
+        "suggested": {"scaling_factor": suggested_scaling, "shift_factor": suggested_shift},
+        "warnings": warnings,
+    }

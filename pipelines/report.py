@@ -1,0 +1,312 @@
+"""Run reports: ``OUTPUT/report.html`` (one self-contained file) and ``OUTPUT/contact_sheet.png``.
+
+The page shows what a person checks after a run: sample images (generation) or
+decoded sample latents (encoding), per-channel latent histograms, the errors grouped
+by reason, and per-stage busy time and throughput from run.json. Images are inlined
+as data URIs and histograms drawn as inline SVG, so the file can be mailed or opened
+from object storage with nothing beside it. Every read and write goes through
+``pipelines.io``: any fsspec output works.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io as bytes_io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from pipelines import io
+
+CELL = 128  # contact sheet: each sample fits a CELL x CELL square
+LABEL_HEIGHT = 18  # with its id written below it
+COLUMNS = 4
+HISTOGRAM_BINS = 30
+HISTOGRAM_ROWS = 256  # rows whose full latents feed the histograms (bounded memory)
+RESULTS_FOLDERS = {"manifest": "generate", "latents": "encode"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    row_id: str
+    caption: str
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class Histograms:
+    source: str  # what the values are, said on the page
+    values: list[np.ndarray]  # one array of values per channel
+
+
+@dataclass(frozen=True)
+class WrittenReport:
+    html: str
+    contact_sheet: str
+
+
+# -- checking a run (also the Airflow DAG's verify step) ------------------------------------------
+
+
+def check_run_record(record: dict | None, max_error_rate: float) -> dict:
+    """The counts of a finished run, or a ValueError saying why they are not acceptable."""
+    if record is None:
+        raise ValueError("run.json: missing; the run never started or wrote elsewhere")
+    counts = record.get("counts") or {}
+    input_rows, ok_rows, error_rows = (int(counts.get(name, -1)) for name in ("input_rows", "ok_rows", "error_rows"))
+    if record.get("status") != "complete" or input_rows != ok_rows + error_rows:
+        raise ValueError(f"run.json: status {record.get('status')!r}, input_rows {input_rows} != ok_rows {ok_rows} + error_rows {error_rows}")
+    rate = error_rows / input_rows if input_rows else 0.0
+    if rate > max_error_rate:
+        raise ValueError(f"error rate {rate:.2%} ({error_rows} of {input_rows} rows) is above the limit {max_error_rate:.2%}; "
+                         f"reasons: {record.get('error_reasons')}")
+    return {"input_rows": input_rows, "ok_rows": ok_rows, "error_rows": error_rows, "error_rate": round(rate, 6)}
+
+
+# -- reading the output ---------------------------------------------------------------------------
+
+
+def run_kind(output: str) -> tuple[str, str]:
+    """("generate", "manifest") or ("encode", "latents"), from the results folder the output holds."""
+    for folder, kind in RESULTS_FOLDERS.items():
+        if io.exists(io.join(output, folder)):
+            return kind, folder
+    raise ValueError(f"output: {output!r} holds neither manifest/ nor latents/ (no committed rows yet?)")
+
+
+def latent_arrays(table: pa.Table) -> list[np.ndarray]:
+    """The ``latent`` column as (channels, height, width) arrays: a fixed-shape tensor or a flat list + ``latent_shape``."""
+    column = table.column("latent").combine_chunks()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return [np.asarray(latent, np.float32) for latent in column.to_numpy_ndarray()]
+    shapes = table.column("latent_shape").to_pylist()
+    return [np.asarray(values, np.float32).reshape(shape) for values, shape in zip(column.to_pylist(), shapes)]
+
+
+def first_rows(table: pa.Table, count: int) -> pa.Table:
+    """The ``count`` rows with the smallest ids: the same samples on every report of an output."""
+    return table.take(np.argsort(np.asarray(table.column("id").to_pylist(), dtype=object))[:count])
+
+
+def generated_samples(output: str, count: int) -> list[Sample]:
+    table = first_rows(io.read_parquet_folder(io.join(output, "manifest"), ["id", "prompt", "image_path"]), count)
+    return [Sample(row_id, prompt, Image.open(bytes_io.BytesIO(io.read_bytes(io.join(output, path)))).convert("RGB"))
+            for row_id, prompt, path in zip(*(table.column(name).to_pylist() for name in ("id", "prompt", "image_path")))]
+
+
+def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
+    """Encoded latents decoded back to pixels by the run's own VAE: what training will see."""
+    from pipelines.model_source import describe_model
+    from workers.vae_decoder import VaeDecoderWorker
+
+    folder = io.join(output, "latents")
+    caption = next((name for name in ("caption", "source") if name in schema_names(folder)), None)
+    table = first_rows(io.read_parquet_folder(folder, ["id", "latent", "latent_shape", *([caption] if caption else [])]), count)
+    decoder = VaeDecoderWorker(describe_model(record["config"]["model"]).location, dtype="float32")
+    images = decoder({"latents": latent_arrays(table)})["image"]
+    captions = table.column(caption).to_pylist() if caption else [""] * len(table)
+    return [Sample(row_id, str(text or ""), Image.fromarray(np.asarray(image, np.uint8)))
+            for row_id, text, image in zip(table.column("id").to_pylist(), captions, images)]
+
+
+def schema_names(folder: str) -> list[str]:
+    """Column names of an output table, from a Parquet footer (no data read)."""
+    return io.parquet_fragments(folder)[0].names
+
+
+def channel_histograms(output: str, folder: str) -> Histograms | None:
+    """Per-channel values: full latents where the output stores them, else the manifest's per-row channel means."""
+    names = schema_names(io.join(output, folder))
+    if "latent" in names:
+        table = first_rows(io.read_parquet_folder(io.join(output, folder), ["id", "latent", "latent_shape"]), HISTOGRAM_ROWS)
+        latents = latent_arrays(table)
+        if not latents:
+            return None
+        values = [np.concatenate([latent[channel].ravel() for latent in latents]) for channel in range(latents[0].shape[0])]
+        what = "the final latents of {} rows, from the saved latents (--save-latents)" if folder == "manifest" else "the stored latents of {} rows (latents/)"
+        return Histograms("every value of " + what.format(len(latents)), values)
+    if "latent_mean" in names:
+        means = np.asarray(io.read_parquet_folder(io.join(output, folder), ["latent_mean"]).column("latent_mean").to_pylist(), np.float64)
+        if means.size == 0:
+            return None
+        return Histograms(f"the per-row channel means (manifest latent_mean) of all {len(means)} rows; "
+                          "rerun with --save-latents for the distribution of every latent value", list(means.T))
+    return None
+
+
+def error_summary(output: str) -> list[dict]:
+    """Errors grouped by stage and reason (by code where the errors table has one), most frequent first."""
+    errors = io.read_parquet_folder(io.join(output, "errors"))
+    if errors is None or not len(errors):
+        return []
+    key = "code" if "code" in errors.schema.names else "reason"
+    groups: dict[tuple[str, str], dict] = {}
+    for row in errors.select(["id", "stage", "reason", *([key] if key == "code" else [])]).to_pylist():
+        group = groups.setdefault((row["stage"], row[key]), {"stage": row["stage"], "reason": row["reason"], "rows": 0, "examples": []})
+        group["rows"] += 1
+        if len(group["examples"]) < 3:
+            group["examples"].append(row["id"])
+    return sorted(groups.values(), key=lambda group: -group["rows"])
+
+
+def stage_rows(record: dict) -> list[dict]:
+    """Busy time per stage and what it means: rows per busy second, share of the run's wall time."""
+    counts = record.get("counts") or {}
+    rows = counts.get("generated_this_run", counts.get("encoded_this_run"))
+    wall = record.get("wall_seconds") or 0
+    table = []
+    for stage, busy in (record.get("stage_busy_seconds") or {}).items():
+        table.append({
+            "stage": stage, "busy_seconds": busy,
+            "rows_per_busy_second": round(rows / busy, 2) if rows and busy else None,
+            "share_of_wall": f"{busy / wall:.0%}" if wall else None,
+        })
+    return table
+
+
+# -- pictures -------------------------------------------------------------------------------------
+
+
+def thumbnail(image: Image.Image) -> Image.Image:
+    """Fit into CELL x CELL; small images are enlarged without smoothing so their pixels stay visible."""
+    scale = CELL / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
+
+
+def contact_sheet_size(samples: int) -> tuple[int, int]:
+    columns = min(COLUMNS, max(samples, 1))
+    rows = max(1, -(-samples // columns))
+    return columns * CELL, rows * (CELL + LABEL_HEIGHT)
+
+
+def contact_sheet(samples: list[Sample]) -> Image.Image:
+    sheet = Image.new("RGB", contact_sheet_size(len(samples)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not samples:
+        draw.text((8, CELL // 2), "no images", fill="black")
+    for index, sample in enumerate(samples):
+        left, top = (index % COLUMNS) * CELL, (index // COLUMNS) * (CELL + LABEL_HEIGHT)
+        small = thumbnail(sample.image)
+        sheet.paste(small, (left + (CELL - small.width) // 2, top + (CELL - small.height) // 2))
+        draw.text((left + 4, top + CELL + 3), sample.row_id[:20], fill="black")
+    return sheet
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = bytes_io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def histogram_svg(values: np.ndarray, title: str, width: int = 280, height: int = 120) -> str:
+    finite = values[np.isfinite(values)]
+    counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS) if finite.size else (np.zeros(HISTOGRAM_BINS), np.linspace(0, 1, HISTOGRAM_BINS + 1))
+    top, bar = max(int(counts.max()), 1), width / HISTOGRAM_BINS
+    bars = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - 20 - (height - 40) * c / top:.1f}" width="{bar - 1:.1f}" '
+        f'height="{(height - 40) * c / top:.1f}" fill="#4a78b5"/>' for i, c in enumerate(counts)
+    )
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
+            f'<text x="0" y="12" font-size="12">{html.escape(title)}</text>{bars}'
+            f'<text x="0" y="{height - 4}" font-size="10">{edges[0]:.3g}</text>'
+            f'<text x="{width}" y="{height - 4}" font-size="10" text-anchor="end">{edges[-1]:.3g}</text></svg>')
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+
+def write_report(output: str, samples: int = 16) -> WrittenReport:
+    if samples < 1:
+        raise ValueError(f"samples: must be >= 1, got {samples}")
+    record = io.read_json(io.join(output, "run.json"))
+    if record is None:
+        raise ValueError(f"output: no run.json at {output!r}; not a latentray output")
+    kind, folder = run_kind(output)
+    notes: list[str] = []
+    try:
+        shown = generated_samples(output, samples) if kind == "generate" else decoded_samples(output, record, samples)
+    except Exception as error:  # a report without pictures still shows counts and errors
+        shown = []
+        notes.append(f"samples could not be shown: {type(error).__name__}: {error}")
+    sheet = contact_sheet(shown)
+    page = render_page(output, kind, record, shown, channel_histograms(output, folder), error_summary(output),
+                       io.read_json(io.join(output, "latent_stats.json")) or {}, notes)
+    written = WrittenReport(io.join(output, "report.html"), io.join(output, "contact_sheet.png"))
+    io.write_bytes(written.contact_sheet, png_bytes(sheet))
+    io.write_bytes(written.html, page.encode())
+    return written
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 75em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+.samples { display: grid; grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)); gap: 0.8em; }
+figure { margin: 0; } figure img { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }
+figcaption { font-size: 0.8em; overflow-wrap: anywhere; } .histograms { display: flex; flex-wrap: wrap; gap: 1em; }
+.note { color: #8a4b00; }
+"""
+
+
+def render_page(output: str, kind: str, record: dict, samples: list[Sample], histograms: Histograms | None,
+                errors: list[dict], stats: dict, notes: list[str]) -> str:
+    counts = record.get("counts") or {}
+    sections = [
+        f"<h1>latentray {html.escape(kind)} report</h1>",
+        f"<p>{html.escape(output)} &middot; status <b>{html.escape(str(record.get('status')))}</b> &middot; "
+        f"model {html.escape(str((record.get('model') or {}).get('uri', '')))} &middot; written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
+        _table(["count", "value"], [[name, counts[name]] for name in sorted(counts, key=_count_order)]),
+        *[f'<p class="note">{html.escape(note)}</p>' for note in notes],
+        f"<h2>{'Sample images' if kind == 'generate' else 'Decoded sample latents'} ({len(samples)})</h2>",
+        '<div class="samples">' + "".join(
+            f'<figure><img src="{data_uri(thumbnail(s.image))}" alt="{html.escape(s.row_id)}">'
+            f"<figcaption><b>{html.escape(s.row_id)}</b> {html.escape(s.caption[:120])}</figcaption></figure>" for s in samples
+        ) + "</div>",
+        "<h2>Latent channels</h2>",
+        _histogram_section(histograms, stats),
+        f"<h2>Errors ({counts.get('error_rows', sum(e['rows'] for e in errors))} rows)</h2>",
+        _table(["stage", "reason", "rows", "example ids"], [[e["stage"], e["reason"], e["rows"], ", ".join(e["examples"])] for e in errors])
+        if errors else "<p>No errors.</p>",
+        "<h2>Stages</h2>",
+        f"<p>wall time {record.get('wall_seconds')} s, {record.get('images_per_second')} rows/s this run, placement {html.escape(str(record.get('placement')))}</p>",
+        _table(["stage", "busy seconds", "rows per busy second", "share of wall time"],
+               [[r["stage"], r["busy_seconds"], r["rows_per_busy_second"], r["share_of_wall"]] for r in stage_rows(record)]),
+        _resources_table(record.get("stages") or {}),
+    ]
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>latentray report: {html.escape(output)}</title>'
+            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
+def _histogram_section(histograms: Histograms | None, stats: dict) -> str:
+    if histograms is None:
+        return "<p>No latents or latent statistics in this output.</p>"
+    means, stds = stats.get("mean") or [], stats.get("std") or []
+    charts = []
+    for channel, values in enumerate(histograms.values):
+        exact = f": mean {means[channel]:.3f}, std {stds[channel]:.3f} (all rows)" if channel < min(len(means), len(stds)) else ""
+        charts.append(histogram_svg(np.asarray(values, np.float64), f"channel {channel}{exact}"))
+    return f"<p>Histograms of {html.escape(histograms.source)}.</p><div class=\"histograms\">{''.join(charts)}</div>"
+
+
+def _count_order(name: str) -> tuple[int, str]:
+    leading = ("input_rows", "ok_rows", "error_rows")
+    return (leading.index(name), "") if name in leading else (len(leading), name)
+
+
+def _resources_table(stages: dict[str, dict]) -> str:
+    options = sorted({name for resources in stages.values() for name in resources})
+    return _table(["stage resources", *options], [[stage, *[resources.get(name) for name in options]] for stage, resources in stages.items()])
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if cell is None else str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"

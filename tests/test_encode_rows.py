@@ -1,0 +1,131 @@
+"""The CPU tasks of `latentray encode` called directly (no Ray, no model): prepare, commit, supersede."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from image_helpers import picture, png
+from pipelines.encode_rows import RowSettings, SourceColumns, duplicate_positions, prepare_images
+from pipelines.image_decode import Preprocessing
+from pipelines.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts
+from pipelines.outputs import RunOutput
+
+PREPROCESSING = Preprocessing(targets=((64, 64),), crop="center", max_pixels=10**7, min_size=None, background=(255, 255, 255))
+
+
+def row_settings(columns: SourceColumns, file_uri: str, run: int = 1) -> RowSettings:
+    return RowSettings(columns=columns, preprocessing=PREPROCESSING, seed=0, encoding_key="k", run=run, file_starts=((0, file_uri),))
+
+
+def errors_of(output) -> pd.DataFrame:
+    return pd.read_parquet(os.path.join(output, "errors")).set_index("id")
+
+
+def test_prepare_reads_hf_struct_bytes_and_relative_paths_and_skips_what_is_done(tmp_path):
+    image = png(picture(0, 80, 64))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(image)
+    table_uri = str(tmp_path / "table.parquet")
+    paths = pa.table({"id": ["a", "b", "c", None, "a"], "file": ["images/a.png", "images/nope.png", None, "images/a.png", "images/a.png"],
+                      "row": pa.array([0, 1, 2, 3, 4], pa.int64())})
+    settings = row_settings(SourceColumns(image=None, path="file", caption=None, id="id"), "file://" + table_uri)
+    batch = prepare_images(paths, settings=settings, done={}, duplicate_rows=duplicate_positions(["a", "b", "c", None, "a"]),
+                           errors_uri=str(tmp_path / "out" / "errors"))
+    assert batch["id"].tolist() == ["a"] and batch["pixels"].shape == (1, 64, 64, 3)
+    assert batch["source"][0] == "file://" + str(tmp_path / "images" / "a.png")
+    errors = errors_of(tmp_path / "out")
+    assert errors["code"].to_dict() == {"b": "unreadable_path", "c": "missing_source", "000000003": "null_id", "a": "duplicate_id"}
+    assert pd.isna(errors.loc["b", "cache_key"]) and (errors["run"] == 1).all()
+
+    # the same bytes inline, as HF datasets stores images: same content hash, and a done row is skipped
+    struct = pa.table({"image": [{"bytes": image, "path": "a.png"}], "row": pa.array([0], pa.int64())})
+    inline = row_settings(SourceColumns(image="image", path=None, caption=None, id=None), "s3://bucket/t.parquet")
+    again = prepare_images(struct, settings=inline, done={}, duplicate_rows={}, errors_uri=str(tmp_path / "x"))
+    assert again["content_hash"][0] == batch["content_hash"][0] and again["source"][0] == "s3://bucket/t.parquet#row=0"
+    assert prepare_images(struct, settings=inline, done={"000000000": again["cache_key"][0]}, duplicate_rows={}, errors_uri=str(tmp_path / "x")) == {}
+
+
+def encoded_batch(ids: list[str], latents: np.ndarray) -> dict[str, np.ndarray]:
+    rows = len(ids)
+    return {
+        "id": np.array(ids, dtype=object), "row": np.arange(rows), "source": np.array(["s"] * rows, dtype=object),
+        "content_hash": np.array(["h"] * rows, dtype=object), "cache_key": np.array([f"key-{i}" for i in ids], dtype=object),
+        "seed": np.arange(rows), "original_size": np.full((rows, 2), 64), "crop_top_left": np.zeros((rows, 2)),
+        "target_size": np.full((rows, 2), 64), "latent": latents, "busy_seconds_vae_encoder": np.full(rows, 0.5),
+    }
+
+
+LAYOUT = LatentLayout(dtype="float16", fixed_shape=True, flip=False, caption=False, text_embeddings=False)
+
+
+def test_commit_writes_a_tensor_part_with_exact_stats_and_sends_overflow_to_errors(tmp_path):
+    output = RunOutput(str(tmp_path), "latents")
+    latents = np.random.default_rng(0).normal(size=(3, 4, 8, 8)).astype(np.float32)
+    latents[2, 1, 0, 0] = 1e6  # beyond float16
+    summary = commit_latents(encoded_batch(["a", "b", "c"], latents), output=output, layout=LAYOUT, run=1)
+    assert summary["encoded"].tolist() == [2] and summary["failed"].tolist() == [1]
+    assert json.loads(summary["busy"][0]) == {"vae_encoder": 1.5}
+    table = pq.read_table(tmp_path / "latents")
+    stored = table.column("latent").combine_chunks().to_numpy_ndarray()
+    assert stored.dtype == np.float16 and stored.shape == (2, 4, 8, 8)
+    np.testing.assert_array_equal(stored, latents[:2].astype(np.float16))
+    values = stored.astype(np.float64).transpose(1, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_allclose(output.latent_stats().std, values.std(axis=1), rtol=1e-12)
+    assert errors_of(tmp_path).loc["c", "code"] == "non_finite_latent"
+    assert "--latent-dtype float32" in errors_of(tmp_path).loc["c", "reason"]
+
+
+def test_a_newer_copy_of_a_row_supersedes_the_older_and_stats_follow(tmp_path):
+    output = RunOutput(str(tmp_path), "latents")
+    rng = np.random.default_rng(1)
+    first = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
+    commit_latents(encoded_batch(["a", "b", "c"], first), output=output, layout=LAYOUT, run=1)
+    newer = rng.normal(5.0, 1.0, size=(1, 4, 8, 8)).astype(np.float32)
+    commit_latents(encoded_batch(["b"], newer), output=output, layout=LAYOUT, run=2)  # as an interrupted rerun leaves it
+    assert drop_superseded(output) == 1
+    table = pq.read_table(tmp_path / "latents")
+    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"] and len(os.listdir(tmp_path / "latents")) == 2
+    held = dict(zip(table.column("id").to_pylist(), latents_of(table)))
+    np.testing.assert_array_equal(held["b"], newer[0].astype(np.float16))
+    everything = np.stack([held[i] for i in "abc"]).astype(np.float64).transpose(1, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_allclose(output.latent_stats().mean, everything.mean(axis=1), rtol=1e-10)
+    assert done_keys(read_output_parts(output)) == {"a": "key-a", "b": "key-b", "c": "key-c"}
+    assert drop_superseded(output) == 0
+
+
+def test_bucketed_latents_are_flat_lists_with_their_shape(tmp_path):
+    output = RunOutput(str(tmp_path), "latents")
+    latents = np.empty(2, dtype=object)
+    latents[:] = [np.ones((4, 8, 8), np.float32), np.full((4, 4, 12), 2.0, np.float32)]
+    layout = LatentLayout(dtype="float32", fixed_shape=False, flip=False, caption=False, text_embeddings=False)
+    commit_latents(encoded_batch(["a", "b"], latents), output=output, layout=layout, run=1)
+    frame = pd.read_parquet(tmp_path / "latents")
+    assert [len(v) for v in frame["latent"]] == [256, 192] and frame["latent_shape"].map(list).tolist() == [[4, 8, 8], [4, 4, 12]]
+    assert [latent.shape for latent in latents_of(pq.read_table(tmp_path / "latents"))] == [(4, 8, 8), (4, 4, 12)]
+    assert output.latent_stats().count.tolist() == [64 + 48] * 4
+
+
+@pytest.mark.parametrize("base, reference, expected", [
+    ("s3://bucket/corpus/part-0.parquet", "images/a.jpg", "s3://bucket/corpus/images/a.jpg"),
+    ("file:///data/corpus/t.parquet", "../other/b.png", "file:///data/other/b.png"),
+    ("/data/t.parquet", "c.png", "/data/c.png"),
+    ("s3://bucket/t.parquet", "gs://elsewhere/d.png", "gs://elsewhere/d.png"),
+])
+def test_relative_references_resolve_against_the_table_file(base, reference, expected):
+    from pipelines.io import resolve_reference
+
+    assert resolve_reference(base, reference) == expected
+
+
+def test_cpu_tasks_import_no_model_code():
+    """Decode and commit tasks run in plain Ray workers: importing torch there would cost seconds per worker."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipelines.encode_rows, pipelines.latent_output; print(sorted(m for m in ('torch', 'diffusers', 'workers.base') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

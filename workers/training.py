@@ -1,0 +1,247 @@
+"""Training loops of the demo model: an AutoencoderKL on images, a U-Net on latents.
+
+Plain single-process PyTorch on in-memory tensors (the demo corpus fits in memory):
+seeded sampling of batches, so the same inputs and config give the same weights on the
+same machine and thread count. Each loop returns its loss history and step timings;
+``jobs.train_demo`` owns the data, the stages and the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+WARMUP_STEPS_UNTIMED = 2  # the first steps of a process run 2-10x slower (kernel selection, allocation)
+
+
+@dataclass
+class TrainingLog:
+    """Mean loss per logging window, and step wall times (for estimates)."""
+
+    name: str
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the window ending there)
+    step_seconds: list[float] = field(default_factory=list)
+
+    def seconds_per_step(self) -> float | None:
+        """Median over the steps after warm-up (all steps when there are too few)."""
+        timed = self.step_seconds[WARMUP_STEPS_UNTIMED:] or self.step_seconds
+        return statistics.median(timed) if timed else None
+
+    def to_dict(self) -> dict:
+        per_step = self.seconds_per_step()
+        return {"losses": self.losses, "steps": len(self.step_seconds), "seconds_per_step": None if per_step is None else round(per_step, 4),
+                "seconds": round(sum(self.step_seconds), 2)}
+
+
+def _check_positive(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name}: must be > 0, got {getattr(config, name)}")
+
+
+def warmup_then_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up, then cosine decay to ``floor`` of the peak."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _run_steps(name: str, steps: int, log_every: int, step: Callable[[int], float], log: TrainingLog) -> None:
+    window: list[float] = []
+    for index in range(steps):
+        started = time.perf_counter()
+        window.append(step(index))
+        log.step_seconds.append(time.perf_counter() - started)
+        if (index + 1) % log_every == 0 or index + 1 == steps:
+            log.losses.append((index + 1, float(np.mean(window))))
+            logger.info("%s step %d/%d loss %.5f (%.3f s/step)", name, index + 1, steps, log.losses[-1][1], log.step_seconds[-1])
+            window = []
+
+
+# -- VAE ------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class VaeTrainingConfig:
+    steps: int
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    # SD's VAE weighs its KL term at 1e-6 of a per-pixel loss: enough to keep the latents
+    # bounded and smooth for the diffusion model, too little to blur reconstructions
+    kl_weight: float = 1e-6
+    seed: int = 0
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("steps", "batch_size", "learning_rate", "warmup_steps", "log_every"))
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight: must be >= 0, got {self.kl_weight}")
+
+
+def to_model_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as diffusers' image processor."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as diffusers' postprocessing."""
+    return ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def train_vae(vae, images: torch.Tensor, config: VaeTrainingConfig) -> TrainingLog:
+    """Train ``vae`` in place on uint8 (N, H, W, 3) images: L1 + MSE reconstruction of a posterior sample, plus KL."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
+    vae.train()
+
+    def step(_: int) -> float:
+        batch = to_model_pixels(images[torch.randint(len(images), (config.batch_size,), generator=generator)])
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch) + config.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return float(loss)
+
+    log = TrainingLog("vae")
+    _run_steps("vae", config.steps, config.log_every, step, log)
+    vae.eval()
+    return log
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 64) -> dict:
+    """PSNR (dB) of images through encode (posterior mean) -> decode -> uint8, as a pipeline would store them.
+
+    ``mean_image_psnr`` averages per-image PSNRs; ``corpus_psnr`` is the PSNR of the mean
+    squared error over every pixel, the stricter of the two.
+    """
+    squared_errors = []
+    for start in range(0, len(images), batch_size):
+        original = images[start: start + batch_size]
+        decoded = to_uint8(vae.decode(vae.encode(to_model_pixels(original)).latent_dist.mode()).sample)
+        squared_errors.append(((decoded.float() - original.float()) ** 2).flatten(1).mean(1))
+    per_image = torch.cat(squared_errors).clamp_min(1e-10)
+    psnr = 10 * torch.log10(255.0**2 / per_image)
+    return {"images": len(images), "mean_image_psnr": round(float(psnr.mean()), 3),
+            "corpus_psnr": round(float(10 * torch.log10(255.0**2 / per_image.mean())), 3)}
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, images: torch.Tensor, batch_size: int = 64) -> float:
+    """1 / std of the latents (posterior means) of ``images``: SD's rule for the VAE's scaling_factor."""
+    latents = [vae.encode(to_model_pixels(images[start: start + batch_size])).latent_dist.mode()
+               for start in range(0, len(images), batch_size)]
+    return float(1.0 / torch.cat(latents).std())
+
+
+# -- U-Net ----------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class UnetTrainingConfig:
+    steps: int
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    # share of rows trained with the empty caption: the unconditional model that
+    # classifier-free guidance contrasts against (10-20% in SD-style training)
+    caption_dropout: float = 0.1
+    # weights are averaged over roughly the last 1/(1-decay) steps: a short run's
+    # final weights are noisy, their average samples much cleaner
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("steps", "batch_size", "learning_rate", "warmup_steps", "log_every"))
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class ConditionedLatents:
+    """The U-Net's training set: latents, and each row's caption as an index into one embedding per caption.
+
+    Captions repeat (a corpus has ~130 distinct ones), so storing each embedding once
+    keeps tens of thousands of rows in memory cheaply.
+    """
+
+    latents: torch.Tensor  # float32 (N, C, h, w), scaled as the U-Net sees them
+    caption_index: torch.Tensor  # int64 (N,)
+    caption_embeddings: torch.Tensor  # float32 (captions, tokens, width)
+    empty_caption_embedding: torch.Tensor  # float32 (tokens, width): what "no prompt" encodes to
+
+    def __post_init__(self) -> None:
+        if len(self.latents) != len(self.caption_index):
+            raise ValueError(f"caption_index: {len(self.caption_index)} rows for {len(self.latents)} latents")
+        if self.caption_embeddings.shape[1:] != self.empty_caption_embedding.shape:
+            raise ValueError(f"empty_caption_embedding: shape {tuple(self.empty_caption_embedding.shape)} "
+                             f"differs from the captions' {tuple(self.caption_embeddings.shape[1:])}")
+
+
+class ExponentialMovingAverage:
+    """A copy of a model whose weights follow the trained ones slowly (decay warms up from 0)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        # early on the average would be mostly the random initialisation: follow faster
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for averaged, current in zip(self.model.parameters(), model.parameters()):
+            averaged.lerp_(current, 1 - decay)
+
+
+def train_unet(unet, data: ConditionedLatents, alphas_cumprod: torch.Tensor, config: UnetTrainingConfig) -> tuple[torch.nn.Module, TrainingLog]:
+    """Train ``unet`` to predict the noise added to latents; returns the averaged (EMA) model and the log."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
+    average = ExponentialMovingAverage(unet, config.ema_decay)
+    unet.train()
+
+    def step(_: int) -> float:
+        rows = torch.randint(len(data.latents), (config.batch_size,), generator=generator)
+        latents = data.latents[rows]
+        conditioning = data.caption_embeddings[data.caption_index[rows]]
+        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        conditioning[dropped] = data.empty_caption_embedding
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(len(alphas_cumprod), (config.batch_size,), generator=generator)
+        signal = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy = signal.sqrt() * latents + (1 - signal).sqrt() * noise  # as DDPMScheduler.add_noise
+        loss = F.mse_loss(unet(noisy, timesteps, conditioning).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        average.update(unet)
+        return float(loss)
+
+    log = TrainingLog("unet")
+    _run_steps("unet", config.steps, config.log_every, step, log)
+    unet.eval()
+    return average.model, log
