@@ -30,40 +30,36 @@ def fail(message: str) -> int:
     return 2
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:
+    """Plan (bad input fails here, before Ray starts), connect to Ray, run, print the summary."""
     from jobs.ray_runtime import connect
-    from pipelines.generate import plan_generation, run_generation
 
     try:
-        plan = plan_generation(generate_config(args))  # bad input fails here, before Ray starts
+        plan = plan_job(config_from_args(args))
     except ValueError as error:
         return fail(str(error))
     where = connect(args.address)
-    print(f"latentray: generating {plan.input_rows} rows on {where} -> {plan.config.output}", file=sys.stderr)
+    print(f"latentray: {verb} {plan.input_rows} rows on {where} -> {plan.config.output}", file=sys.stderr)
     try:
-        record = run_generation(plan)
+        record = run_job(plan)
     except ValueError as error:
         return fail(str(error))
-    print(json.dumps({key: record[key] for key in ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")}, indent=2))
+    print(json.dumps({key: record[key] for key in summary_keys}, indent=2))
     return 0 if record["status"] == "complete" else 1
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pipelines.generate import plan_generation, run_generation
+
+    keys = ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")
+    return run_planned_job("generating", plan_generation, run_generation, generate_config, args, keys)
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from jobs.ray_runtime import connect
     from pipelines.encode import plan_encoding, run_encoding
 
-    try:
-        plan = plan_encoding(encode_config(args))  # bad input or a changed config fails here, before Ray starts
-    except ValueError as error:
-        return fail(str(error))
-    where = connect(args.address)
-    print(f"latentray: encoding {plan.input_rows} rows on {where} -> {plan.config.output} (run {plan.run})", file=sys.stderr)
-    try:
-        record = run_encoding(plan)
-    except ValueError as error:
-        return fail(str(error))
-    print(json.dumps({key: record[key] for key in ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds")}, indent=2))
-    return 0 if record["status"] == "complete" else 1
+    keys = ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds")
+    return run_planned_job("encoding", plan_encoding, run_encoding, encode_config, args, keys)
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -73,6 +69,8 @@ def run_submit(args: argparse.Namespace) -> int:
         return submit_job(args)
     except ValueError as error:
         return fail(str(error))
+    except RuntimeError as error:  # Ray's job server refused a request (its SDK raises RuntimeError)
+        return fail(f"Ray job server: {error}")
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ import ray.data
 
 from pipelines import io
 from pipelines.config import EncodeConfig, parse_bucket_list
-from pipelines.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, duplicate_positions, prepare_images
+from pipelines.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
+from pipelines.prompt_rows import duplicate_positions
 from pipelines.image_decode import Preprocessing, aspect_buckets
 from pipelines.latent_output import (
     LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts, stats_report,

@@ -72,21 +72,6 @@ class RowError(Exception):
         self.code, self.message, self.source, self.content, self.key = code, message, source, content, key
 
 
-def duplicate_positions(ids: list) -> dict[int, int]:
-    """Position of every repeat of an id -> position of the id's first row (null ids are not repeats)."""
-    first_seen: dict[str, int] = {}
-    repeats: dict[int, int] = {}
-    for position, value in enumerate(ids):
-        if value is None:
-            continue
-        key = str(value)
-        if key in first_seen:
-            repeats[position] = first_seen[key]
-        else:
-            first_seen[key] = position
-    return repeats
-
-
 def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, str]:
     """(image bytes, source reference) of one input row."""
     columns = settings.columns

@@ -24,7 +24,7 @@ from pipelines.model_source import ModelDescription, describe_model
 from pipelines.outputs import RunOutput
 from pipelines.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
 from pipelines.progress import ProgressReporter
-from pipelines.prompt_rows import PromptDefaults, normalize_prompts
+from pipelines.prompt_rows import PromptDefaults, duplicate_positions, normalize_prompts
 from pipelines.run_record import library_versions, utc_now
 from pipelines.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
 from pipelines.stages import Stage, check_wiring
@@ -172,7 +172,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         config=config, model=model, output=output, identity=identity, fragments=fragments,
         columns=["prompt", *[c for c in PROMPT_OPTIONAL_COLUMNS if c in schema.names]],
         done_ids=output.done_ids(),
-        duplicate_rows=_duplicate_rows(config.prompts) if "id" in schema.names else {},
+        duplicate_rows=duplicate_positions(io.read_parquet_columns(config.prompts, ["id"]).column("id").to_pylist()) if "id" in schema.names else {},
     )
 
 
@@ -249,19 +249,3 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage]) -> ray.data.Datase
         fn_kwargs={"output": config.output, "image_format": config.image_format,
                    "quality": config.image_quality, "keep_latents": config.save_latents},
     )
-
-
-def _duplicate_rows(prompts_uri: str) -> dict[int, int]:
-    """Position of every repeat of an id -> position of the id's first row."""
-    ids = io.read_parquet_columns(prompts_uri, ["id"]).column("id").to_pylist()
-    first_seen: dict[str, int] = {}
-    repeats: dict[int, int] = {}
-    for position, value in enumerate(ids):
-        if value is None:
-            continue
-        key = str(value)
-        if key in first_seen:
-            repeats[position] = first_seen[key]
-        else:
-            first_seen[key] = position
-    return repeats

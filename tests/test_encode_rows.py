@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from image_helpers import picture, png
-from pipelines.encode_rows import RowSettings, SourceColumns, duplicate_positions, prepare_images
+from pipelines.encode_rows import RowSettings, SourceColumns, prepare_images
+from pipelines.prompt_rows import duplicate_positions
 from pipelines.image_decode import Preprocessing
 from pipelines.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts
 from pipelines.outputs import RunOutput
