@@ -14,12 +14,21 @@ triggerer re-creates the trigger from its import path.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from jobs.submit import TERMINAL_STATUSES, JobRequest, connect_jobs_api, job_kind, job_request_from_arguments, job_status, submit
+from jobs.submit import (
+    TERMINAL_STATUSES,
+    JobRequest,
+    connect_jobs_api,
+    job_kind,
+    job_request_from_arguments,
+    job_status,
+    submit,
+)
 
 LOG_TAIL_LINES = 40
 

@@ -28,18 +28,18 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
-from typing import Iterator
 
 from jobs import options
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE_STATUSES = frozenset({"PENDING", "RUNNING"})
-# Options that say where the job runs, not what it writes: never part of its identity or entrypoint.
-PLACEMENT_ONLY_OPTIONS = frozenset({"help", "address"})
+# Where the job runs (the cluster address) is no part of what it is: neither in its identity nor its entrypoint.
+NOT_PASSED_TO_THE_JOB = frozenset({"help", "address"})
 # Not shipped to the cluster: caches, outputs of local runs, version control.
 WORKING_DIR_EXCLUDES = [
     ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".venv", "build", "dist",
@@ -132,7 +132,7 @@ def canonical_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
     """
     arguments: list[str] = []
     for action in parser._actions:  # argparse has no public accessor for its options
-        if action.dest in PLACEMENT_ONLY_OPTIONS or not action.option_strings:
+        if action.dest in NOT_PASSED_TO_THE_JOB or not action.option_strings:
             continue
         value, flag = getattr(args, action.dest, None), action.option_strings[-1]
         if isinstance(action, argparse._StoreTrueAction):

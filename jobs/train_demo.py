@@ -37,6 +37,7 @@ from workers.demo_architecture import DemoArchitecture
 logger = logging.getLogger("latentray.train_demo")
 
 STAGES = ("corpus", "vae", "encode", "unet", "export", "evaluate")
+LOSS_POINTS = 100  # per loss curve: each the mean loss over a window of steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,8 +53,9 @@ class TrainingScale:
 
 SCALES = {
     "smoke": TrainingScale(train_images=64, validation_images=16, vae_steps=6, unet_steps=6, evaluation_prompts_per_combination=1),
-    # PHASE 2: confirm from the smoke run's estimates with the CPU free (target: well under an hour in all)
-    "full": TrainingScale(train_images=20000, validation_images=512, vae_steps=1500, unet_steps=4000, evaluation_prompts_per_combination=8),
+    # From step times measured on 2 free cores (VAE 0.52 s/step at batch 32, U-Net 0.32 s/step at
+    # batch 64): about 10 + 19 minutes of training, ~35 minutes in all. PHASE 2: confirm on a free CPU.
+    "full": TrainingScale(train_images=20000, validation_images=512, vae_steps=1200, unet_steps=3500, evaluation_prompts_per_combination=8),
 }
 
 
@@ -181,7 +183,8 @@ def stage_vae(config: TrainDemoConfig) -> dict:
 
     # 1. train, then measure on images it never saw
     vae = demo.build_vae(architecture, seed=config.seed)
-    log = train_vae(vae, train_images, VaeTrainingConfig(steps=config.sizes.vae_steps, seed=config.seed))
+    steps = config.sizes.vae_steps
+    log = train_vae(vae, train_images, VaeTrainingConfig(steps=steps, seed=config.seed, log_every=max(1, steps // LOSS_POINTS)))
     psnr = reconstruction_psnr(vae, validation_images)
 
     # 2. SD's rule: scale latents to unit variance for the U-Net
@@ -220,7 +223,12 @@ def stage_encode(config: TrainDemoConfig) -> dict:
             ray.shutdown()  # the training stages get the CPUs back
     if record["status"] != "complete":
         raise RuntimeError(f"encode: the run did not complete: {record['counts']}")
-    return {key: record.get(key) for key in ("counts", "wall_seconds", "images_per_second", "stage_busy_seconds", "placement")}
+    # the stored latents should have a standard deviation near 1 (the scaling factor's purpose)
+    stats = io.read_json(config.path("latents", "latent_stats.json")) or {}
+    return {
+        **{key: record.get(key) for key in ("counts", "wall_seconds", "images_per_second", "stage_busy_seconds", "placement")},
+        "latent_stats": {key: stats.get(key) for key in ("all_channels", "mean", "std", "warnings")},
+    }
 
 
 def load_conditioned_latents(config: TrainDemoConfig):
@@ -252,8 +260,9 @@ def stage_unet(config: TrainDemoConfig) -> dict:
 
     data = load_conditioned_latents(config)
     unet = demo.build_unet(config.architecture, seed=config.seed + 3)
+    steps = config.sizes.unet_steps
     averaged, log = train_unet(unet, data, demo.build_scheduler().alphas_cumprod,
-                               UnetTrainingConfig(steps=config.sizes.unet_steps, seed=config.seed))
+                               UnetTrainingConfig(steps=steps, seed=config.seed, log_every=max(1, steps // LOSS_POINTS)))
     averaged.save_pretrained(config.path("unet"), safe_serialization=True)
     return {"rows": len(data.latents), "captions": len(data.caption_embeddings), "training": log.to_dict()}
 
@@ -332,6 +341,12 @@ def estimate_full_scale(record: dict) -> dict:
         estimate["corpus"] = stages["corpus"]["seconds_per_image"] * (full.train_images + full.validation_images)
     if "vae" in stages and stages["vae"]["training"]["seconds_per_step"]:
         estimate["vae"] = stages["vae"]["training"]["seconds_per_step"] * full.vae_steps
+    encode = stages.get("encode", {})
+    encoded = (encode.get("counts") or {}).get("encoded_this_run")
+    if encoded:
+        # start-up (Ray, actors, model loading) once, then the encoders' time per row
+        busy = sum((encode.get("stage_busy_seconds") or {}).values())
+        estimate["encode"] = encode["wall_seconds"] - busy + busy / encoded * full.train_images
     if "unet" in stages and stages["unet"]["training"]["seconds_per_step"]:
         estimate["unet"] = stages["unet"]["training"]["seconds_per_step"] * full.unet_steps
     return {name: round(seconds) for name, seconds in estimate.items()}

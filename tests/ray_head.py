@@ -84,11 +84,13 @@ def start_head(environment: dict[str, str] | None = None, num_cpus: int = 2, tim
 
 
 def _wait_for_job_server(head: RayHead, timeout: float) -> None:
-    token = open(head.token_path).read()
+    with open(head.token_path) as handle:
+        token = handle.read()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if head.process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.process.returncode}: {open(head.log_path).read()[-3000:]}")
+            with open(head.log_path) as log:
+                raise RuntimeError(f"ray start exited with {head.process.returncode}: {log.read()[-3000:]}")
         request = urllib.request.Request(head.address + "/api/jobs/", headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(request, timeout=2) as response:

@@ -7,17 +7,20 @@ to the client through RAY_AUTH_TOKEN_PATH, the way Ray itself reads it.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-
 from helpers import write_prompts
+from ray_head import start_head
+
 from jobs.cli import main
 from jobs.submit import connect_jobs_api, job_request_from_arguments, wait_for_job
-from ray_head import start_head
 
 PROMPTS = [{"id": f"p{i}", "prompt": text} for i, text in enumerate(["a red cube", "a blue ball", "a green cone", "a grey owl"])]
 # a secret in the submitting process must reach neither the job's runtime_env nor its logs
@@ -50,7 +53,8 @@ def write_images(path) -> str:
     from image_helpers import picture, png
 
     rows = [{"id": f"img{i}", "image": png(picture(i, 40, 40)), "caption": f"picture {i}"} for i in range(3)]
-    return write_prompts(path, rows + [{"id": "broken", "image": b"nope", "caption": "not an image"}])
+    pq.write_table(pa.Table.from_pylist(rows + [{"id": "broken", "image": b"nope", "caption": "not an image"}]), path)
+    return str(path)
 
 
 def encode_arguments(images, output) -> list[str]:
@@ -155,7 +159,7 @@ def test_airflow_dag_runs_a_generate_job_on_the_head(head_token, tmp_path):
     home = tmp_path / "airflow"
     (home / "dags").mkdir(parents=True)
     # what a user does: drop the DAG file into Airflow's dags folder
-    (home / "dags" / "latentray_dag.py").write_text(open(os.path.join(os.path.dirname(__file__), "..", "jobs", "airflow_dag.py")).read())
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "jobs", "airflow_dag.py"), home / "dags" / "latentray_dag.py")
     env = airflow_environment(home)
     migrate = subprocess.run([os.path.join(os.path.dirname(sys.executable), "airflow"), "db", "migrate"],
                              env=env, capture_output=True, text=True, timeout=180)

@@ -7,9 +7,9 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import write_prompts
 from PIL import Image
 
-from helpers import write_prompts
 from jobs.cli import main
 from pipelines.config import GenerateConfig
 from pipelines.generate import run_generation
@@ -64,6 +64,31 @@ def test_report_renders_in_chromium_with_its_images(finished_run, tmp_path, caps
     sample = np.asarray(thumbnail(Image.open(finished_run / "images" / "r0.png").convert("RGB")))
     assert sample.shape == (CELL * 32 // 48, CELL, 3)
     assert find_in(screenshot, sample)
+
+
+@pytest.fixture(scope="module")
+def encoded_run(ray_session, tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from image_helpers import picture, png
+
+    from pipelines.config import EncodeConfig
+    from pipelines.encode import run_encoding
+
+    root = tmp_path_factory.mktemp("encoded")
+    rows = [{"id": f"img{i}", "image": png(picture(i, 40, 40)), "caption": f"picture {i}"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), root / "images.parquet")
+    run_encoding(EncodeConfig(images=str(root / "images.parquet"), output=str(root / "out"), model="tiny", resolution=32, caption_column="caption"))
+    return root / "out"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (.ci/run installs it)")
+def test_encode_report_shows_latents_decoded_by_the_runs_vae(encoded_run, capsys):
+    assert main(["report", str(encoded_run)]) == 0
+    dom = run_chromium("--dump-dom", (encoded_run / "report.html").as_uri()).stdout
+    assert "Decoded sample latents (3)" in dom and dom.count('src="data:image/png;base64,') == 3
+    assert "stored latents of 3 rows (latents/)" in dom and "picture 2" in dom
+    assert Image.open(encoded_run / "contact_sheet.png").size == contact_sheet_size(3) == (3 * 128, 128 + 18)
 
 
 def test_contact_sheet_has_a_cell_per_sample(finished_run, capsys):
