@@ -28,6 +28,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 from pipelines import io
@@ -201,10 +203,23 @@ def stage_vae(config: TrainDemoConfig) -> dict:
     return {"psnr": psnr, "scaling_factor": round(scaling_factor, 5), "training": log.to_dict()}
 
 
-def stage_encode(config: TrainDemoConfig) -> dict:
+@contextmanager
+def ray_for(config: TrainDemoConfig) -> Iterator[None]:
+    """Ray for one stage: the cluster at --address, or an embedded one stopped afterwards (training gets the CPUs back)."""
     import ray
 
     from jobs.ray_runtime import connect
+
+    started_here = not ray.is_initialized()
+    connect(config.address, num_cpus=2)  # num_cpus only applies to an embedded Ray
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def stage_encode(config: TrainDemoConfig) -> dict:
     from pipelines.config import EncodeConfig
     from pipelines.encode import run_encoding
 
@@ -214,19 +229,15 @@ def stage_encode(config: TrainDemoConfig) -> dict:
         # float32: the U-Net trains on exactly what the encoders computed
         sample="mean", latent_dtype="float32", overwrite=True,
     )
-    started_here = not ray.is_initialized()
-    connect(config.address, num_cpus=None if config.address else 2)
-    try:
+    with ray_for(config):
         record = run_encoding(encode_config)
-    finally:
-        if started_here:
-            ray.shutdown()  # the training stages get the CPUs back
     if record["status"] != "complete":
         raise RuntimeError(f"encode: the run did not complete: {record['counts']}")
     # the stored latents should have a standard deviation near 1 (the scaling factor's purpose)
     stats = io.read_json(config.path("latents", "latent_stats.json")) or {}
     return {
-        **{key: record.get(key) for key in ("counts", "wall_seconds", "images_per_second", "stage_busy_seconds", "placement")},
+        **{key: record.get(key) for key in ("counts", "images_per_second", "stage_busy_seconds", "placement")},
+        "encode_wall_seconds": record.get("wall_seconds"),  # the job's own; the stage's also counts starting Ray
         "latent_stats": {key: stats.get(key) for key in ("all_channels", "mean", "std", "warnings")},
     }
 
@@ -283,8 +294,7 @@ def stage_export(config: TrainDemoConfig, stages: dict) -> dict:
     io.remove_tree(target)
     demo.save_pipeline(pipeline, target)
     io.write_bytes(config.path("loss_curves.png"), _loss_curves_png(stages))
-    sizes = {name: _folder_bytes(os.path.join(target, name)) for name in sorted(os.listdir(target)) if os.path.isdir(os.path.join(target, name))}
-    return {"model_bytes": _folder_bytes(target), "component_bytes": sizes}
+    return {"model_bytes": sum(_file_sizes(target).values()), "component_bytes": _component_sizes(target)}
 
 
 def _loss_curves_png(stages: dict) -> bytes:
@@ -295,38 +305,50 @@ def _loss_curves_png(stages: dict) -> bytes:
     return render_loss_curves({title: stages.get(name, {}).get("training", {}).get("losses", []) for name, title in titles.items()})
 
 
-def _folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+def _file_sizes(uri: str) -> dict[str, int]:
+    fs, path = io.filesystem(uri)
+    return fs.du(path, total=False)
+
+
+def _component_sizes(model_uri: str) -> dict[str, int]:
+    """Bytes per component folder of a diffusers directory."""
+    root = io.filesystem(model_uri)[1].rstrip("/") + "/"
+    sizes: dict[str, int] = {}
+    for path, size in _file_sizes(model_uri).items():
+        relative = path.removeprefix(root)
+        if "/" in relative:
+            component = relative.split("/", 1)[0]
+            sizes[component] = sizes.get(component, 0) + size
+    return dict(sorted(sizes.items()))
+
+
+def write_table(table, uri: str) -> None:
+    """One Parquet file at ``uri``, written whole through pipelines.io."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    io.write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 def stage_evaluate(config: TrainDemoConfig) -> dict:
-    import pyarrow.parquet as pq
-    import ray
-
-    from jobs.ray_runtime import connect
     from pipelines.adherence import score_generation
     from pipelines.config import GenerateConfig
     from pipelines.generate import run_generation
     from pipelines.procedural import evaluation_prompts
 
     prompts_uri = config.path("evaluation", "prompts.parquet")
-    prompts = evaluation_prompts(config.held_out, config.sizes.evaluation_prompts_per_combination)
-    os.makedirs(os.path.dirname(prompts_uri), exist_ok=True)
-    pq.write_table(prompts, prompts_uri)
+    write_table(evaluation_prompts(config.held_out, config.sizes.evaluation_prompts_per_combination), prompts_uri)
     generated = config.path("evaluation", "generated")
-    started_here = not ray.is_initialized()
-    connect(config.address, num_cpus=None if config.address else 2)
-    try:
+    with ray_for(config):
         record = run_generation(GenerateConfig(
             prompts=prompts_uri, output=generated, model=config.path("model"), steps=config.evaluation_steps,
             guidance=config.guidance, seed=config.seed, overwrite=True,
         ))
-    finally:
-        if started_here:
-            ray.shutdown()
     summary, per_image = score_generation(generated, config.held_out)
     io.write_json(config.path("evaluation", "adherence.json"), summary)
-    pq.write_table(per_image, config.path("evaluation", "adherence.parquet"))
+    write_table(per_image, config.path("evaluation", "adherence.parquet"))
     return {"adherence": summary, "generation_wall_seconds": record["wall_seconds"]}
 
 
@@ -356,7 +378,6 @@ def run(config: TrainDemoConfig) -> dict:
     import torch
 
     torch.set_num_threads(config.threads)
-    os.makedirs(config.output, exist_ok=True)
     record = TrainingRecord(config)
     for name in STAGES[STAGES.index(config.from_stage):]:
         logger.info("stage %s", name)
@@ -372,7 +393,7 @@ STAGE_FUNCTIONS = {"corpus": stage_corpus, "vae": stage_vae, "encode": stage_enc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train_demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.train_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="local folder for the corpus, latents, model and records")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (default) or smoke (toy size, ~1 minute)")
     parser.add_argument("--seed", type=int, default=0)

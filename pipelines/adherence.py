@@ -36,7 +36,7 @@ UNIFORM_BORDER_SHARE = 0.7  # of border pixels near the border's median colour, 
 # anti-aliased edge pixel counts when it is mostly shape.
 FOREGROUND_DISTANCE = 60.0
 MIN_BLOB_SHARE = 0.004  # of the image (16 pixels at 64x64): smaller is no shape
-MAX_BLOB_SHARE = 0.7  # larger is a background change, not a shape
+MAX_BLOB_SHARE = 0.9  # larger is a background change, not a shape (the largest corpus square covers 0.88)
 MIN_BLOB_OF_FOREGROUND = 0.8  # the largest blob must hold most foreground pixels: one shape, not speckle
 MAX_ASPECT = 1.6  # every corpus shape fills a square box; a long thin blob is none of them
 

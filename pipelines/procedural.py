@@ -185,7 +185,7 @@ def draw_scene(scene: Scene, image_size: int) -> np.ndarray:
         draw.rectangle((x0, y0, x1, y1), fill=scene.color_rgb)
     else:  # an upright isosceles triangle filling its square box: base at the bottom, apex at the top middle
         draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=scene.color_rgb)
-    return np.asarray(canvas.reduce(scale), dtype=np.uint8)
+    return np.array(canvas.reduce(scale), dtype=np.uint8)
 
 
 # -- the corpus table -----------------------------------------------------------------------------

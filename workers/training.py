@@ -118,7 +118,7 @@ def train_vae(vae, images: torch.Tensor, config: VaeTrainingConfig) -> TrainingL
         loss.backward()
         optimizer.step()
         schedule.step()
-        return float(loss)
+        return loss.item()
 
     log = TrainingLog("vae")
     _run_steps("vae", config.steps, config.log_every, step, log)
@@ -239,7 +239,7 @@ def train_unet(unet, data: ConditionedLatents, alphas_cumprod: torch.Tensor, con
         optimizer.step()
         schedule.step()
         average.update(unet)
-        return float(loss)
+        return loss.item()
 
     log = TrainingLog("unet")
     _run_steps("unet", config.steps, config.log_every, step, log)
