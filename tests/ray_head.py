@@ -64,9 +64,9 @@ def start_head(environment: dict[str, str] | None = None, num_cpus: int = 2, tim
         PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path, **(environment or {}),
     )
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    # Ray's CLI run by this interpreter: works whether or not a `ray` script sits beside it (venvs)
     command = [
-        ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
         f"--port={free_port()}", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={num_cpus}", "--num-gpus=0",
         f"--temp-dir={directory}", "--include-dashboard=true", "--disable-usage-stats",
