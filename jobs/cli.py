@@ -1,4 +1,4 @@
-"""The ``latentray`` command: demo, generate, encode, submit, report, model export."""
+"""The ``latentray`` command: demo, generate, encode, submit, report, adherence, model export."""
 
 from __future__ import annotations
 
@@ -95,22 +95,48 @@ def write_demo_prompts(path: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     prompts = os.path.join(args.output, "prompts.parquet")
     write_demo_prompts(prompts)
-    argv = ["--prompts", prompts, "--output", args.output, "--model", args.model, "--steps", str(args.steps)]
+    # a demo starts fresh each time: a rerun with another model must not be refused
+    argv = ["--prompts", prompts, "--output", args.output, "--model", args.model, "--steps", str(args.steps), "--overwrite"]
     if args.address:
         argv += ["--address", args.address]
     status = run_generate(generate_job.build_parser().parse_args(argv))
     if status == 0:
         print(f"latentray: demo images in {os.path.join(args.output, 'images')}, manifest in {os.path.join(args.output, 'manifest')}", file=sys.stderr)
+        report_adherence(args.output)
     return status
 
 
-def run_model_export(args: argparse.Namespace) -> int:
-    from workers.presets import PRESETS, export_preset
+def report_adherence(output: str) -> dict:
+    """Print and store how many images show the colour and shape their prompt asks for."""
+    from pipelines import io
+    from pipelines.adherence import score_generation
 
-    if args.name not in PRESETS:
-        return fail(f"unknown preset {args.name!r}; presets are {', '.join(PRESETS)}")
+    summary, _ = score_generation(output)
+    io.write_json(io.join(output, "adherence.json"), summary)
+    for group in ("seen", "held_out"):
+        shares = summary[group]
+        if shares["images"]:
+            print(f"latentray: {group.replace('_', '-')} combinations: {shares['images']} images, colour matches "
+                  f"{shares['color_match']:.0%}, shape matches {shares['shape_match']:.0%}", file=sys.stderr)
+    return summary
+
+
+def run_adherence(args: argparse.Namespace) -> int:
+    try:
+        summary = report_adherence(args.output)
+    except ValueError as error:
+        return fail(str(error))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_model_export(args: argparse.Namespace) -> int:
+    from workers.presets import BUILT_IN_MODELS, export_preset
+
+    if args.name not in BUILT_IN_MODELS:
+        return fail(f"unknown built-in model {args.name!r}; built-in models are {', '.join(BUILT_IN_MODELS)}")
     export_preset(args.name, args.directory)
-    print(f"latentray: wrote preset {args.name!r} as a diffusers directory to {args.directory}", file=sys.stderr)
+    print(f"latentray: wrote the built-in model {args.name!r} as a diffusers directory to {args.directory}", file=sys.stderr)
     return 0
 
 
@@ -121,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="generate a few images with the built-in model on an embedded Ray",
                             description="Generate a few images with the built-in model on an embedded local Ray.")
     demo.add_argument("--output", default="latentray-demo", help="output folder (default: ./latentray-demo)")
-    demo.add_argument("--model", default="tiny", help="model (default: the built-in tiny preset)")
+    demo.add_argument("--model", default="demo", help="model (default: the built-in demo model, trained on coloured shapes)")
     demo.add_argument("--steps", type=int, default=20)
     add_ray_options(demo)
     demo.set_defaults(run=run_demo)
@@ -144,11 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--samples", type=int, default=16, help="images on the contact sheet (default: 16)")
     report.set_defaults(run=run_report)
 
-    model = verbs.add_parser("model", help="built-in models", description="Built-in model presets.")
+    adherence = verbs.add_parser(
+        "adherence", help="share of generated images whose colour and shape match their prompt",
+        description="Analyse a generation output whose prompts are shape captions ('a red circle on a blue background'): "
+                    "the share of images whose dominant foreground colour and shape class match the prompt, for seen and "
+                    "held-out combinations. Writes OUTPUT/adherence.json.")
+    adherence.add_argument("output", help="the generation output folder (any fsspec URI)")
+    adherence.set_defaults(run=run_adherence)
+
+    model = verbs.add_parser("model", help="built-in models", description="Built-in models.")
     model_verbs = model.add_subparsers(dest="model_verb", required=True)
-    export = model_verbs.add_parser("export", help="write a preset as a standard diffusers directory",
-                                    description="Write a preset as a diffusers directory that StableDiffusionPipeline.from_pretrained loads.")
-    export.add_argument("name", help="preset name (tiny, small)")
+    export = model_verbs.add_parser("export", help="write a built-in model as a standard diffusers directory",
+                                    description="Write a built-in model as a diffusers directory that StableDiffusionPipeline.from_pretrained loads.")
+    export.add_argument("name", help="built-in model: demo, tiny, small")
     export.add_argument("directory", help="directory to write")
     export.set_defaults(run=run_model_export)
     return parser

@@ -29,7 +29,7 @@ def add_stage_options(parser: argparse.ArgumentParser) -> None:
 def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
     parser.add_argument("--prompts", required=prompts_required, help="Parquet file or folder of prompts (any fsspec URI)")
     parser.add_argument("--output", required=prompts_required, help="output folder (any fsspec URI)")
-    parser.add_argument("--model", default="tiny", help="preset (tiny, small) or diffusers directory, local or any fsspec URI")
+    parser.add_argument("--model", default="tiny", help="built-in model (demo, tiny, small) or diffusers directory, local or any fsspec URI")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
@@ -48,7 +48,7 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
 def add_encode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="Parquet file or folder of images (any fsspec URI)")
     parser.add_argument("--output", required=True, help="output folder (any fsspec URI)")
-    parser.add_argument("--model", default="tiny", help="preset (tiny, small) or diffusers directory, local or any fsspec URI")
+    parser.add_argument("--model", default="tiny", help="built-in model (demo, tiny, small) or diffusers directory, local or any fsspec URI")
     parser.add_argument("--resolution", type=int, help="square crop side; with --buckets the side of the pixel budget (default: the model's size)")
     parser.add_argument("--crop", choices=CROPS, default="center", help="where the crop is cut: centre, or a position seeded per row (default: center)")
     parser.add_argument("--buckets", nargs="?", const="auto", metavar="WxH,...",

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from pipelines import io
-from workers.presets import PRESETS, cache_root, materialize_preset
+from workers.presets import BUILT_IN_MODELS, cache_root, materialize_preset
 
 # model_index.json entries that are torch modules and must come as safetensors
 _WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "transformer", "text_encoder_2")
@@ -23,7 +23,7 @@ class ModelLocation:
     fingerprint: str
 
     def __call__(self) -> str:
-        if self.uri in PRESETS:
+        if self.uri in BUILT_IN_MODELS:
             return materialize_preset(self.uri)
         return io.localize_tree(self.uri, self.fingerprint, cache_root())
 
@@ -46,7 +46,7 @@ class ModelDescription:
 
 def describe_model(model: str) -> ModelDescription:
     """Check a model exists and holds safetensors weights; read its shape. Loads no weights."""
-    uri = materialize_preset(model) if model in PRESETS else model
+    uri = materialize_preset(model) if model in BUILT_IN_MODELS else model
     index = _read_config(uri, "model_index.json", model)
     for component in _WEIGHTED_COMPONENTS:
         if component in index and index[component][0] is not None:
@@ -63,7 +63,7 @@ def describe_model(model: str) -> ModelDescription:
     sample_size = unet["sample_size"]
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
     return ModelDescription(
-        location=ModelLocation(model if model in PRESETS else uri, io.fingerprint_tree(uri)),
+        location=ModelLocation(model if model in BUILT_IN_MODELS else uri, io.fingerprint_tree(uri)),
         default_height=height * size_multiple,
         default_width=width * size_multiple,
         size_multiple=size_multiple,
@@ -80,7 +80,7 @@ def component_fingerprint(model: str, components: tuple[str, ...]) -> str:
     What a latent dataset depends on is the VAE (and the text encoder), not the whole
     model: a fine-tuned U-Net beside the same VAE leaves cached latents valid.
     """
-    uri = materialize_preset(model) if model in PRESETS else model
+    uri = materialize_preset(model) if model in BUILT_IN_MODELS else model
     digest = hashlib.sha256()
     for component in components:
         digest.update(f"{component}\0{io.fingerprint_tree(io.join(uri, component))}\0".encode())
@@ -94,5 +94,5 @@ def _read_config(uri: str, name: str, model: str) -> dict:
         raise ValueError(f"model: cannot read {name} of {model!r}: {type(error).__name__}: {error}") from error
     if config is None:
         hint = " (not a diffusers model directory)" if name == "model_index.json" else ""
-        raise ValueError(f"model: {model!r} has no {name}{hint}; presets are {', '.join(PRESETS)}")
+        raise ValueError(f"model: {model!r} has no {name}{hint}; built-in models are {', '.join(BUILT_IN_MODELS)}")
     return config

@@ -16,7 +16,7 @@ from typing import Any, Callable, Union
 import torch
 
 from workers.family import ModelFamily, family_of
-from workers.presets import PRESETS, materialize_preset
+from workers.presets import BUILT_IN_MODELS, materialize_preset
 
 ModelSource = Union[str, Callable[[], str]]
 
@@ -24,10 +24,10 @@ ModelSource = Union[str, Callable[[], str]]
 def resolve_model_dir(model: ModelSource) -> str:
     """A local diffusers directory for ``model`` (a preset is built into the cache)."""
     location = model() if callable(model) else model
-    if location in PRESETS:
+    if location in BUILT_IN_MODELS:
         return materialize_preset(location)
     if not os.path.isdir(location):
-        raise ValueError(f"model: {location!r} is neither a preset ({', '.join(PRESETS)}) nor a local directory")
+        raise ValueError(f"model: {location!r} is neither a built-in model ({', '.join(BUILT_IN_MODELS)}) nor a local directory")
     return location
 
 

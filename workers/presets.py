@@ -110,9 +110,25 @@ def build_preset_pipeline(name: str):
     )
 
 
+# Models shipped as package data (trained, so not buildable in code): name -> folder in this package.
+# `demo` is trained by `python -m jobs.train_demo` (see README).
+SHIPPED_MODELS = {"demo": "demo_model"}
+BUILT_IN_MODELS = (*PRESETS, *SHIPPED_MODELS)
+
+
+def shipped_model_dir(name: str) -> str:
+    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED_MODELS[name])
+    if not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise ValueError(f"model: the built-in {name!r} model is not installed at {directory} (reinstall latentray)")
+    return directory
+
+
 def export_preset(name: str, directory: str) -> str:
-    """Write a preset as a standard diffusers directory (safetensors weights)."""
-    build_preset_pipeline(name).save_pretrained(directory, safe_serialization=True)
+    """Write a built-in model as a standard diffusers directory (safetensors weights)."""
+    if name in SHIPPED_MODELS:
+        shutil.copytree(shipped_model_dir(name), directory, dirs_exist_ok=True)
+    else:
+        build_preset_pipeline(name).save_pretrained(directory, safe_serialization=True)
     return directory
 
 
@@ -121,11 +137,14 @@ def cache_root() -> str:
 
 
 def materialize_preset(name: str) -> str:
-    """The preset as a diffusers directory in the local cache, built once per node.
+    """A built-in model as a local diffusers directory: a shipped one where it is installed,
+    a code-built preset in the local cache, built once per node.
 
     Built into a temporary directory and renamed into place, so actors that start
     together on one node never see a half-written model.
     """
+    if name in SHIPPED_MODELS:
+        return shipped_model_dir(name)  # already a directory: nothing to build
     target = os.path.join(cache_root(), "presets", f"{name}-v{PRESET_VERSION}")
     if os.path.isfile(os.path.join(target, "model_index.json")):
         return target

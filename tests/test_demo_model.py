@@ -1,0 +1,64 @@
+"""The shipped demo model: loads offline, and draws the colours and shapes it is asked for."""
+
+import json
+import os
+
+import pytest
+
+from helpers import write_prompts
+from pipelines.adherence import score_generation
+from pipelines.config import GenerateConfig
+from pipelines.generate import run_generation
+from pipelines.procedural import caption_for
+from workers.presets import shipped_model_dir
+
+# seen combinations, every colour and shape at least once
+PROMPTS = [
+    caption_for(color, shape, background) for color, shape, background in [
+        ("red", "circle", "blue"), ("yellow", "square", "black"), ("green", "triangle", "white"),
+        ("blue", "circle", "yellow"), ("white", "square", "red"), ("purple", "triangle", "green"),
+        ("orange", "circle", "purple"), ("black", "triangle", "orange"), ("red", "square", "white"),
+        ("blue", "square", "white"), ("yellow", "circle", "purple"), ("white", "triangle", "black"),
+    ]
+]
+
+
+def test_shipped_model_is_a_small_safetensors_diffusers_directory():
+    from diffusers import StableDiffusionPipeline
+
+    directory = shipped_model_dir("demo")
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    assert sum(os.path.getsize(path) for path in files) < 30 * 2**20
+    assert not [path for path in files if path.endswith((".bin", ".pt", ".pkl"))]
+    pipe = StableDiffusionPipeline.from_pretrained(directory, local_files_only=True)
+    assert pipe.vae.config.block_out_channels and pipe.unet.config.sample_size * 8 == 64
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    return write_prompts(tmp_path_factory.mktemp("shapes") / "prompts.parquet", {"id": [f"p{i:02d}" for i in range(len(PROMPTS))], "prompt": PROMPTS})
+
+
+def adherence_of(model: str, prompts: str, output) -> dict:
+    record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model=model, steps=20, seed=1))
+    assert record["counts"]["ok_rows"] == len(PROMPTS)
+    summary, _ = score_generation(str(output))
+    return summary["seen"]
+
+
+def test_demo_model_draws_the_requested_colours_where_random_weights_do_not(ray_session, prompts, tmp_path):
+    demo = adherence_of("demo", prompts, tmp_path / "demo")
+    random_weights = adherence_of("tiny", prompts, tmp_path / "tiny")
+    assert demo["color_match"] >= 0.75, demo
+    assert demo["shape_match"] >= 0.5, demo
+    assert random_weights["color_match"] <= 0.25, random_weights
+
+
+def test_latentray_demo_writes_images_and_their_adherence(ray_session, tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
+    assert len(os.listdir(tmp_path / "demo" / "images")) == 8
+    summary = json.load(open(tmp_path / "demo" / "adherence.json"))
+    assert summary["seen"]["images"] == 8 and summary["seen"]["color_match"] >= 0.5
+    assert "colour matches" in capsys.readouterr().err
