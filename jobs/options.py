@@ -29,7 +29,7 @@ def add_stage_options(parser: argparse.ArgumentParser) -> None:
 def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
     parser.add_argument("--prompts", required=prompts_required, help="Parquet file or folder of prompts (any fsspec URI)")
     parser.add_argument("--output", required=prompts_required, help="output folder (any fsspec URI)")
-    parser.add_argument("--model", default="tiny", help="built-in model (demo, tiny, small) or diffusers directory, local or any fsspec URI")
+    parser.add_argument("--model", default="demo", help="built-in model (demo: the default, tiny, small) or diffusers directory, local or any fsspec URI")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")

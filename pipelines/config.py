@@ -53,7 +53,7 @@ class GenerateConfig:
 
     prompts: str  # Parquet file or folder URI
     output: str  # output folder URI
-    model: str = "tiny"  # preset name, or diffusers directory (local path or any fsspec URI)
+    model: str = "demo"  # built-in model (demo, tiny, small), or diffusers directory (local path or any fsspec URI)
     steps: int = 30
     guidance: float = 7.5
     height: int | None = None  # None: the model's default size
@@ -140,7 +140,7 @@ class EncodeConfig:
 
     images: str  # Parquet file or folder URI
     output: str  # output folder URI
-    model: str = "tiny"  # preset name, or diffusers directory (local path or any fsspec URI)
+    model: str = "tiny"  # built-in model (demo, tiny, small), or diffusers directory (local path or any fsspec URI)
     resolution: int | None = None  # square side, or the pixel budget's side with buckets; None: the model's size
     crop: str = "center"
     buckets: str | None = None  # "auto": SDXL-style sizes of about resolution**2 pixels; or "WxH,WxH,..."

@@ -62,3 +62,18 @@ def test_latentray_demo_writes_images_and_their_adherence(ray_session, tmp_path,
     summary = json.load(open(tmp_path / "demo" / "adherence.json"))
     assert summary["seen"]["images"] == 8 and summary["seen"]["color_match"] >= 0.5
     assert "colour matches" in capsys.readouterr().err
+
+
+def test_a_plain_install_carries_the_demo_model(tmp_path):
+    """The model is package data: a built wheel (what a non-editable install unpacks) holds every file."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), root],
+                   check=True, timeout=300, cwd=tmp_path)
+    (wheel,) = list(tmp_path.glob("latentray-*.whl"))
+    shipped = {name.split("workers/demo_model/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if "workers/demo_model/" in name}
+    on_disk = {os.path.relpath(os.path.join(r, n), shipped_model_dir("demo")) for r, _, names in os.walk(shipped_model_dir("demo")) for n in names}
+    assert shipped == on_disk and "unet/diffusion_pytorch_model.safetensors" in shipped
