@@ -161,7 +161,7 @@ def test_airflow_dag_runs_a_generate_job_on_the_head(head_token, tmp_path):
     # what a user does: drop the DAG file into Airflow's dags folder
     shutil.copy(os.path.join(os.path.dirname(__file__), "..", "jobs", "airflow_dag.py"), home / "dags" / "latentray_dag.py")
     env = airflow_environment(home)
-    migrate = subprocess.run([os.path.join(os.path.dirname(sys.executable), "airflow"), "db", "migrate"],
+    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"],
                              env=env, capture_output=True, text=True, timeout=180)
     assert migrate.returncode == 0, migrate.stderr[-3000:]
 
