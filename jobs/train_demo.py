@@ -55,9 +55,9 @@ class TrainingScale:
 
 SCALES = {
     "smoke": TrainingScale(train_images=64, validation_images=16, vae_steps=6, unet_steps=6, evaluation_prompts_per_combination=1),
-    # From step times measured on 2 free cores (VAE 0.52 s/step at batch 32, U-Net 0.32 s/step at
-    # batch 64): about 10 + 19 minutes of training, ~35 minutes in all. PHASE 2: confirm on a free CPU.
-    "full": TrainingScale(train_images=20000, validation_images=512, vae_steps=1200, unet_steps=3500, evaluation_prompts_per_combination=8),
+    # From step times measured on 2 free cores (VAE ~0.2 s/step on 32x32 crops of a batch of 32,
+    # 0.6 s on whole images; U-Net 0.35-0.5 s/step at batch 64): about 20 + 25 minutes of training.
+    "full": TrainingScale(train_images=20000, validation_images=512, vae_steps=6000, unet_steps=3500, evaluation_prompts_per_combination=8),
 }
 
 
@@ -361,8 +361,10 @@ def estimate_full_scale(record: dict) -> dict:
     estimate = {}
     if "corpus" in stages:
         estimate["corpus"] = stages["corpus"]["seconds_per_image"] * (full.train_images + full.validation_images)
-    if "vae" in stages and stages["vae"]["training"]["seconds_per_step"]:
-        estimate["vae"] = stages["vae"]["training"]["seconds_per_step"] * full.vae_steps
+    vae_training = stages.get("vae", {}).get("training", {})
+    if vae_training.get("steps"):
+        # the mean, not the median: crop steps and whole-image steps differ ~3x in cost
+        estimate["vae"] = vae_training["seconds"] / vae_training["steps"] * full.vae_steps
     encode = stages.get("encode", {})
     encoded = (encode.get("counts") or {}).get("encoded_this_run")
     if encoded:

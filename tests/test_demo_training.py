@@ -62,3 +62,62 @@ def test_loss_curves_png_has_one_panel_per_curve():
     png = render_loss_curves({"vae": [(1, 0.9), (2, 0.3), (3, 0.05)], "unet": [(10, 1.0)], "empty": []})
     image = Image.open(bytes_io.BytesIO(png))
     assert image.format == "PNG" and image.size == (640, 3 * 240)
+
+
+def test_vae_training_crops_sit_on_the_latent_grid_and_repeat_for_a_seed():
+    import torch
+
+    from workers.training import random_aligned_crop
+
+    images = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).reshape(2, 3, 64, 64)
+
+    def corners(seed):
+        generator = torch.Generator().manual_seed(seed)
+        found = []
+        for _ in range(50):
+            crop = random_aligned_crop(images, 32, 8, generator)
+            assert crop.shape == (2, 3, 32, 32)
+            first = int(crop[0, 0, 0, 0])
+            found.append((first // 64, first % 64))
+        return found
+
+    assert all(top % 8 == 0 and left % 8 == 0 and top <= 32 and left <= 32 for top, left in corners(0))
+    assert corners(0) == corners(0) and corners(0) != corners(1)
+    assert len(set(corners(0))) > 10  # the crops move about the image
+    assert random_aligned_crop(images, 64, 8, torch.Generator()) is images
+
+
+def test_vae_training_config_names_the_bad_field_and_ends_on_whole_images():
+    from workers.training import VaeTrainingConfig
+
+    with pytest.raises(ValueError, match=r"^crop_size"):
+        VaeTrainingConfig(steps=10, crop_size=4)
+    with pytest.raises(ValueError, match=r"^whole_image_share"):
+        VaeTrainingConfig(steps=10, whole_image_share=1.5)
+    assert VaeTrainingConfig(steps=100, whole_image_share=0.05).crop_steps == 95
+    assert VaeTrainingConfig(steps=6, whole_image_share=0.05).crop_steps == 5  # at least one whole-image step
+    assert VaeTrainingConfig(steps=100, crop_size=None).crop_steps == 0
+
+
+def test_vae_training_is_reproducible_and_leaves_saveable_weights(tmp_path):
+    import torch
+
+    from workers import demo_architecture as demo
+    from workers.training import VaeTrainingConfig, train_vae
+
+    architecture = DemoArchitecture(vae_channels=(8, 8, 16, 16))
+    images = torch.randint(0, 256, (8, 64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    config = VaeTrainingConfig(steps=3, batch_size=2, warmup_steps=1, log_every=1, whole_image_share=0.34)
+
+    def trained():
+        vae = demo.build_vae(architecture, seed=0)
+        log = train_vae(vae, images, config)
+        assert [step for step, _ in log.losses] == [1, 2, 3]
+        return vae
+
+    first, second = trained(), trained()
+    for (name, weight), other in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(weight, other), name
+        assert weight.is_contiguous(), name
+    first.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size > 0

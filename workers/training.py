@@ -83,6 +83,13 @@ class VaeTrainingConfig:
     # SD's VAE weighs its KL term at 1e-6 of a per-pixel loss: enough to keep the latents
     # bounded and smooth for the diffusion model, too little to blur reconstructions
     kl_weight: float = 1e-6
+    # Most steps train on crops of this side: the networks are convolutional, so a crop
+    # teaches edges and colours as well as a whole image at a fraction of the cost (measured
+    # at 32 of 64 pixels: 4x the steps per second, and a higher PSNR for the same time).
+    # None trains on whole images throughout.
+    crop_size: int | None = 32
+    # The last steps see whole images, so the mid-block attention learns the full latent grid.
+    whole_image_share: float = 0.05
     seed: int = 0
     log_every: int = 20
 
@@ -90,6 +97,15 @@ class VaeTrainingConfig:
         _check_positive(self, ("steps", "batch_size", "learning_rate", "warmup_steps", "log_every"))
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight: must be >= 0, got {self.kl_weight}")
+        if self.crop_size is not None and self.crop_size < 8:
+            raise ValueError(f"crop_size: must be >= 8 or None, got {self.crop_size}")
+        if not 0 <= self.whole_image_share <= 1:
+            raise ValueError(f"whole_image_share: must be between 0 and 1, got {self.whole_image_share}")
+
+    @property
+    def crop_steps(self) -> int:
+        """Steps trained on crops, the first ones; the rest see whole images."""
+        return 0 if self.crop_size is None else self.steps - math.ceil(self.steps * self.whole_image_share)
 
 
 def to_model_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -102,15 +118,30 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def random_aligned_crop(batch: torch.Tensor, size: int, alignment: int, generator: torch.Generator) -> torch.Tensor:
+    """One crop of side ``size`` at the same place in every image, its corner on the latent grid (a multiple of ``alignment``)."""
+    height, width = batch.shape[-2:]
+    if size >= min(height, width):
+        return batch
+    top, left = (alignment * int(torch.randint((extent - size) // alignment + 1, (1,), generator=generator))
+                 for extent in (height, width))
+    return batch[..., top:top + size, left:left + size]
+
+
 def train_vae(vae, images: torch.Tensor, config: VaeTrainingConfig) -> TrainingLog:
     """Train ``vae`` in place on uint8 (N, H, W, 3) images: L1 + MSE reconstruction of a posterior sample, plus KL."""
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
-    vae.train()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent cell
+    # channels-last convolutions train ~15% faster on CPU (oneDNN); weights go back to the default layout after
+    vae.to(memory_format=torch.channels_last).train()
 
-    def step(_: int) -> float:
+    def step(index: int) -> float:
         batch = to_model_pixels(images[torch.randint(len(images), (config.batch_size,), generator=generator)])
+        if index < config.crop_steps:
+            batch = random_aligned_crop(batch, config.crop_size, factor, generator)
+        batch = batch.contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch) + config.kl_weight * posterior.kl().mean()
@@ -122,7 +153,7 @@ def train_vae(vae, images: torch.Tensor, config: VaeTrainingConfig) -> TrainingL
 
     log = TrainingLog("vae")
     _run_steps("vae", config.steps, config.log_every, step, log)
-    vae.eval()
+    vae.to(memory_format=torch.contiguous_format).eval()  # safetensors saves contiguous tensors only
     return log
 
 
