@@ -31,7 +31,8 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
     parser.add_argument("--output", required=prompts_required, help="output folder (any fsspec URI)")
     parser.add_argument("--model", default="demo", help="built-in model (demo: the default, tiny, small) or diffusers directory, local or any fsspec URI")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--guidance", type=float,
+                        help="classifier-free guidance scale (default: the model's recommended one: 5 for demo, else 7.5)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, help="image width (default: the model's)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt for rows without one")

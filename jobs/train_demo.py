@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pipelines import io
 from pipelines.procedural import DEFAULT_HELD_OUT, ShapesCorpusConfig
 from workers.demo_architecture import DemoArchitecture
+from workers.presets import RECOMMENDED_GUIDANCE
 
 logger = logging.getLogger("latentray.train_demo")
 
@@ -74,7 +75,7 @@ class TrainDemoConfig:
     train_images: int | None = None
     vae_steps: int | None = None
     unet_steps: int | None = None
-    guidance: float = 7.5  # of the evaluation: `latentray demo`'s default
+    guidance: float = RECOMMENDED_GUIDANCE["demo"]  # of the evaluation: what `latentray demo` uses
     evaluation_steps: int = 20
     address: str | None = None  # Ray cluster for encode and evaluate; None: embedded
 
@@ -90,6 +91,8 @@ class TrainDemoConfig:
         for name in ("threads", "evaluation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance: must be >= 0, got {self.guidance}")
         for name in ("train_images", "vae_steps", "unet_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -404,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-images", type=int, help="override the scale's number of training images")
     parser.add_argument("--vae-steps", type=int, help="override the scale's VAE steps")
     parser.add_argument("--unet-steps", type=int, help="override the scale's U-Net steps")
+    parser.add_argument("--guidance", type=float, default=RECOMMENDED_GUIDANCE["demo"],
+                        help=f"guidance scale of the evaluation (default: {RECOMMENDED_GUIDANCE['demo']:g}, the demo model's)")
     parser.add_argument("--address", help="Ray cluster for encode and evaluate (default: RAY_ADDRESS, else an embedded local Ray)")
     return parser
 
@@ -416,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainDemoConfig(
             output=args.output, scale=args.scale, seed=args.seed, threads=args.threads, from_stage=args.from_stage,
-            train_images=args.train_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps, address=args.address,
+            train_images=args.train_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps, guidance=args.guidance,
+            address=args.address,
         )
     except ValueError as error:
         print(f"train_demo: error: {error}", file=sys.stderr)

@@ -55,7 +55,7 @@ class GenerateConfig:
     output: str  # output folder URI
     model: str = "demo"  # built-in model (demo, tiny, small), or diffusers directory (local path or any fsspec URI)
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's recommended scale (workers.presets.recommended_guidance)
     height: int | None = None  # None: the model's default size
     width: int | None = None
     negative_prompt: str = ""
@@ -73,6 +73,7 @@ class GenerateConfig:
     manifest_rows_per_part: int = 5000
 
     def __post_init__(self) -> None:
+        from workers.presets import recommended_guidance
         from workers.schedulers import check_scheduler_name
 
         for name in ("prompts", "output", "model"):
@@ -81,6 +82,8 @@ class GenerateConfig:
         for name in ("steps", "batch_size", "max_image_size", "manifest_rows_per_part"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.guidance is None:
+            self.guidance = recommended_guidance(self.model)
         if self.guidance < 0:
             raise ValueError(f"guidance: must be >= 0, got {self.guidance}")
         for name in ("height", "width"):

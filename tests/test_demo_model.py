@@ -3,6 +3,7 @@
 import json
 import os
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import write_prompts
@@ -62,6 +63,19 @@ def test_latentray_demo_writes_images_and_their_adherence(ray_session, tmp_path,
     summary = json.load(open(tmp_path / "demo" / "adherence.json"))
     assert summary["seen"]["images"] == 8 and summary["seen"]["color_match"] >= 0.5
     assert "colour matches" in capsys.readouterr().err
+    manifest = pq.read_table(tmp_path / "demo" / "manifest")
+    assert set(manifest.column("guidance_scale").to_pylist()) == {5.0}  # the demo model's recommended guidance
+
+
+def test_guidance_defaults_to_the_models_recommended_scale():
+    def guidance(**overrides):
+        return GenerateConfig(prompts="p.parquet", output="out", **overrides).guidance
+
+    assert guidance() == guidance(model="demo") == 5.0  # measured best for the demo model (README)
+    assert guidance(model="tiny") == guidance(model="/models/sd15") == 7.5  # Stable Diffusion's usual scale
+    assert guidance(model="demo", guidance=9.0) == 9.0
+    with pytest.raises(ValueError, match=r"^guidance"):
+        guidance(guidance=-1.0)
 
 
 def test_a_plain_install_carries_the_demo_model(tmp_path):
