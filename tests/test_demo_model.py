@@ -50,8 +50,10 @@ def adherence_of(model: str, prompts: str, output) -> dict:
 def test_demo_model_draws_the_requested_colours_where_random_weights_do_not(ray_session, prompts, tmp_path):
     demo = adherence_of("demo", prompts, tmp_path / "demo")
     random_weights = adherence_of("tiny", prompts, tmp_path / "tiny")
-    assert demo["color_match"] >= 0.75, demo
-    assert demo["shape_match"] >= 0.5, demo
+    # Chance is 1 in 8 colours. The shipped model draws 10 of these 12 in the right colour and
+    # all 12 in the right shape; the thresholds leave room for two images of numeric drift on other CPUs.
+    assert demo["color_match"] >= 8 / 12, demo
+    assert demo["shape_match"] >= 8 / 12, demo
     assert random_weights["color_match"] <= 0.25, random_weights
 
 
