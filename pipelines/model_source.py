@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from pipelines import io
+from workers.family import vae_scale_factor
 from workers.presets import BUILT_IN_MODELS, cache_root, materialize_preset
 
 # model_index.json entries that are torch modules and must come as safetensors
@@ -59,7 +60,7 @@ def describe_model(model: str) -> ModelDescription:
     unet = _read_config(uri, "unet/config.json", model)
     vae = _read_config(uri, "vae/config.json", model)
     scheduler = _read_config(uri, "scheduler/scheduler_config.json", model)
-    size_multiple = 2 ** (len(vae["block_out_channels"]) - 1)
+    size_multiple = vae_scale_factor(vae)
     sample_size = unet["sample_size"]
     height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
     return ModelDescription(

@@ -31,6 +31,11 @@ STABLE_DIFFUSION = ModelFamily(name="stable-diffusion", pipeline_class="StableDi
 FAMILIES: dict[str, ModelFamily] = {family.pipeline_class: family for family in (STABLE_DIFFUSION,)}
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent cell of a diffusers VAE config: each block but the last halves the resolution."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def family_of(model_dir: str) -> ModelFamily:
     """The family of a diffusers model directory, read from its ``model_index.json``."""
     index_path = os.path.join(model_dir, "model_index.json")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from workers.family import ModelFamily, family_of
+from workers.family import ModelFamily, family_of, vae_scale_factor
 from workers.presets import BUILT_IN_MODELS, materialize_preset
 
 ModelSource = Union[str, Callable[[], str]]
@@ -71,5 +71,4 @@ class ModelDirectory:
 
     @property
     def vae_scale_factor(self) -> int:
-        # each VAE block but the last halves the resolution
-        return 2 ** (len(self.config(self.family.vae_component)["block_out_channels"]) - 1)
+        return vae_scale_factor(self.config(self.family.vae_component))

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workers.family import vae_scale_factor
+
 logger = logging.getLogger(__name__)
 WARMUP_STEPS_UNTIMED = 2  # the first steps of a process run 2-10x slower (kernel selection, allocation)
 
@@ -133,7 +135,7 @@ def train_vae(vae, images: torch.Tensor, config: VaeTrainingConfig) -> TrainingL
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent cell
+    factor = vae_scale_factor(vae.config)  # crops start on the latent grid
     # channels-last convolutions train ~15% faster on CPU (oneDNN); weights go back to the default layout after
     vae.to(memory_format=torch.channels_last).train()
 
