@@ -7,6 +7,7 @@ import argparse
 from pipelines.config import (
     CROPS, DEFAULT_MAX_IMAGE_PIXELS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
 )
+from workers.presets import PRESETS
 from workers.schedulers import SCHEDULERS
 
 
@@ -29,10 +30,17 @@ def add_stage_options(parser: argparse.ArgumentParser) -> None:
 def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
     parser.add_argument("--prompts", required=prompts_required, help="Parquet file or folder of prompts (any fsspec URI)")
     parser.add_argument("--output", required=prompts_required, help="output folder (any fsspec URI)")
-    parser.add_argument("--model", default="demo", help="built-in model (demo: the default, tiny, small) or diffusers directory, local or any fsspec URI")
-    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
+    parser.add_argument("--model", default="demo",
+                        help=f"built-in model (demo: the default; {', '.join(PRESETS)}) or diffusers directory "
+                             "(SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image), local or any fsspec URI")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model family's: SD 30, SDXL 50, SD3 28, FLUX dev 28, schnell 4, Z-Image 50)")
     parser.add_argument("--guidance", type=float,
-                        help="classifier-free guidance scale (default: the model's recommended one: 5 for demo, else 7.5)")
+                        help="guidance scale, as the family's diffusers pipeline reads it (default: the family's: SD 7.5, SDXL 5, "
+                             "SD3 7, FLUX 3.5, Z-Image 5; the demo model 5)")
+    parser.add_argument("--true-cfg-scale", type=float, default=1.0,
+                        help="FLUX only: above 1, rows with a negative prompt run true classifier-free guidance (diffusers' true_cfg_scale)")
+    parser.add_argument("--max-sequence-length", type=int,
+                        help="T5/Qwen tokens per prompt for SD3 (default 256), FLUX (512), Z-Image (512)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, help="image width (default: the model's)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt for rows without one")
@@ -49,7 +57,8 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
 def add_encode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="Parquet file or folder of images (any fsspec URI)")
     parser.add_argument("--output", required=True, help="output folder (any fsspec URI)")
-    parser.add_argument("--model", default="tiny", help="built-in model (demo, tiny, small) or diffusers directory, local or any fsspec URI")
+    parser.add_argument("--model", default="tiny",
+                        help=f"built-in model (demo, {', '.join(PRESETS)}) or diffusers directory, local or any fsspec URI; its VAE (and text encoders) are used")
     parser.add_argument("--resolution", type=int, help="square crop side; with --buckets the side of the pixel budget (default: the model's size)")
     parser.add_argument("--crop", choices=CROPS, default="center", help="where the crop is cut: centre, or a position seeded per row (default: center)")
     parser.add_argument("--buckets", nargs="?", const="auto", metavar="WxH,...",
@@ -61,7 +70,11 @@ def add_encode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path-column", help="column of image paths/URIs instead (relative ones resolve against the table's folder)")
     parser.add_argument("--caption-column", help="column of captions, stored beside the latents")
     parser.add_argument("--id-column", help="column of row ids (default: 'id' when present, else the row's position)")
-    parser.add_argument("--text-embeddings", action="store_true", help="also store the caption's text-encoder hidden states")
+    parser.add_argument("--text-embeddings", action="store_true",
+                        help="also store the caption's embeddings as the family's encode_prompt returns them "
+                             "(prompt_embeds; pooled_prompt_embeds for SDXL, SD3, FLUX)")
+    parser.add_argument("--max-sequence-length", type=int,
+                        help="T5 tokens kept per caption for SD3 (default 256) and FLUX (512): a 512-token T5-XXL embedding is 4 MiB in float16")
     parser.add_argument("--sample", choices=SAMPLE_MODES, default="mean",
                         help="latent from the VAE posterior: its mean, or a sample drawn with the row's seed (default: mean)")
     parser.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="stored precision of latents and embeddings (default: float16)")
@@ -80,7 +93,7 @@ def encode_config(args: argparse.Namespace) -> EncodeConfig:
         images=args.images, output=args.output, model=args.model, resolution=args.resolution, crop=args.crop,
         buckets=args.buckets, bucket_step=args.bucket_step, flip=args.flip, image_column=args.image_column,
         path_column=args.path_column, caption_column=args.caption_column, id_column=args.id_column,
-        text_embeddings=args.text_embeddings, sample=args.sample, latent_dtype=args.latent_dtype, seed=args.seed,
+        text_embeddings=args.text_embeddings, max_sequence_length=args.max_sequence_length, sample=args.sample, latent_dtype=args.latent_dtype, seed=args.seed,
         max_image_pixels=args.max_image_pixels, min_image_size=args.min_image_size, background=args.background,
         batch_size=args.batch_size, placement=args.placement, overwrite=args.overwrite, dtype=args.dtype,
         stages=stage_overrides(args.stage),
@@ -99,6 +112,7 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
     return GenerateConfig(
         prompts=args.prompts, output=args.output, model=args.model, steps=args.steps, guidance=args.guidance,
         height=args.height, width=args.width, negative_prompt=args.negative_prompt, scheduler=args.scheduler,
+        true_cfg_scale=args.true_cfg_scale, max_sequence_length=args.max_sequence_length,
         seed=args.seed, batch_size=args.batch_size, image_format=args.image_format, image_quality=args.image_quality,
         save_latents=args.save_latents, placement=args.placement, overwrite=args.overwrite,
         max_image_size=args.max_image_size, dtype=args.dtype, stages=stage_overrides(args.stage),

@@ -282,14 +282,15 @@ def stage_unet(config: TrainDemoConfig) -> dict:
 
 
 def stage_export(config: TrainDemoConfig, stages: dict) -> dict:
+    import torch
     from diffusers import UNet2DConditionModel
 
     from workers import demo_architecture as demo
     from workers.models import ModelDirectory
 
-    components = ModelDirectory(config.path("vae"))
+    frozen = ModelDirectory(config.path("vae")).pipeline(("vae", "text_encoder", "tokenizer"), torch.device("cpu"), torch.float32)
     pipeline = demo.assemble_pipeline(
-        vae=components.load("vae"), text_encoder=components.load("text_encoder"), tokenizer=components.load("tokenizer"),
+        vae=frozen.vae, text_encoder=frozen.text_encoder, tokenizer=frozen.tokenizer,
         unet=UNet2DConditionModel.from_pretrained(config.path("unet"), use_safetensors=True, local_files_only=True),
         scheduler=demo.build_scheduler(),
     )

@@ -53,13 +53,15 @@ class GenerateConfig:
 
     prompts: str  # Parquet file or folder URI
     output: str  # output folder URI
-    model: str = "demo"  # built-in model (demo, tiny, small), or diffusers directory (local path or any fsspec URI)
-    steps: int = 30
-    guidance: float | None = None  # None: the model's recommended scale (workers.presets.recommended_guidance)
+    model: str = "demo"  # built-in model (demo, tiny, tiny-sdxl, ...), or diffusers directory (local path or any fsspec URI)
+    steps: int | None = None  # None: the model family's default (workers/families)
+    guidance: float | None = None  # None: the model's recommended scale (its family's default; demo: 5)
     height: int | None = None  # None: the model's default size
     width: int | None = None
     negative_prompt: str = ""
     scheduler: str | None = None  # None: the model's own scheduler
+    true_cfg_scale: float = 1.0  # FLUX only: > 1 with a negative prompt runs true classifier-free guidance
+    max_sequence_length: int | None = None  # T5/Qwen token budget (SD3, FLUX, Z-Image); None: the family's default
     seed: int = 0
     batch_size: int = 8
     image_format: str = "png"
@@ -73,23 +75,22 @@ class GenerateConfig:
     manifest_rows_per_part: int = 5000
 
     def __post_init__(self) -> None:
-        from workers.presets import recommended_guidance
         from workers.schedulers import check_scheduler_name
 
         for name in ("prompts", "output", "model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty path or URI")
-        for name in ("steps", "batch_size", "max_image_size", "manifest_rows_per_part"):
-            if getattr(self, name) < 1:
+        for name in ("steps", "batch_size", "max_image_size", "manifest_rows_per_part", "max_sequence_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.guidance is None:
-            self.guidance = recommended_guidance(self.model)
-        if self.guidance < 0:
-            raise ValueError(f"guidance: must be >= 0, got {self.guidance}")
+        for name in ("guidance", "true_cfg_scale"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        # the model's size multiple is checked against its family when the run is planned
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8 or value > self.max_image_size):
-                raise ValueError(f"{name}: must be a multiple of 8 between 8 and {self.max_image_size}, got {value}")
+            if value is not None and (value < 8 or value > self.max_image_size):
+                raise ValueError(f"{name}: must be between 8 and {self.max_image_size}, got {value}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be between 0 and 2**63-1, got {self.seed}")
         if self.image_format not in IMAGE_FORMATS:
@@ -106,8 +107,28 @@ class GenerateConfig:
     # fields that change what a run writes: a rerun into the same output must agree on them
     OUTPUT_FIELDS = (
         "prompts", "steps", "guidance", "height", "width", "negative_prompt", "scheduler",
-        "seed", "image_format", "image_quality", "save_latents", "max_image_size",
+        "seed", "image_format", "image_quality", "save_latents", "max_image_size", "true_cfg_scale", "max_sequence_length",
     )
+
+    def with_model_defaults(self, model) -> "GenerateConfig":
+        """This config with what it leaves to the model filled in, and the family's checks passed.
+
+        ``model`` is a ``ModelDescription``: its family says which schedulers and options fit,
+        and what steps, guidance and size multiple it uses.
+        """
+        from dataclasses import replace
+
+        from workers.presets import recommended_guidance
+
+        model.family.check_options(scheduler=self.scheduler, max_sequence_length=self.max_sequence_length, true_cfg_scale=self.true_cfg_scale)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value % model.size_multiple:
+                raise ValueError(f"{name}: {model.family.name} models need a multiple of {model.size_multiple}, got {value}")
+        return replace(
+            self, steps=self.steps or model.shape.default_steps,
+            guidance=self.guidance if self.guidance is not None else recommended_guidance(self.model, model.shape.default_guidance),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +164,7 @@ class EncodeConfig:
 
     images: str  # Parquet file or folder URI
     output: str  # output folder URI
-    model: str = "tiny"  # built-in model (demo, tiny, small), or diffusers directory (local path or any fsspec URI)
+    model: str = "tiny"  # built-in model (demo, tiny, tiny-sdxl, ...), or diffusers directory (local path or any fsspec URI)
     resolution: int | None = None  # square side, or the pixel budget's side with buckets; None: the model's size
     crop: str = "center"
     buckets: str | None = None  # "auto": SDXL-style sizes of about resolution**2 pixels; or "WxH,WxH,..."
@@ -154,6 +175,7 @@ class EncodeConfig:
     caption_column: str | None = None
     id_column: str | None = None  # None: "id" when the table has it, else ids from row positions
     text_embeddings: bool = False
+    max_sequence_length: int | None = None  # T5/Qwen tokens kept in prompt_embeds (SD3, FLUX, Z-Image); None: the family's default
     sample: str = "mean"  # latent from the posterior: its mean, or a sample with the row's seed
     latent_dtype: str = "float16"
     seed: int = 0  # rows derive their seed (random crop, sampling) from it and their id
@@ -189,8 +211,8 @@ class EncodeConfig:
             raise ValueError("text_embeddings: needs a caption column (--caption-column)")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be between 0 and 2**63-1, got {self.seed}")
-        for name in ("max_image_pixels", "batch_size", "rows_per_part"):
-            if getattr(self, name) < 1:
+        for name in ("max_image_pixels", "batch_size", "rows_per_part", "max_sequence_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_image_size is not None and self.min_image_size < 1:
             raise ValueError(f"min_image_size: must be >= 1, got {self.min_image_size}")
@@ -210,7 +232,7 @@ class EncodeConfig:
     OUTPUT_FIELDS = (
         "resolution", "crop", "buckets", "bucket_step", "flip", "image_column", "path_column", "caption_column",
         "id_column", "text_embeddings", "sample", "latent_dtype", "seed", "max_image_pixels", "min_image_size",
-        "background", "dtype",
+        "background", "dtype", "max_sequence_length",
     )
 
     def to_dict(self) -> dict:

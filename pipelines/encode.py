@@ -76,7 +76,9 @@ def build_model_stages(config: EncodeConfig, model: ModelDescription, placement:
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
         if name != "text_encoder":
             kwargs.update(sample=config.sample, flip=config.flip)
-        stages.append(Stage(name=name, worker=WORKERS[name], options=options[name], constructor_kwargs=kwargs))
+        if name != "vae_encoder":
+            kwargs.update(max_sequence_length=config.max_sequence_length)
+        stages.append(Stage(name=name, worker=WORKERS[name], options=options[name], family=model.family, constructor_kwargs=kwargs))
     return stages
 
 
@@ -111,11 +113,16 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
                        caption_column=config.caption_column, id_column=config.id_column)
     id_column = config.id_column or ("id" if "id" in schema.names else None)
     model = describe_model(config.model)
+    family = model.family
+    if config.text_embeddings:
+        family.check_options(scheduler=None, max_sequence_length=config.max_sequence_length, true_cfg_scale=1.0)
+        if not family.fixed_length_embeddings:
+            raise ValueError(f"text_embeddings: {family.name} caption embeddings differ in length per caption; latentray does not store them yet")
     resolution = config.resolution or model.default_height
     preprocessing = _preprocessing(config, model, resolution)
 
     # 2. the output: its identity is the model's encoders and everything that shapes a row (defaults resolved)
-    components = ("vae", "text_encoder", "tokenizer") if config.text_embeddings else ("vae",)
+    components = (family.vae_component, *family.text_components) if config.text_embeddings else (family.vae_component,)
     identity = {
         **config.output_identity(), "resolution": resolution, "id_column": id_column,
         "targets": [list(target) for target in preprocessing.targets],
@@ -144,7 +151,8 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
             file_starts=tuple(sorted((start, uri) for uri, start in file_starts.items())),
         ),
         layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
-                            caption=config.caption_column is not None, text_embeddings=config.text_embeddings),
+                            caption=config.caption_column is not None,
+                            text_embeddings=family.embedding_columns if config.text_embeddings else ()),
         input_ids=input_ids, duplicate_rows=duplicate_positions(input_ids), done=done_keys(parts),
     )
 
@@ -158,9 +166,9 @@ def _preprocessing(config: EncodeConfig, model: ModelDescription, resolution: in
         targets = parse_bucket_list(config.buckets)
     for height, width in targets:
         if height % model.size_multiple or width % model.size_multiple:
-            raise ValueError(f"buckets: {width}x{height} is not a multiple of the VAE's factor {model.size_multiple}")
+            raise ValueError(f"buckets: {width}x{height} is not a multiple of {model.size_multiple}, which {model.family.name} models need")
     if resolution % model.size_multiple:
-        raise ValueError(f"resolution: {resolution} is not a multiple of the VAE's factor {model.size_multiple}")
+        raise ValueError(f"resolution: {resolution} is not a multiple of {model.size_multiple}, which {model.family.name} models need")
     return Preprocessing(
         targets=tuple(targets), crop=config.crop, max_pixels=config.max_image_pixels,
         min_size=config.min_image_size, background=config.background_rgb(),

@@ -60,9 +60,11 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
     stages = []
     for name, worker in workers.items():
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
+        if worker in (TextEncoderWorker, FusedGenerationWorker):
+            kwargs["max_sequence_length"] = config.max_sequence_length
         if worker in (DenoiserWorker, FusedGenerationWorker):
-            kwargs["scheduler"] = config.scheduler
-        stages.append(Stage(name=name, worker=worker, options=options[name], constructor_kwargs=kwargs))
+            kwargs.update(scheduler=config.scheduler, true_cfg_scale=config.true_cfg_scale)
+        stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
     return stages
 
 
@@ -164,13 +166,17 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     schema, fragments = io.parquet_fragments(config.prompts)
     check_prompt_schema(schema, config.prompts)
     model = describe_model(config.model)
+    config = config.with_model_defaults(model)
     output = RunOutput(config.output, "manifest")
-    identity = {**config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint}
+    identity = {
+        **config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint,
+        "family": model.family.name,
+    }
     output.prepare(identity, config.overwrite)
     # 2. rows a previous run accounted for, and repeated ids
     return GenerationPlan(
         config=config, model=model, output=output, identity=identity, fragments=fragments,
-        columns=["prompt", *[c for c in PROMPT_OPTIONAL_COLUMNS if c in schema.names]],
+        columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
         done_ids=output.done_ids(),
         duplicate_rows=duplicate_positions(io.read_parquet_columns(config.prompts, ["id"]).column("id").to_pylist()) if "id" in schema.names else {},
     )
@@ -186,7 +192,8 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     cluster = ClusterShape.current()
     placement = resolve_placement(config.placement, cluster)
     stages = build_model_stages(config, model, placement, cluster)
-    check_wiring(stages, {"id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"})
+    check_wiring(stages, {"id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"}
+                 | set(model.family.conditioning_columns))
     record = {
         "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
         "model": model.identity(), "placement": placement,

@@ -249,26 +249,67 @@ def write_parquet_part(table: pa.Table, folder_uri: str, row_ids: list[str]) -> 
 # -- model directories ----------------------------------------------------------------------------
 
 
-def fingerprint_tree(uri: str) -> str:
-    """A content fingerprint of a directory: sha256 over every file's relative path and bytes.
+def fingerprint_tree(uri: str, cache_dir: str | None = None) -> str:
+    """A content fingerprint of a directory: sha256 over every file's relative path and content digest.
 
-    For object stores the object's ETag/checksum stands in for its bytes, so a remote
-    model is fingerprinted without downloading it.
+    Remote files are never downloaded for it: the object store's ETag (or checksum) and size
+    stand for the bytes. Local files are hashed once: with ``cache_dir``, each file's digest is
+    kept keyed by its path, size and modification time, so an unchanged 30 GB model is not
+    read again on the next run (a changed file changes its size or mtime and is rehashed).
     """
     fs, root = filesystem(uri)
+    known = _read_digest_cache(cache_dir, root) if is_local(uri) and cache_dir else {}
+    seen: dict[str, list] = {}
     digest = hashlib.sha256()
     for path in sorted(fs.find(root)):
         relative = posixpath.relpath(path, root)
         digest.update(relative.encode() + b"\0")
         if is_local(uri):
-            with fs.open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            status = os.stat(path)
+            cached = known.get(relative)
+            if cached and cached[:2] == [status.st_size, status.st_mtime_ns]:
+                file_digest = cached[2]
+            else:
+                file_digest = _file_digest(path)
+            seen[relative] = [status.st_size, status.st_mtime_ns, file_digest]
+            digest.update(file_digest.encode())
         else:
             info = fs.info(path)
             digest.update(str(info.get("ETag") or info.get("etag") or fs.checksum(path)).encode())
             digest.update(str(info.get("size")).encode())
+    if is_local(uri) and cache_dir and seen != known:
+        _write_digest_cache(cache_dir, root, seen)
     return digest.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest_cache_path(cache_dir: str, root: str) -> str:
+    return os.path.join(cache_dir, "fingerprints", hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:32] + ".json")
+
+
+def _read_digest_cache(cache_dir: str, root: str) -> dict[str, list]:
+    try:
+        with open(_digest_cache_path(cache_dir, root)) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: hash again
+
+
+def _write_digest_cache(cache_dir: str, root: str, digests: dict[str, list]) -> None:
+    # temporary name then rename: runs sharing the cache never read half a file
+    target = _digest_cache_path(cache_dir, root)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = f"{target}.{os.getpid()}.tmp"
+    with open(staging, "w") as handle:
+        json.dump(digests, handle)
+    os.replace(staging, target)
 
 
 def localize_tree(uri: str, fingerprint: str, cache_root: str) -> str:

@@ -37,7 +37,8 @@ class LatentLayout:
     fixed_shape: bool  # one latent shape for every row (no buckets): a fixed-shape tensor column
     flip: bool
     caption: bool
-    text_embeddings: bool
+    # the caption embedding columns (the family's, named as diffusers' encode_prompt returns them); () for none
+    text_embeddings: tuple[str, ...] = ()
 
 
 # -- the write task -------------------------------------------------------------------------------
@@ -79,10 +80,10 @@ def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run:
 
 def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flipped: list[np.ndarray] | None, layout: LatentLayout, run: int) -> pa.Table:
     kept = [latents[i] for i in keep]
-    embedding_shape = tuple(np.shape(batch["prompt_embeds"][keep[0]])) if layout.text_embeddings else None
+    embedding_shapes = {name: tuple(np.shape(batch[name][keep[0]])) for name in layout.text_embeddings}
     schema = latents_schema(
         latent_shape=kept[0].shape if layout.fixed_shape else None, dtype=layout.dtype, flip=layout.flip,
-        caption=layout.caption, embedding_shape=embedding_shape,
+        caption=layout.caption, embedding_shapes=embedding_shapes,
     )
     columns = {
         "id": pa.array([str(batch["id"][i]) for i in keep], pa.string()),
@@ -102,9 +103,10 @@ def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flip
         columns["latent_flipped"] = tensor_column([flipped[i] for i in keep], schema.field("latent_flipped").type)
     if layout.caption:
         columns["caption"] = pa.array([batch["caption"][i] for i in keep], pa.string())
+    for name in layout.text_embeddings:
+        embeddings = [np.asarray(batch[name][i]).astype(layout.dtype) for i in keep]
+        columns[name] = tensor_column(embeddings, schema.field(name).type)
     if layout.text_embeddings:
-        embeddings = [np.asarray(batch["prompt_embeds"][i]).astype(layout.dtype) for i in keep]
-        columns["prompt_embeds"] = tensor_column(embeddings, schema.field("prompt_embeds").type)
         columns["caption_truncated"] = pa.array(batch["caption_truncated"][keep], pa.bool_())
     return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
 

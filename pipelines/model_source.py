@@ -1,7 +1,8 @@
 """Where a run's model comes from: a preset or a diffusers directory at any fsspec URI.
 
-The driver describes the model (checks it, fingerprints it, reads its default size)
-without loading weights. Workers receive a ``ModelLocation``: called on the actor's
+The driver describes the model (its family, components, shape, fingerprint) from its
+config files, without loading weights: a model that cannot run stops the job here,
+before any actor starts. Workers receive a ``ModelLocation``: called on the actor's
 node, it yields a local directory, copying a remote model once into the node's cache.
 """
 
@@ -11,11 +12,8 @@ import hashlib
 from dataclasses import dataclass
 
 from pipelines import io
-from workers.family import vae_scale_factor
-from workers.presets import BUILT_IN_MODELS, cache_root, materialize_preset
-
-# model_index.json entries that are torch modules and must come as safetensors
-_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "transformer", "text_encoder_2")
+from workers.families import ModelFamily, ModelShape, family_for_class
+from workers.presets import BUILT_IN_MODELS, cache_root, materialize_preset, preset_image_size
 
 
 @dataclass(frozen=True)
@@ -32,68 +30,102 @@ class ModelLocation:
 @dataclass(frozen=True, kw_only=True)
 class ModelDescription:
     location: ModelLocation
-    default_height: int
-    default_width: int
-    size_multiple: int  # the VAE's downsampling factor
-    latent_channels: int
+    family: ModelFamily
+    shape: ModelShape
     scheduler_class: str
-    # how latents are scaled for the denoiser: (latent - shift_factor) * scaling_factor
-    vae_scaling_factor: float = 0.18215
-    vae_shift_factor: float = 0.0
+    components: tuple[str, ...]  # the components this directory has
+
+    # the shape's fields, read as the model's own
+    @property
+    def default_height(self) -> int:
+        return self.shape.default_height
+
+    @property
+    def default_width(self) -> int:
+        return self.shape.default_width
+
+    @property
+    def size_multiple(self) -> int:
+        return self.shape.size_multiple
+
+    @property
+    def latent_channels(self) -> int:
+        return self.shape.latent_channels
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return self.shape.scaling_factor
+
+    @property
+    def vae_shift_factor(self) -> float:
+        return self.shape.shift_factor
 
     def identity(self) -> dict:
-        return {"uri": self.location.uri, "fingerprint": self.location.fingerprint}
+        return {"uri": self.location.uri, "fingerprint": self.location.fingerprint, "family": self.family.name}
 
 
 def describe_model(model: str) -> ModelDescription:
-    """Check a model exists and holds safetensors weights; read its shape. Loads no weights."""
+    """Check a model can run: a known family, every component present, safetensors weights. Loads no weights."""
     uri = materialize_preset(model) if model in BUILT_IN_MODELS else model
+
+    # 1. the family, from model_index.json
     index = _read_config(uri, "model_index.json", model)
-    for component in _WEIGHTED_COMPONENTS:
-        if component in index and index[component][0] is not None:
-            fs, path = io.filesystem(io.join(uri, component))
-            if not any(name.endswith(".safetensors") for name in fs.ls(path, detail=False)):
-                raise ValueError(
-                    f"model: component {component!r} of {model!r} has no .safetensors weights "
-                    "(latentray loads safetensors only: pickled weights can run code)"
-                )
-    unet = _read_config(uri, "unet/config.json", model)
-    vae = _read_config(uri, "vae/config.json", model)
-    scheduler = _read_config(uri, "scheduler/scheduler_config.json", model)
-    size_multiple = vae_scale_factor(vae)
-    sample_size = unet["sample_size"]
-    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    family = family_for_class(index.get("_class_name"), model)
+
+    # 2. every component the family needs, with safetensors weights
+    components = tuple(name for name, entry in index.items() if not name.startswith("_") and entry and entry[0] is not None)
+    for name in family.required_components:
+        if name not in components:
+            raise ValueError(f"model: {model!r} ({family.pipeline_class}) has no {name!r} component; it needs {', '.join(family.required_components)}")
+    for name in components:
+        _check_weights(uri, name, model)
+
+    # 3. its shape, from the configs
+    shape = family.describe(lambda name: _read_config(uri, name, model, required=False))
+    image_size = preset_image_size(model)
+    if image_size is not None:  # a preset's size, not the real model's 1024
+        shape = ModelShape(**{**vars(shape), "default_height": image_size, "default_width": image_size})
+    scheduler = _read_config(uri, f"{family.scheduler_component}/scheduler_config.json", model)
     return ModelDescription(
-        location=ModelLocation(model if model in BUILT_IN_MODELS else uri, io.fingerprint_tree(uri)),
-        default_height=height * size_multiple,
-        default_width=width * size_multiple,
-        size_multiple=size_multiple,
-        latent_channels=unet["in_channels"],
-        scheduler_class=scheduler["_class_name"],
-        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        vae_shift_factor=float(vae.get("shift_factor") or 0.0),
+        location=ModelLocation(model if model in BUILT_IN_MODELS else uri, io.fingerprint_tree(uri, cache_root())),
+        family=family, shape=shape, scheduler_class=scheduler["_class_name"], components=components,
     )
 
 
 def component_fingerprint(model: str, components: tuple[str, ...]) -> str:
     """A content fingerprint of some components of a model (no weights loaded).
 
-    What a latent dataset depends on is the VAE (and the text encoder), not the whole
-    model: a fine-tuned U-Net beside the same VAE leaves cached latents valid.
+    What a latent dataset depends on is the VAE (and the text encoders), not the whole
+    model: a fine-tuned denoiser beside the same VAE leaves cached latents valid.
     """
     uri = materialize_preset(model) if model in BUILT_IN_MODELS else model
     digest = hashlib.sha256()
     for component in components:
-        digest.update(f"{component}\0{io.fingerprint_tree(io.join(uri, component))}\0".encode())
+        if io.exists(io.join(uri, component)):
+            digest.update(f"{component}\0{io.fingerprint_tree(io.join(uri, component), cache_root())}\0".encode())
     return digest.hexdigest()
 
 
-def _read_config(uri: str, name: str, model: str) -> dict:
+def _check_weights(uri: str, component: str, model: str) -> None:
+    """A component with a ``config.json`` is a torch module: it must come as safetensors."""
+    fs, path = io.filesystem(io.join(uri, component))
+    try:
+        names = [name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        raise ValueError(f"model: {model!r} names a {component!r} component but has no {component}/ folder") from None
+    if "config.json" in names and not any(name.endswith(".safetensors") for name in names):
+        raise ValueError(
+            f"model: component {component!r} of {model!r} has no .safetensors weights "
+            "(latentray loads safetensors only: pickled weights can run code when loaded)"
+        )
+
+
+def _read_config(uri: str, name: str, model: str, *, required: bool = True) -> dict | None:
     try:
         config = io.read_json(io.join(uri, name))
     except Exception as error:
         raise ValueError(f"model: cannot read {name} of {model!r}: {type(error).__name__}: {error}") from error
-    if config is None:
+    if config is None and required:
         hint = " (not a diffusers model directory)" if name == "model_index.json" else ""
         raise ValueError(f"model: {model!r} has no {name}{hint}; built-in models are {', '.join(BUILT_IN_MODELS)}")
     return config

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines import io
-from pipelines.schemas import ERRORS_SCHEMA
+from pipelines.schemas import ERRORS_SCHEMA, PAIR_COLUMNS
 
 MAX_SEED = 2**63 - 1
 
@@ -93,10 +93,19 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
     seed = derived_seed(defaults.seed, row["id"]) if _missing(seed) else int(seed)
     if not 0 <= seed <= MAX_SEED:
         return None, f"seed must be between 0 and 2**63-1, got {seed}"
+    pairs = {}
+    for column in [column for column in PAIR_COLUMNS if column in row]:
+        value = row[column]
+        if value is None or (not hasattr(value, "__len__") and _missing(value)):
+            pairs[column] = None  # the family's default
+        elif len(value) != 2 or any(_missing(number) or int(number) < 0 for number in value):
+            return None, f"{column} must be two integers >= 0, got {list(value)}"
+        else:
+            pairs[column] = [int(number) for number in value]
     return {
         "id": row["id"], "row": int(row["row"]), "prompt": str(prompt),
         "negative_prompt": str(setting("negative_prompt", defaults.negative_prompt)),
-        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size,
+        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs,
     }, None
 
 
@@ -139,4 +148,5 @@ def normalize_prompts(
     if bad:
         io.write_parquet_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri, [str(r["row"]) for r in bad])
     columns = ["id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"]
+    columns += [column for column in PAIR_COLUMNS if column in frame.columns]
     return pd.DataFrame(good, columns=columns)

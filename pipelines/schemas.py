@@ -15,8 +15,13 @@ PROMPT_OPTIONAL_COLUMNS = {
     "num_inference_steps": "denoising steps",
     "guidance_scale": "classifier-free guidance scale",
     "height": "image height in pixels, a multiple of 8",
-    "width": "image width in pixels, a multiple of 8",
+    "width": "image width in pixels, a multiple of the model's size multiple (8 for SD/SDXL, 16 for SD3/FLUX/Z-Image)",
+    # SDXL micro-conditioning, as StableDiffusionXLPipeline's arguments of the same meaning
+    "original_size": "SDXL: [height, width] the image is conditioned as coming from (default: its size)",
+    "crop_top_left": "SDXL: [top, left] crop it is conditioned on (default: [0, 0])",
+    "target_size": "SDXL: [height, width] it is conditioned to look like (default: its size)",
 }
+PAIR_COLUMNS = ("original_size", "crop_top_left", "target_size")
 _STRING_COLUMNS = {"prompt", "negative_prompt"}
 _INTEGER_COLUMNS = {"seed", "num_inference_steps", "height", "width"}
 _NUMBER_COLUMNS = {"guidance_scale"}
@@ -38,6 +43,10 @@ def check_prompt_schema(schema: pa.Schema, where: str) -> None:
             raise ValueError(f"{where}: column {field.name!r} must hold integers, not {kind}")
         if field.name in _NUMBER_COLUMNS and not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
             raise ValueError(f"{where}: column {field.name!r} must hold numbers, not {kind}")
+        if field.name in PAIR_COLUMNS and not (
+            (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) and pa.types.is_integer(kind.value_type) or pa.types.is_null(kind)
+        ):
+            raise ValueError(f"{where}: column {field.name!r} must hold lists of two integers, not {kind}")
         if field.name == "id" and not (_is_string(kind) or pa.types.is_integer(kind)):
             raise ValueError(f"{where}: column 'id' must hold strings or integers, not {kind}")
 
@@ -154,7 +163,8 @@ SIZE_TYPE = pa.list_(pa.int32(), 2)  # [height, width] or [top, left], as SDXL's
 
 
 def latents_schema(
-    *, latent_shape: tuple[int, ...] | None, dtype: str, flip: bool, caption: bool, embedding_shape: tuple[int, ...] | None,
+    *, latent_shape: tuple[int, ...] | None, dtype: str, flip: bool, caption: bool,
+    embedding_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> pa.Schema:
     """The ``latents/`` table of `latentray encode`; optional columns follow the run's options."""
     fields = [
@@ -171,8 +181,11 @@ def latents_schema(
     ]
     if caption:
         fields.append(pa.field("caption", pa.string()))
-    if embedding_shape is not None:
-        fields.append(pa.field("prompt_embeds", pa.fixed_shape_tensor(LATENT_DTYPES[dtype], list(embedding_shape))))
+    # caption embeddings as the family's encode_prompt names them: prompt_embeds [tokens, dim],
+    # and pooled_prompt_embeds [dim] for SDXL, SD3 and FLUX
+    for name, shape in (embedding_shapes or {}).items():
+        fields.append(pa.field(name, pa.fixed_shape_tensor(LATENT_DTYPES[dtype], list(shape))))
+    if embedding_shapes:
         fields.append(pa.field("caption_truncated", pa.bool_()))
     fields += [
         pa.field("source", pa.string()),  # the image's URI, or <Parquet file>#row=<n> for bytes in the table

@@ -13,6 +13,7 @@ from typing import Any
 import ray.data
 
 from pipelines.config import StageOptions
+from workers.families import ModelFamily
 
 
 @dataclass(kw_only=True)
@@ -20,15 +21,16 @@ class Stage:
     name: str
     worker: type
     options: StageOptions
+    family: ModelFamily  # the columns a worker reads and writes depend on the model family
     constructor_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def required_columns(self) -> dict[str, str]:
-        return self.worker.REQUIRED_COLUMNS
+        return self.worker.required_columns(self.family)
 
     @property
     def output_columns(self) -> tuple[str, ...]:
-        return self.worker.OUTPUT_COLUMNS
+        return self.worker.output_columns(self.family)
 
     def apply(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
         options = self.options

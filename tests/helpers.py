@@ -18,24 +18,31 @@ def write_prompts(path, rows: list[dict] | dict) -> str:
     return str(path)
 
 
-def diffusers_reference(model_dir: str, rows: list[dict], scheduler: str | None = None) -> list[np.ndarray]:
-    """What diffusers' own StableDiffusionPipeline draws for each row, one row at a time."""
+def diffusers_reference(model_dir: str, rows: list[dict], scheduler: str | None = None, **call_options) -> list[np.ndarray]:
+    """What the model family's own diffusers pipeline draws for each row, one row at a time.
+
+    A row's "" negative prompt is diffusers' ``negative_prompt=None``; ``call_options``
+    (and SDXL's per-row micro-conditioning) go to the pipeline's ``__call__`` as they are.
+    """
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from workers.schedulers import make_scheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     images = []
     for row in rows:
+        conditioning = {name: tuple(row[column]) for column, name in (
+            ("original_size", "original_size"), ("crop_top_left", "crops_coords_top_left"), ("target_size", "target_size"),
+        ) if row.get(column) is not None}
         result = pipe(
             row["prompt"], negative_prompt=row.get("negative_prompt") or None,
             num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
             height=row["height"], width=row["width"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
-            output_type="np",
+            output_type="np", **conditioning, **call_options,
         ).images[0]
         images.append((result * 255).round().astype(np.uint8))
     return images

@@ -53,7 +53,7 @@ def test_unwritable_output_is_named(tmp_path, capsys):
 def test_bad_flag_values_name_the_field(tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
     status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path), "--height", "100"], capsys)
-    assert status == 2 and "height: must be a multiple of 8" in err
+    assert status == 2 and "height: sd models need a multiple of 8, got 100" in err
     status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path), "--stage", "denoiser.batch_size=0"], capsys)
     assert status == 2 and "batch_size: must be a whole number >= 1" in err
 

@@ -17,7 +17,7 @@ from itertools import pairwise
 
 import torch
 
-from workers.presets import offline_clip_tokenizer
+from workers.families.tokenizers import clip_tokenizer
 
 END_OF_WORD = "</w>"
 
@@ -100,7 +100,7 @@ def caption_tokenizer(words: list[str], max_tokens: int):
     """
     from transformers import CLIPTokenizer
 
-    base = offline_clip_tokenizer()
+    base = clip_tokenizer()
     vocabulary = dict(base.get_vocab())
     merges = learn_word_merges(words)
     for left, right in merges:

@@ -1,9 +1,12 @@
-"""Loading model components from a local diffusers directory, safetensors only.
+"""Loading a model directory as its family's diffusers pipeline, safetensors only.
 
 Workers receive a ``ModelSource``: a preset name, a local directory, or a zero-argument
 callable returning one. The callable form lets the pipeline hand over "copy this
 object-store model to the node's cache" without workers knowing about object stores;
 it runs on the actor's own node, where the files are needed.
+
+Each stage loads the family's own pipeline class with only the components it uses
+(the others ``None``), so the maths stays diffusers'; a fused actor loads them all once.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from workers.family import ModelFamily, family_of, vae_scale_factor
+from workers.families import ModelFamily, family_for_class
 from workers.presets import BUILT_IN_MODELS, materialize_preset
 
 ModelSource = Union[str, Callable[[], str]]
@@ -31,33 +34,65 @@ def resolve_model_dir(model: ModelSource) -> str:
     return location
 
 
+def vae_scale_factor(vae_config: dict) -> int:
+    """Pixels per latent cell of a diffusers VAE config: each block but the last halves the resolution."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 class ModelDirectory:
-    """One diffusers model directory: its family and component loaders."""
+    """One diffusers model directory: its family, and its pipeline loaded with some components."""
 
     def __init__(self, model: ModelSource):
         self.path = resolve_model_dir(model)
-        self.family: ModelFamily = family_of(self.path)
         with open(os.path.join(self.path, "model_index.json")) as index_file:
             self._index = json.load(index_file)
+        self.family: ModelFamily = family_for_class(self._index.get("_class_name"), self.path)
+        self._pipeline: Any = None
+        self._loaded: frozenset[str] = frozenset()
+
+    def has(self, component: str) -> bool:
+        entry = self._index.get(component)
+        return bool(entry) and entry[0] is not None and os.path.isdir(os.path.join(self.path, component))
 
     def component_class(self, component: str) -> type:
-        entry = self._index.get(component)
-        if not entry or entry[0] is None:
+        if not self.has(component):
             raise ValueError(f"model: {self.path!r} has no {component!r} component")
-        library, class_name = entry
+        library, class_name = self._index[component]
         return getattr(importlib.import_module(library), class_name)
 
-    def load(self, component: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-        """Load one component; torch modules go to ``device``/``dtype`` in eval mode."""
+    def pipeline(self, components: tuple[str, ...], device: torch.device, dtype: torch.dtype, *, config_only: tuple[str, ...] = ()) -> Any:
+        """The family's pipeline holding ``components`` (those the directory has), the others ``None``.
+
+        Loaded once per directory: a fused actor loads every component first, and each of
+        its stages gets that same pipeline. ``config_only`` components are built on the meta
+        device (their config, no weights): what a stage reads of another stage's model.
+        """
+        if self._pipeline is not None and set(components) <= self._loaded:
+            return self._pipeline
+        pipeline_class = getattr(importlib.import_module("diffusers"), self.family.pipeline_class)
+        expected_components, _ = pipeline_class._get_signature_keys(pipeline_class)
+        wanted = {name for name in components if self.has(name)}
+        arguments: dict[str, Any] = {name: None for name in expected_components if name not in wanted}
+        arguments.update({name: self._config_only(name) for name in config_only if self.has(name) and name not in wanted})
+        _quiet_libraries()
+        # use_safetensors=True refuses pickled .bin weights: loading them can run code
+        pipe = pipeline_class.from_pretrained(self.path, **arguments, use_safetensors=True, local_files_only=True, dtype=dtype)
+        for name in wanted:
+            module = getattr(pipe, name)
+            if isinstance(module, torch.nn.Module):
+                module.to(device).eval().requires_grad_(False)
+        pipe.set_progress_bar_config(disable=True)
+        # a pipeline without its VAE assumes a factor of 8: tell it the real one
+        pipe.vae_scale_factor = self.vae_scale_factor
+        self._pipeline, self._loaded = pipe, frozenset(wanted)
+        return pipe
+
+    def _config_only(self, component: str) -> torch.nn.Module:
+        from accelerate import init_empty_weights
+
         component_class = self.component_class(component)
-        folder = os.path.join(self.path, component)
-        if issubclass(component_class, torch.nn.Module):
-            # use_safetensors=True refuses pickled .bin weights: loading them can run code
-            # diffusers names the precision argument torch_dtype, transformers 5 dtype
-            precision = {"torch_dtype" if component_class.__module__.startswith("diffusers") else "dtype": dtype}
-            module = component_class.from_pretrained(folder, use_safetensors=True, local_files_only=True, **precision)
-            return module.to(device).eval().requires_grad_(False)
-        return component_class.from_pretrained(folder, local_files_only=True)
+        with init_empty_weights():
+            return component_class.from_config(component_class.load_config(os.path.join(self.path, component)))
 
     def config(self, component: str) -> dict:
         """A component's config file (``config.json``, or ``scheduler_config.json`` for schedulers)."""
@@ -66,9 +101,19 @@ class ModelDirectory:
         with open(os.path.join(folder, name)) as config_file:
             return json.load(config_file)
 
-    def scheduler_config(self) -> dict:
-        return self.config(self.family.scheduler_component)
-
     @property
     def vae_scale_factor(self) -> int:
         return vae_scale_factor(self.config(self.family.vae_component))
+
+
+def _quiet_libraries() -> None:
+    """Errors only from diffusers and transformers: their per-call notices (a prompt truncated,
+    a component left out on purpose, progress bars) would repeat for every batch; latentray
+    records truncation per row instead."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

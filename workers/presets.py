@@ -1,113 +1,53 @@
 """Built-in model presets, built deterministically in code (no hub, no download).
 
-``tiny`` builds in about a second and exists for tests; ``small`` is sized so one
-128x128 image at 20 steps takes about a second on two CPU cores (for benchmarks).
-Both have random weights: they draw noise, but exercise every code path of a real
-Stable Diffusion model (VAE with 4 blocks -> factor 8, CLIP text encoder, U-Net
-with cross attention).
+One ``tiny`` and one ``small`` preset per model family (``tiny``/``small`` are Stable
+Diffusion; ``tiny-sdxl``, ``small-flux``, ...). ``tiny`` builds in about a second and
+exists for tests; ``small`` is sized so compute rather than overhead dominates a
+128x128 image (for benchmarks). All have random weights: they draw noise, but exercise
+every code path of the real family (builders in ``workers/families/<family>.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-
-import torch
 
 # Bump when a preset's architecture or initialisation changes: cached copies are keyed by it.
-PRESET_VERSION = 1
-MAX_PROMPT_TOKENS = 77
+PRESET_VERSION = 2
 
-
-@dataclass(frozen=True, kw_only=True)
-class PresetSpec:
-    unet_channels: tuple[int, ...]
-    vae_channels: tuple[int, ...]
-    vae_norm_groups: int
-    text_width: int
-    text_layers: int
-    text_heads: int
-    image_size: int
-
-
-PRESETS: dict[str, PresetSpec] = {
-    "tiny": PresetSpec(
-        unet_channels=(32, 64), vae_channels=(8, 16, 32, 32), vae_norm_groups=8,
-        text_width=32, text_layers=2, text_heads=4, image_size=64,
-    ),
-    "small": PresetSpec(
-        unet_channels=(64, 128, 128), vae_channels=(16, 32, 64, 64), vae_norm_groups=8,
-        text_width=128, text_layers=4, text_heads=4, image_size=128,
-    ),
+# name -> (family module in workers/families, size in preset_parts.PRESET_SIZES)
+PRESETS: dict[str, tuple[str, str]] = {
+    "tiny": ("sd", "tiny"),
+    "small": ("sd", "small"),
+    "tiny-sdxl": ("sdxl", "tiny"),
+    "small-sdxl": ("sdxl", "small"),
+    "tiny-sd3": ("sd3", "tiny"),
+    "small-sd3": ("sd3", "small"),
+    "tiny-flux": ("flux", "tiny"),
+    "small-flux": ("flux", "small"),
+    "tiny-zimage": ("zimage", "tiny"),
+    "small-zimage": ("zimage", "small"),
 }
 
 
-def offline_clip_tokenizer():
-    """A CLIP tokenizer built in memory: byte-level vocabulary, no merges.
-
-    Every text tokenizes (one token per UTF-8 byte, ``</w>`` marking word ends), so
-    no prompt maps to an unknown token and nothing needs downloading.
-    """
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocabulary = {symbol: index for index, symbol in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocabulary["<|startoftext|>"] = len(vocabulary)
-    vocabulary["<|endoftext|>"] = len(vocabulary)
-    return CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=MAX_PROMPT_TOKENS)
-
-
-def _unet_block_types(depth: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    # like SD: cross attention in every block but the deepest
-    down = tuple(["CrossAttnDownBlock2D"] * (depth - 1) + ["DownBlock2D"])
-    up = tuple(["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (depth - 1))
-    return down, up
-
-
 def build_preset_pipeline(name: str):
-    """A ``StableDiffusionPipeline`` with the preset's architecture and seeded random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The diffusers pipeline of a preset: its family's architecture at the preset's size, seeded random weights."""
+    from workers.families.preset_parts import PRESET_SIZES
 
     if name not in PRESETS:
         raise ValueError(f"model: unknown preset {name!r}; presets are {', '.join(sorted(PRESETS))}")
-    spec = PRESETS[name]
-    tokenizer = offline_clip_tokenizer()
-    latent_size = spec.image_size // 2 ** (len(spec.vae_channels) - 1)
-    down_blocks, up_blocks = _unet_block_types(len(spec.unet_channels))
+    family_module, size = PRESETS[name]
+    module = importlib.import_module(f"workers.families.{family_module}")
+    return module.build_preset(PRESET_SIZES[size])
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=spec.unet_channels, down_block_types=down_blocks, up_block_types=up_blocks,
-        cross_attention_dim=spec.text_width, attention_head_dim=8, norm_num_groups=32,
-    )
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=spec.image_size,
-        block_out_channels=spec.vae_channels, norm_num_groups=spec.vae_norm_groups,
-        down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
-        up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels),
-    )
-    torch.manual_seed(2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.text_width, intermediate_size=spec.text_width * 4,
-        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-        max_position_embeddings=MAX_PROMPT_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    # Stable Diffusion 1.x's noise schedule
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+
+def preset_image_size(name: str) -> int | None:
+    """A code-built preset's default height and width (the family's default is sized for real models)."""
+    from workers.families.preset_parts import PRESET_SIZES
+
+    return PRESET_SIZES[PRESETS[name][1]].image_size if name in PRESETS else None
 
 
 # Models shipped as package data (trained, so not buildable in code): name -> folder in this package.
@@ -115,16 +55,16 @@ def build_preset_pipeline(name: str):
 SHIPPED_MODELS = {"demo": "demo_model"}
 BUILT_IN_MODELS = (*PRESETS, *SHIPPED_MODELS)
 
-# Classifier-free guidance when a run does not set one: Stable Diffusion's usual 7.5, except
-# where a built-in model was measured to follow prompts better with another. The demo model's
-# colour adherence on seen combinations: 89.9% at 7.5, 92.3% at 5 (91.1% at 4, 82.1% at 10).
-DEFAULT_GUIDANCE = 7.5
+# Guidance when a run does not set one: the model family's default (Stable Diffusion's 7.5,
+# FLUX's 3.5, ...), except where a built-in model was measured to follow prompts better with
+# another. The demo model's colour adherence on seen combinations: 89.9% at 7.5, 92.3% at 5
+# (91.1% at 4, 82.1% at 10).
 RECOMMENDED_GUIDANCE = {"demo": 5.0}
 
 
-def recommended_guidance(model: str) -> float:
+def recommended_guidance(model: str, family_default: float) -> float:
     """The guidance scale a run of ``model`` uses unless told otherwise."""
-    return RECOMMENDED_GUIDANCE.get(model, DEFAULT_GUIDANCE)
+    return RECOMMENDED_GUIDANCE.get(model, family_default)
 
 
 def shipped_model_dir(name: str) -> str:

@@ -1,4 +1,8 @@
-"""Scheduler names users type, mapped to diffusers scheduler classes and options."""
+"""Scheduler names users type, mapped to diffusers scheduler classes and options.
+
+Which names fit which model is the family's to say (``ModelFamily.schedulers``): a
+noise-prediction scheduler cannot run a flow-matching model, nor the reverse.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    # flow matching (SD3, FLUX, Z-Image): the model's shift and dynamic shifting carry over from its config
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "flow-euler-exponential": ("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
 
 

@@ -1,85 +1,102 @@
-"""Text encoder worker: prompt and negative prompt -> hidden states for cross attention."""
+"""Text stage: prompts -> the embeddings the family's denoiser takes, by the pipeline's own ``encode_prompt``.
+
+Columns are named as the pipeline's ``__call__`` arguments (``prompt_embeds``,
+``pooled_prompt_embeds``, and ``negative_...`` of each), so the denoiser stage hands
+them to diffusers unchanged.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from workers.base import Batch, ModelWorker
+from workers.base import Batch, ModelWorker, embedding_columns, stack_column
+from workers.families import ModelFamily
+
+# embeddings kept per actor for repeated texts; T5 embeddings are megabytes each, so the
+# cache is bounded by bytes, not entries
+CACHE_BYTES = 256 * 2**20
 
 
 class TextEncoderWorker(ModelWorker):
     STAGE = "text_encoder"
     REQUIRED_COLUMNS = {"prompt": "text to draw", "negative_prompt": "text to steer away from ('' for none)"}
-    OUTPUT_COLUMNS = ("prompt_embeds", "negative_prompt_embeds", "prompt_truncated")
 
-    def __init__(self, model, **options):
+    @classmethod
+    def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
+        return (*embedding_columns(family), "prompt_truncated")
+
+    def __init__(self, model, *, max_sequence_length: int | None = None, **options):
         super().__init__(model, **options)
-        family = self.model.family
-        self.tokenizer = self.model.load(family.tokenizer_component)
-        self.text_encoder = self.model.load(family.text_encoder_component, self.device, self.dtype)
-        self.max_tokens = self.tokenizer.model_max_length
-        # most rows have no negative prompt: its embedding is computed once per actor
-        self._cache: dict[str, np.ndarray] = {"": self._encode([""])[0]}
+        self.max_sequence_length = max_sequence_length
+        self.pipe = self.load_pipeline(self.family.text_components, config_only=self.family.text_stage_configs)
+        # most rows have no negative prompt: the empty text is encoded once per actor
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
+        self._cache_bytes = 0
+        self._empty = self._encode([""])[0]
+        self._no_negative = self.family.empty_negative(self.pipe, self._empty)
 
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             prompts = [str(text) for text in batch["prompt"]]
             negatives = [str(text) for text in batch["negative_prompt"]]
 
-            # 1. encode each distinct text of the batch once, gathered per row
-            embeddings = self.embed(prompts + negatives)
-            batch["prompt_embeds"] = np.stack(embeddings[:len(prompts)])
-            batch["negative_prompt_embeds"] = np.stack(embeddings[len(prompts):])
+            # 1. encode each distinct text of the batch once
+            embedded = self.embed(prompts + [text for text in negatives if text])
+            by_text = dict(zip(prompts + [text for text in negatives if text], embedded))
 
-            # 2. which prompts lost tokens to the model's limit
-            batch["prompt_truncated"] = np.array([self._is_truncated(text) for text in prompts])
+            # 2. one column per embedding; no negative prompt encodes as the family says (SDXL: zeros)
+            for name in self.family.embedding_columns:
+                batch[name] = stack_column([by_text[text][name] for text in prompts])
+                batch[f"negative_{name}"] = stack_column(
+                    [by_text[text][name] if text else self._no_negative[name] for text in negatives]
+                )
+
+            # 3. which prompts lost tokens to a tokenizer's limit (diffusers truncates silently)
+            batch["prompt_truncated"] = np.array([self.is_truncated(text) for text in prompts], dtype=bool)
         return batch
 
-    def embed(self, texts: list[str]) -> list[np.ndarray]:
-        """Hidden states per text; each distinct text not seen recently is encoded once."""
-        new_texts = list(dict.fromkeys(t for t in texts if t not in self._cache))
+    def embed(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
+        """Embeddings per text; each distinct text not seen recently is encoded once."""
+        new_texts = list(dict.fromkeys(text for text in texts if text != "" and text not in self._cache))
         if new_texts:
-            self._cache.update(zip(new_texts, self._encode(new_texts)))
-        embeddings = [self._cache[text] for text in texts]
-        # keep the cache to the empty prompt and recent texts: prompts rarely repeat across batches
-        if len(self._cache) > 4096:
-            self._cache = {"": self._cache[""]}
+            for text, embedding in zip(new_texts, self._encode(new_texts)):
+                self._cache[text] = embedding
+                self._cache_bytes += sum(array.nbytes for array in embedding.values())
+        embeddings = [self._empty if text == "" else self._cache[text] for text in texts]
+        if self._cache_bytes > CACHE_BYTES:  # prompts rarely repeat across batches
+            self._cache, self._cache_bytes = {}, 0
         return embeddings
 
-    def _is_truncated(self, text: str) -> bool:
-        return len(self.tokenizer(text, truncation=False, verbose=False).input_ids) > self.max_tokens
+    def is_truncated(self, text: str) -> bool:
+        return self.family.is_truncated(self.pipe, text, self.max_sequence_length)
 
     @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        # as diffusers' encode_prompt: pad to the model maximum, truncate, last hidden state
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
-        )
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=attention_mask)[0]
-        # float32 between stages keeps the object store format independent of the GPU dtype
-        return list(hidden.float().cpu().numpy())
+    def _encode(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
+        columns = self.family.encode_texts(self.pipe, texts, self.device, self.max_sequence_length)
+        return [{name: columns[name][index] for name in columns} for index in range(len(texts))]
 
 
 class CaptionEncoderWorker(TextEncoderWorker):
-    """Captions of a latent dataset -> the hidden states a denoiser is trained on.
+    """Captions of a latent dataset -> the embeddings a denoiser is trained on.
 
-    The text encoder of generation without negative prompts: a null caption encodes as
-    "" (the unconditional embedding). Families with a pooled text output (none yet)
-    would add it here.
+    The text stage of generation without negative prompts: a null caption encodes as ""
+    (the unconditional embedding), named as diffusers' ``encode_prompt`` returns them.
     """
 
     REQUIRED_COLUMNS = {"caption": "the image's caption (null: the empty caption)"}
-    OUTPUT_COLUMNS = ("prompt_embeds", "caption_truncated")
+
+    @classmethod
+    def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
+        return (*embedding_columns(family, negative=False), "caption_truncated")
 
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             captions = ["" if text is None else str(text) for text in batch["caption"]]
             # 1. encode each distinct caption once
-            batch["prompt_embeds"] = np.stack(self.embed(captions)) if captions else np.empty((0,))
-            # 2. which captions lost tokens to the model's limit
-            batch["caption_truncated"] = np.array([self._is_truncated(text) for text in captions], dtype=bool)
+            embedded = self.embed(captions)
+            for name in self.family.embedding_columns:
+                batch[name] = stack_column([embedding[name] for embedding in embedded]) if captions else np.empty((0,))
+            # 2. which captions lost tokens to a tokenizer's limit
+            batch["caption_truncated"] = np.array([self.is_truncated(text) for text in captions], dtype=bool)
         return batch

@@ -1,4 +1,8 @@
-"""VAE decoder worker: final latents -> uint8 RGB images (height x width x 3)."""
+"""VAE decoder stage: final latents -> uint8 RGB images (height x width x 3).
+
+Every family's pipeline decodes the same way once latents are unpacked:
+``vae.decode(latents / scaling_factor + shift_factor)``, then diffusers' postprocessing.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from workers.base import Batch, ModelWorker, group_rows, stack_column
 
 class VaeDecoderWorker(ModelWorker):
     STAGE = "vae_decoder"
-    REQUIRED_COLUMNS = {"latents": "final latents from the denoiser (scaled, as the U-Net sees them)"}
+    REQUIRED_COLUMNS = {"latents": "final latents from the denoiser (unpacked, scaled as the denoiser sees them)"}
     OUTPUT_COLUMNS = ("image",)
 
     def __init__(self, model, **options):
         super().__init__(model, **options)
-        self.vae = self.model.load(self.model.family.vae_component, self.device, self.dtype)
+        self.vae = self.load_pipeline((self.family.vae_component,)).vae
+        upcast_vae(self.vae)
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor)
@@ -35,8 +40,14 @@ class VaeDecoderWorker(ModelWorker):
 
     @torch.inference_mode()
     def _decode(self, latents: np.ndarray) -> np.ndarray:
-        latents_tensor = torch.from_numpy(latents).to(self.device, self.dtype)
+        latents_tensor = torch.from_numpy(latents).to(self.vae.device, self.vae.dtype)
         decoded = self.vae.decode(latents_tensor / self.scaling_factor + self.shift_factor, return_dict=False)[0]
         # as diffusers' postprocess + numpy_to_pil: [-1, 1] -> [0, 1] -> round to uint8
         pixels = self.image_processor.postprocess(decoded, output_type="np")
         return (pixels * 255).round().astype(np.uint8)
+
+
+def upcast_vae(vae: torch.nn.Module) -> None:
+    """Keep a VAE that overflows in float16 (``force_upcast``: SDXL's) in float32, as diffusers does."""
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from workers.base import Batch, ModelWorker, group_rows, stack_column
+from workers.vae_decoder import upcast_vae
 
 SAMPLE_MODES = ("mean", "sample")
 
@@ -29,7 +30,8 @@ class VaeEncoderWorker(ModelWorker):
         if sample not in SAMPLE_MODES:
             raise ValueError(f"sample: must be one of {', '.join(SAMPLE_MODES)}, got {sample!r}")
         super().__init__(model, **options)
-        self.vae = self.model.load(self.model.family.vae_component, self.device, self.dtype)
+        self.vae = self.load_pipeline((self.family.vae_component,)).vae
+        upcast_vae(self.vae)
         self.scaling_factor = self.vae.config.scaling_factor
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.sample, self.flip = sample, flip
@@ -65,7 +67,7 @@ class VaeEncoderWorker(ModelWorker):
         images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
         if crops.dtype == np.uint8:
             images = images.float() / 127.5 - 1.0
-        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
         latents = posterior.mean if self.sample == "mean" else posterior.sample(generator=generators)
         # float32 between stages keeps the object store format independent of the GPU dtype
         return ((latents - self.shift_factor) * self.scaling_factor).float().cpu().numpy()

@@ -1,0 +1,166 @@
+"""What a model family is to latentray: its diffusers pipeline, split into our stages.
+
+diffusers already knows each family's maths. A family module says how latentray
+cuts that pipeline into stage actors and what travels between them:
+
+- the text stage holds the tokenizers and text encoders and calls the pipeline's own
+  ``encode_prompt``; its outputs are columns named as the pipeline's ``__call__``
+  arguments (``prompt_embeds``, ``pooled_prompt_embeds``, ...);
+- the denoiser stage holds the U-Net or transformer and the scheduler and calls the
+  pipeline itself with those embeddings, per-row CPU generators and
+  ``output_type="latent"``; latents leave it unpacked, ``[C, H/f, W/f]``;
+- the VAE stages scale and shift latents by the VAE's config.
+
+Everything a family does differently lives in its module (``workers/families/<name>.py``):
+components per stage, the embeddings it produces, extra conditioning, the size multiple,
+default steps and guidance, the schedulers that fit it, and its offline presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+# scheduler names (workers/schedulers.py) for noise-prediction families and for flow-matching ones
+CLASSIC_SCHEDULERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler-a", "heun", "dpm++", "dpm++-karras", "dpm++-sde", "unipc")
+FLOW_SCHEDULERS = ("flow-euler", "flow-euler-karras", "flow-euler-exponential")
+
+ConfigReader = Callable[[str], "dict | None"]  # relative path in the model directory -> parsed JSON, None when absent
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What the driver needs to know of a model before any weights load (read from its configs)."""
+
+    default_height: int
+    default_width: int
+    size_multiple: int  # height and width must be multiples of this
+    vae_scale_factor: int  # pixels per latent cell
+    latent_channels: int
+    # the denoiser sees (latent - shift_factor) * scaling_factor
+    scaling_factor: float
+    shift_factor: float
+    default_steps: int
+    default_guidance: float
+
+
+class ModelFamily:
+    """One family of diffusers pipelines. Subclasses set the class attributes and override
+    the hooks where the family differs; the defaults are Stable Diffusion's."""
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]  # `model_index.json` ``_class_name``
+    text_components: ClassVar[tuple[str, ...]]  # tokenizers and text encoders (the text stage)
+    optional_components: ClassVar[tuple[str, ...]] = ()  # may be missing from a directory (SD3's T5)
+    # components whose config (not weights) the text stage reads
+    text_stage_configs: ClassVar[tuple[str, ...]] = ()
+    denoiser_component: ClassVar[str] = "unet"
+    vae_component: ClassVar[str] = "vae"
+    scheduler_component: ClassVar[str] = "scheduler"
+    # per-text outputs of the text stage; each also travels as ``negative_<name>``
+    embedding_columns: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    # every text's embedding has one shape (padded to the tokenizer's length); Z-Image's do not
+    fixed_length_embeddings: ClassVar[bool] = True
+    default_steps: ClassVar[int]
+    default_guidance: ClassVar[float]
+    guidance_rule: ClassVar[str]  # what guidance_scale means, for the README and errors
+    schedulers: ClassVar[tuple[str, ...]] = CLASSIC_SCHEDULERS
+    # default token budget of the long text encoder (T5, Qwen); None: the family has no such option
+    default_max_sequence_length: ClassVar[int | None] = None
+    # per-row columns beyond the common ones (name -> what it holds), passed to the denoiser
+    conditioning_columns: ClassVar[dict[str, str]] = {}
+
+    @property
+    def denoiser_components(self) -> tuple[str, ...]:
+        return (self.denoiser_component, self.scheduler_component)
+
+    @property
+    def required_components(self) -> tuple[str, ...]:
+        every = (*self.text_components, *self.denoiser_components, self.vae_component)
+        return tuple(name for name in every if name not in self.optional_components)
+
+    # -- the driver: configs only ------------------------------------------------------------
+
+    def describe(self, read_config: ConfigReader) -> ModelShape:
+        vae = read_config(f"{self.vae_component}/config.json") or {}
+        vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        denoiser = read_config(f"{self.denoiser_component}/config.json") or {}
+        height, width = self.default_size(denoiser, vae_scale_factor)
+        return ModelShape(
+            default_height=height, default_width=width,
+            size_multiple=self.size_multiple(denoiser, vae_scale_factor), vae_scale_factor=vae_scale_factor,
+            latent_channels=int(vae.get("latent_channels", 4)),
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)), shift_factor=float(vae.get("shift_factor") or 0.0),
+            default_steps=self.default_steps, default_guidance=self.default_guidance,
+        )
+
+    def default_size(self, denoiser_config: dict, vae_scale_factor: int) -> tuple[int, int]:
+        """The pipeline's default height and width (diffusers: the denoiser's sample size in pixels)."""
+        sample_size = denoiser_config.get("sample_size", 64)
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return height * vae_scale_factor, width * vae_scale_factor
+
+    def size_multiple(self, denoiser_config: dict, vae_scale_factor: int) -> int:
+        return vae_scale_factor
+
+    def check_options(self, *, scheduler: str | None, max_sequence_length: int | None, true_cfg_scale: float) -> None:
+        """Options that do not fit this family stop the run (exit 2), with the reason."""
+        if scheduler is not None and scheduler not in self.schedulers:
+            raise ValueError(f"scheduler: {scheduler!r} does not fit {self.name} models; choose one of {', '.join(self.schedulers)}")
+        if max_sequence_length is not None and self.default_max_sequence_length is None:
+            raise ValueError(f"max_sequence_length: {self.name} models have no long text encoder to limit (CLIP's 77 tokens are fixed)")
+        if true_cfg_scale != 1.0:
+            raise ValueError(f"true_cfg_scale: only FLUX models take it; {self.name} models use guidance_scale for classifier-free guidance")
+
+    # -- the text stage ----------------------------------------------------------------------
+
+    def encode_texts(self, pipe: Any, texts: list[str], device: Any, max_sequence_length: int | None) -> dict[str, list[np.ndarray]]:
+        """Embeddings of each text, per column of ``embedding_columns`` (float32 numpy arrays)."""
+        raise NotImplementedError
+
+    def empty_negative(self, pipe: Any, encoded_empty: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What "no negative prompt" encodes to: as diffusers' ``negative_prompt=None``."""
+        return encoded_empty
+
+    def token_limits(self, pipe: Any, max_sequence_length: int | None) -> list[tuple[Any, int]]:
+        """(tokenizer, tokens it keeps) for every tokenizer a prompt goes through."""
+        return [(pipe.tokenizer, pipe.tokenizer.model_max_length)]
+
+    def is_truncated(self, pipe: Any, text: str, max_sequence_length: int | None) -> bool:
+        """Whether any of the family's tokenizers drops tokens of ``text`` (diffusers truncates silently)."""
+        return any(
+            len(tokenizer(text, truncation=False, verbose=False).input_ids) > limit
+            for tokenizer, limit in self.token_limits(pipe, max_sequence_length)
+        )
+
+    # -- the denoiser stage ------------------------------------------------------------------
+
+    def group_key(self, batch: dict[str, np.ndarray], row: int) -> tuple:
+        """What else, besides size, steps and guidance, rows of one denoising call must share."""
+        return ()
+
+    def denoise_arguments(self, pipe: Any, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> dict[str, Any]:
+        """Keyword arguments of the pipeline's ``__call__`` for one group of rows: their embeddings
+        (positive and negative, as diffusers names them) and the family's extra conditioning."""
+        return {
+            column: stack([batch[column][row] for row in rows], pipe)
+            for name in self.embedding_columns for column in (name, f"negative_{name}")
+        }
+
+    def unpack_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
+        """Latents as ``[B, C, H/f, W/f]`` (FLUX packs 2x2 patches into tokens)."""
+        return latents
+
+
+def stack(values: list[np.ndarray], pipe: Any):
+    """One batch tensor of per-row embeddings, on the pipeline's device and in its dtype."""
+    import torch
+
+    return torch.from_numpy(np.stack(values)).to(pipe.device, pipe.dtype)
+
+
+def to_numpy(tensor) -> list[np.ndarray]:
+    # float32 between stages keeps the object-store format independent of the GPU dtype
+    return list(tensor.float().cpu().numpy())
