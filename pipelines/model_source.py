@@ -73,7 +73,8 @@ def describe_model(model: str) -> ModelDescription:
     family = family_for_class(index.get("_class_name"), model)
 
     # 2. every component the family needs, with safetensors weights
-    components = tuple(name for name, entry in index.items() if not name.startswith("_") and entry and entry[0] is not None)
+    # components are [library, class] pairs; other entries are pipeline settings (force_zeros_for_empty_prompt, ...)
+    components = tuple(name for name, entry in index.items() if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None)
     for name in family.required_components:
         if name not in components:
             raise ValueError(f"model: {model!r} ({family.pipeline_class}) has no {name!r} component; it needs {', '.join(family.required_components)}")

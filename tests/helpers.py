@@ -18,7 +18,9 @@ def write_prompts(path, rows: list[dict] | dict) -> str:
     return str(path)
 
 
-def diffusers_reference(model_dir: str, rows: list[dict], scheduler: str | None = None, **call_options) -> list[np.ndarray]:
+def diffusers_reference(
+    model_dir: str, rows: list[dict], scheduler: str | None = None, load_options: dict | None = None, **call_options,
+) -> list[np.ndarray]:
     """What the model family's own diffusers pipeline draws for each row, one row at a time.
 
     A row's "" negative prompt is diffusers' ``negative_prompt=None``; ``call_options``
@@ -29,7 +31,7 @@ def diffusers_reference(model_dir: str, rows: list[dict], scheduler: str | None 
 
     from workers.schedulers import make_scheduler
 
-    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, **(load_options or {}))
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))

@@ -51,8 +51,8 @@ class ModelDirectory:
         self._loaded: frozenset[str] = frozenset()
 
     def has(self, component: str) -> bool:
-        entry = self._index.get(component)
-        return bool(entry) and entry[0] is not None and os.path.isdir(os.path.join(self.path, component))
+        entry = self._index.get(component)  # a [library, class] pair; [null, null] when left out
+        return isinstance(entry, list) and entry[0] is not None and os.path.isdir(os.path.join(self.path, component))
 
     def component_class(self, component: str) -> type:
         if not self.has(component):

@@ -1,0 +1,207 @@
+"""Model families through the jobs: generation and encoding on a real local Ray, and the
+whole-job checks that stop a run before any model loads (exit 2, a message, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
+from image_helpers import picture, png, write_table
+from jobs.cli import main
+from pipelines import io
+from pipelines.config import EncodeConfig, GenerateConfig
+from pipelines.encode import run_encoding
+from pipelines.generate import run_generation
+from pipelines.latent_output import latents_of
+from workers.presets import export_preset, materialize_preset
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    status = main(args)
+    return status, capsys.readouterr().err
+
+
+# -- generation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused")])
+def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, preset, placement):
+    rows = [
+        {"id": "a", "prompt": "a red circle", "negative_prompt": "", "seed": 5, "height": 64, "width": 64},
+        {"id": "b", "prompt": "a blue square", "negative_prompt": "blurry", "seed": 6, "height": 32, "width": 64},
+        {"id": "odd", "prompt": "a green triangle", "negative_prompt": "", "seed": 7, "height": 40, "width": 64},
+    ]
+    table = [dict(row) for row in rows]
+    if preset == "tiny-sdxl":  # SDXL micro-conditioning from per-row columns
+        for row, size in zip(table, ([256, 256], None, None)):
+            row["original_size"] = size
+    prompts = write_prompts(tmp_path / "prompts.parquet", table)
+    output = tmp_path / "out"
+    record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model=preset, steps=3, guidance=4.0, placement=placement))
+
+    # the odd size goes to errors naming the family's multiple; the others equal diffusers
+    multiple = 16 if preset == "tiny-flux" else 8
+    counts = record["counts"]
+    if multiple == 16:
+        errors = pd.read_parquet(output / "errors").set_index("id")
+        assert counts["ok_rows"] == 2 and counts["error_rows"] == 1
+        assert errors.loc["odd", "reason"] == "height must be a positive multiple of 16, got 40"
+    else:
+        assert counts["ok_rows"] == 3 and counts["error_rows"] == 0
+    manifest = pd.read_parquet(output / "manifest").set_index("id").sort_index()
+    good = [row for row in table if row["height"] % multiple == 0]
+    expected = diffusers_reference(materialize_preset(preset), [
+        dict(row, num_inference_steps=3, guidance_scale=4.0) for row in good
+    ])
+    for row, image in zip(good, expected):
+        assert_images_match(read_image(output / manifest.loc[row["id"], "image_path"]), image)
+    stats = json.load(open(output / "latent_stats.json"))
+    assert stats["latent_channels"] == (16 if preset == "tiny-flux" else 4)
+    assert record["identity"]["family"] == ("flux" if preset == "tiny-flux" else "sdxl")
+
+
+# -- encoding -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captioned_images(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("images")
+    rows = [{"id": f"img-{index}", "image": png(picture(index, 64, 64)), "caption": caption}
+            for index, caption in enumerate(["a red circle", "word " * 40, None])]
+    return write_table(folder / "images.parquet", rows)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_session, tmp_path, captioned_images, preset):
+    from diffusers import DiffusionPipeline
+
+    output = tmp_path / "latents"
+    record = run_encoding(EncodeConfig(
+        images=captioned_images, output=str(output), model=preset, resolution=64, caption_column="caption",
+        text_embeddings=True, latent_dtype="float32", max_sequence_length=32 if preset != "tiny-sdxl" else None,
+    ))
+    assert record["counts"]["ok_rows"] == 3
+    table = pq.read_table(output / "latents").sort_by("id")
+    pipe = DiffusionPipeline.from_pretrained(materialize_preset(preset), local_files_only=True)
+
+    # 1. latents: the family's VAE, shifted and scaled, unpacked [C, H/8, W/8]
+    vae = pipe.vae
+    pixels = torch.from_numpy(np.stack([picture(index, 64, 64) for index in range(3)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        expected = (vae.encode(pixels).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    latents = np.stack(latents_of(table))
+    channels = 4 if preset == "tiny-sdxl" else 16
+    assert latents.shape == (3, channels, 8, 8)
+    np.testing.assert_allclose(latents, expected.numpy(), atol=1e-4)
+
+    # 2. embeddings: what the family's encode_prompt returns for the caption ("" for none), within 1e-4
+    captions = [text or "" for text in table.column("caption").to_pylist()]
+    with torch.no_grad():
+        if preset == "tiny-flux":
+            prompt_embeds, pooled, _ = pipe.encode_prompt(captions, None, max_sequence_length=32)
+        elif preset == "tiny-sd3":
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False, max_sequence_length=32)
+        else:
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    stored = {name: np.stack(table.column(name).combine_chunks().to_numpy_ndarray()) for name in ("prompt_embeds", "pooled_prompt_embeds")}
+    np.testing.assert_allclose(stored["prompt_embeds"], prompt_embeds.numpy(), atol=1e-4)
+    np.testing.assert_allclose(stored["pooled_prompt_embeds"], pooled.numpy(), atol=1e-4)
+    assert table.column("caption_truncated").to_pylist() == [False, True, False]  # CLIP's 77 tokens
+    stats = json.load(open(output / "latent_stats.json"))
+    assert len(stats["mean"]) == channels
+
+
+# -- whole-job problems: exit 2 before any model loads -------------------------------------------
+
+
+def test_unknown_pipeline_class_is_named_with_the_supported_ones(tmp_path, capsys, model_cache):
+    model = tmp_path / "model"
+    shutil.copytree(materialize_preset("tiny"), model)
+    index = json.load(open(model / "model_index.json"))
+    json.dump({**index, "_class_name": "KandinskyV22Pipeline"}, open(model / "model_index.json", "w"))
+    prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
+    status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
+    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs FluxPipeline, StableDiffusion3Pipeline" in err
+    assert "Traceback" not in err
+
+
+def test_missing_component_and_pickled_weights_are_named(tmp_path, capsys, model_cache):
+    prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
+    model = tmp_path / "flux"
+    export_preset("tiny-flux", str(model))
+    index = json.load(open(model / "model_index.json"))
+    json.dump({key: value for key, value in index.items() if key != "text_encoder_2"}, open(model / "model_index.json", "w"))
+    status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
+    assert status == 2 and "has no 'text_encoder_2' component" in err
+
+    json.dump(index, open(model / "model_index.json", "w"))
+    weights = model / "text_encoder_2" / "model.safetensors"
+    weights.rename(model / "text_encoder_2" / "pytorch_model.bin")
+    status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
+    assert status == 2 and "component 'text_encoder_2'" in err and "no .safetensors weights" in err
+
+
+def test_sd3_without_t5_runs_as_diffusers_allows(tmp_path, model_cache):
+    from workers.denoiser import DenoiserWorker
+    from workers.fused import FusedGenerationWorker
+    from workers.text_encoder import TextEncoderWorker
+    from workers.vae_decoder import VaeDecoderWorker
+
+    model = tmp_path / "sd3"
+    export_preset("tiny-sd3", str(model))
+    index = json.load(open(model / "model_index.json"))
+    json.dump({**index, "text_encoder_3": [None, None], "tokenizer_3": [None, None]}, open(model / "model_index.json", "w"))
+    shutil.rmtree(model / "text_encoder_3")
+    shutil.rmtree(model / "tokenizer_3")
+    row = {"prompt": "a red circle", "negative_prompt": "", "seed": 3, "num_inference_steps": 3, "guidance_scale": 5.0, "height": 32, "width": 32}
+    batch = {name: np.array([value], dtype=object if isinstance(value, str) else None) for name, value in row.items()}
+    image = FusedGenerationWorker(str(model), threads=2)(batch)["image"][0]
+    reference = diffusers_reference(str(model), [row], load_options={"text_encoder_3": None, "tokenizer_3": None})
+    assert_images_match(image, reference[0])
+    # split: the text stage reads the transformer's config (T5's place is zeros of its width), not its weights
+    stages = [TextEncoderWorker(str(model), threads=2), DenoiserWorker(str(model), threads=2), VaeDecoderWorker(str(model), threads=2)]
+    for stage in stages:
+        batch = stage(batch)
+    assert_images_match(batch["image"][0], reference[0])
+
+
+@pytest.mark.parametrize("model, flags, message", [
+    ("tiny-flux", ["--scheduler", "ddim"], "scheduler: 'ddim' does not fit flux models; choose one of flow-euler"),
+    ("tiny", ["--scheduler", "flow-euler"], "scheduler: 'flow-euler' does not fit sd models"),
+    ("tiny-zimage", ["--scheduler", "flow-heun"], "scheduler: 'flow-heun' does not fit zimage models; choose one of flow-euler"),
+    ("tiny-sdxl", ["--true-cfg-scale", "2"], "true_cfg_scale: only FLUX models take it"),
+    ("tiny", ["--max-sequence-length", "64"], "max_sequence_length: sd models have no long text encoder"),
+    ("tiny-flux", ["--width", "72"], "width: flux models need a multiple of 16, got 72"),
+])
+def test_options_that_do_not_fit_the_family_stop_the_run(tmp_path, capsys, model_cache, model, flags, message):
+    prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
+    status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", model, *flags], capsys)
+    assert status == 2 and message in err, err
+
+
+# -- model identity -----------------------------------------------------------------------------
+
+
+def test_fingerprint_reads_unchanged_weights_once(tmp_path, monkeypatch, model_cache):
+    model = tmp_path / "model"
+    export_preset("tiny", str(model))
+    cache = tmp_path / "cache"
+    reads: list[str] = []
+    original = io._file_digest
+    monkeypatch.setattr(io, "_file_digest", lambda path: reads.append(path) or original(path))
+    first = io.fingerprint_tree(str(model), str(cache))
+    files = len(reads)
+    assert files >= 5
+    assert io.fingerprint_tree(str(model), str(cache)) == first and len(reads) == files  # nothing read again
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte changed: that file is read again
+    os.utime(weights, ns=(0, 10**18))
+    assert io.fingerprint_tree(str(model), str(cache)) != first and len(reads) == files + 1
