@@ -1,8 +1,8 @@
-"""Benchmark: plain diffusers loops against latentray's fused and split pipelines.
+"""Benchmark: plain diffusers loops against latentray's fused and split pipelines, for any model family.
 
 One run, one machine, one model, one set of prompts and seeds, four variants:
 
-    (a) diffusers, one prompt at a time   StableDiffusionPipeline called once per prompt
+    (a) diffusers, one prompt at a time   the family's pipeline (StableDiffusionPipeline, FluxPipeline, ...) once per prompt
     (b) diffusers, batched                the same pipeline called with lists of --batch-size prompts
     (c) latentray, fused placement        run_generation(placement="fused") on embedded Ray
     (d) latentray, split placement        run_generation(placement="split") on embedded Ray
@@ -13,6 +13,7 @@ For (c) and (d) also the stage-compute efficiency: the stages' summed busy secon
 divided by the run's wall seconds.
 
     python bench/generate_benchmark.py                      # small preset, 48 prompts, 128x128, 20 steps
+    python bench/generate_benchmark.py --model small-flux   # the same table for FLUX.1 (small-sdxl, small-sd3, small-zimage)
     python bench/generate_benchmark.py --model tiny --prompts 8 --steps 4 --json result.json
 
 This is a benchmark, not a test: it asserts nothing about speed.
@@ -26,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -37,6 +38,7 @@ import ray.data
 import torch
 from PIL import Image
 
+from pipelines.model_source import describe_model
 from workers.presets import PRESETS, materialize_preset
 
 # shared with the other benchmarks; `python bench/generate_benchmark.py` puts bench/ first on sys.path
@@ -61,7 +63,7 @@ class BenchmarkSettings:
     steps: int
     batch_size: int
     size: int
-    guidance: float
+    guidance: float | None  # None: the family's default
     seed: int
     memory_interval: float
 
@@ -125,12 +127,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def load_pipeline(model_directory: str):
     import diffusers
     import transformers
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     # loading bars would interleave with the benchmark's output
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    pipeline = StableDiffusionPipeline.from_pretrained(model_directory, local_files_only=True)
+    # the class model_index.json names: the family's own pipeline
+    pipeline = DiffusionPipeline.from_pretrained(model_directory, local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -300,6 +303,11 @@ def scheduler_name(model_directory: str) -> str:
 
 def run_benchmark(settings: BenchmarkSettings, json_path: str | None) -> dict:
     model_directory = materialize_preset(settings.model) if settings.model in PRESETS else settings.model
+    model = describe_model(settings.model)
+    if settings.size % model.size_multiple:
+        raise SystemExit(f"--size must be a multiple of {model.size_multiple} for {model.family.name} models, got {settings.size}")
+    if settings.guidance is None:  # the family's default, the same for every variant
+        settings = replace(settings, guidance=model.shape.default_guidance)
     rows = make_prompt_rows(settings.prompts, settings.seed)
     results: list[VariantResult] = []
     images: dict[str, dict[str, np.ndarray]] = {}
@@ -329,7 +337,7 @@ def run_benchmark(settings: BenchmarkSettings, json_path: str | None) -> dict:
 
     compare_to_batched(results, images, "b")
     scheduler = scheduler_name(model_directory)
-    print(f"\nlatentray generation benchmark: model {settings.model}, {settings.prompts} prompts, "
+    print(f"\nlatentray generation benchmark: model {settings.model} ({model.family.name}), {settings.prompts} prompts, "
           f"{settings.size}x{settings.size}, {settings.steps} steps, guidance {settings.guidance}, "
           f"batch size {settings.batch_size}, {scheduler}, {os.cpu_count()} CPUs\n")
     print(format_table(results))
@@ -350,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", type=positive_integer, default=48, help="number of prompts")
     parser.add_argument("--steps", type=positive_integer, default=20, help="denoising steps")
     parser.add_argument("--batch-size", type=positive_integer, default=8, help="prompts per batch for (b), (c) and (d)")
-    parser.add_argument("--size", type=positive_integer, default=128, help="image height and width in pixels, a multiple of 8")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--size", type=positive_integer, default=128, help="image height and width in pixels, a multiple of the family's (8 or 16)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model family's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     parser.add_argument("--memory-interval", type=float, default=0.2, help="seconds between memory samples")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
@@ -361,8 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
-    if options.size % 8:
-        parser.error(f"--size must be a multiple of 8, got {options.size}")
     settings = BenchmarkSettings(
         model=options.model, prompts=options.prompts, steps=options.steps, batch_size=options.batch_size,
         size=options.size, guidance=options.guidance, seed=options.seed, memory_interval=options.memory_interval,

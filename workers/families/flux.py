@@ -83,10 +83,10 @@ def build_preset(size):
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     t5_width = 2 * size.text_width
     heads = 2
-    head_dim = size.denoiser_width // heads
+    head_dim = size.transformer_width // heads
     parts.seeded(0)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16 * 4, num_layers=max(1, size.denoiser_depth // 2), num_single_layers=size.denoiser_depth,
+        patch_size=1, in_channels=16 * 4, num_layers=max(1, size.transformer_depth // 2), num_single_layers=size.transformer_depth,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=t5_width,
         pooled_projection_dim=size.text_width, guidance_embeds=True,
         axes_dims_rope=(head_dim // 2, head_dim // 4, head_dim // 4),

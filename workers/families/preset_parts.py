@@ -16,8 +16,10 @@ from workers.families.tokenizers import CLIP_MAX_TOKENS
 
 @dataclass(frozen=True, kw_only=True)
 class PresetSize:
-    denoiser_width: int  # U-Net base channels, or transformer width
-    denoiser_depth: int  # U-Net levels, or transformer layers
+    denoiser_width: int  # U-Net base channels
+    denoiser_depth: int  # U-Net levels
+    transformer_width: int  # SD3, FLUX, Z-Image: transformer width
+    transformer_depth: int  # and layers
     vae_channels: tuple[int, ...]
     text_width: int
     text_layers: int
@@ -25,8 +27,8 @@ class PresetSize:
 
 
 PRESET_SIZES = {
-    "tiny": PresetSize(denoiser_width=32, denoiser_depth=2, vae_channels=(8, 16, 32, 32), text_width=32, text_layers=2, image_size=64),
-    "small": PresetSize(denoiser_width=64, denoiser_depth=3, vae_channels=(16, 32, 64, 64), text_width=128, text_layers=4, image_size=128),
+    "tiny": PresetSize(denoiser_width=32, denoiser_depth=2, transformer_width=32, transformer_depth=2, vae_channels=(8, 16, 32, 32), text_width=32, text_layers=2, image_size=64),
+    "small": PresetSize(denoiser_width=64, denoiser_depth=3, transformer_width=192, transformer_depth=4, vae_channels=(16, 32, 64, 64), text_width=128, text_layers=4, image_size=128),
 }
 
 

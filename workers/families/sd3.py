@@ -61,8 +61,8 @@ def build_preset(size):
     parts.seeded(0)
     transformer = SD3Transformer2DModel(
         sample_size=size.image_size // 8, patch_size=2, in_channels=16, out_channels=16,
-        num_layers=size.denoiser_depth, attention_head_dim=size.denoiser_width // heads, num_attention_heads=heads,
-        joint_attention_dim=t5_width, caption_projection_dim=size.denoiser_width,
+        num_layers=size.transformer_depth, attention_head_dim=size.transformer_width // heads, num_attention_heads=heads,
+        joint_attention_dim=t5_width, caption_projection_dim=size.transformer_width,
         pooled_projection_dim=2 * size.text_width, pos_embed_max_size=96,
     )
     parts.seeded(1)

@@ -66,10 +66,10 @@ def build_preset(size):
 
     tokenizer = qwen_tokenizer()
     heads = 2
-    head_dim = size.denoiser_width // heads
+    head_dim = size.transformer_width // heads
     parts.seeded(0)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=size.denoiser_width, n_layers=size.denoiser_depth,
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=size.transformer_width, n_layers=size.transformer_depth,
         n_refiner_layers=1, n_heads=heads, n_kv_heads=heads, cap_feat_dim=size.text_width,
         # rotary axes (caption/frame, height, width) must add up to the head width; the first
         # axis indexes caption tokens: above the longest padded caption plus one
