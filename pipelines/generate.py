@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,10 @@ def resolve_placement(placement: str, cluster: ClusterShape) -> str:
 
 def build_model_stages(config: GenerateConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     workers = {"fused": FusedGenerationWorker} if placement == "fused" else SPLIT_WORKERS
-    options = stage_options(SHARES[placement], cluster, config.batch_size, config.stages, placement)
+    shares = SHARES[placement]
+    if placement == "split":  # the GPU split is the family's: T5 and Qwen3 need more of a GPU than CLIP
+        shares = {name: replace(share, gpu=model.family.split_gpu_shares[name]) for name, share in shares.items()}
+    options = stage_options(shares, cluster, config.batch_size, config.stages, placement)
     stages = []
     for name, worker in workers.items():
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}

@@ -118,6 +118,18 @@ def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_ses
     stats = json.load(open(output / "latent_stats.json"))
     assert len(stats["mean"]) == channels
 
+    # 3. the report decodes sample latents with the family's VAE, as the family's pipeline decodes
+    if preset == "tiny-flux":
+        from pipelines.report import decoded_samples, write_report
+
+        samples = decoded_samples(str(output), json.load(open(output / "run.json")), 3)
+        with torch.no_grad():
+            decoded = vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor + vae.config.shift_factor).sample
+        expected_pixels = (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
+        for sample, pixels in zip(samples, expected_pixels):
+            assert_images_match(np.asarray(sample.image), pixels)
+        assert os.path.isfile(write_report(str(output), samples=3).contact_sheet)
+
 
 # -- whole-job problems: exit 2 before any model loads -------------------------------------------
 

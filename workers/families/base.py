@@ -71,6 +71,9 @@ class ModelFamily:
     default_max_sequence_length: ClassVar[int | None] = None
     # per-row columns beyond the common ones (name -> what it holds), passed to the denoiser
     conditioning_columns: ClassVar[dict[str, str]] = {}
+    # split placement on GPUs: each stage's share of one GPU per actor set (Ray's fractional GPUs).
+    # CLIP is small next to a U-Net; T5-XXL and Qwen3 are the second largest models of their families
+    split_gpu_shares: ClassVar[dict[str, float]] = {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}
 
     @property
     def denoiser_components(self) -> tuple[str, ...]:

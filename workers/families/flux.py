@@ -23,6 +23,7 @@ class Flux(ModelFamily):
         "takes effect with --true-cfg-scale > 1 (true classifier-free guidance)"
     )
     schedulers = FLOW_SCHEDULERS
+    split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
     default_max_sequence_length = 512
 
     def describe(self, read_config) -> ModelShape:

@@ -24,6 +24,7 @@ class StableDiffusion3(ModelFamily):
     default_guidance = 7.0
     guidance_rule = "classifier-free guidance when guidance_scale > 1"
     schedulers = FLOW_SCHEDULERS + ("flow-heun",)
+    split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
     default_max_sequence_length = 256
 
     def size_multiple(self, denoiser_config: dict, vae_scale_factor: int) -> int:

@@ -21,6 +21,7 @@ class ZImage(ModelFamily):
     guidance_rule = "classifier-free guidance when guidance_scale > 0 (cond + scale * (cond - uncond))"
     # ZImagePipeline passes its own sigmas and mu: only the flow-match Euler scheduler takes both
     schedulers = ("flow-euler",)
+    split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
     default_max_sequence_length = 512
     fixed_length_embeddings = False  # the pipeline drops each caption's padding
 
