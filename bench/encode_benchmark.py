@@ -40,7 +40,7 @@ import ray
 import torch
 from PIL import Image, ImageDraw
 
-from workers.presets import PRESETS, materialize_preset
+from workers.runtime.presets import PRESETS, materialize_preset
 
 # shared with the other benchmarks; `python bench/encode_benchmark.py` puts bench/ first on sys.path
 from common import (

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from pipelines.model_source import describe_model
-from workers.presets import PRESETS, materialize_preset
+from workers.runtime.presets import PRESETS, materialize_preset
 
 # shared with the other benchmarks; `python bench/generate_benchmark.py` puts bench/ first on sys.path
 from common import (

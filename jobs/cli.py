@@ -131,7 +131,7 @@ def run_adherence(args: argparse.Namespace) -> int:
 
 
 def run_model_export(args: argparse.Namespace) -> int:
-    from workers.presets import BUILT_IN_MODELS, export_preset
+    from workers.runtime.presets import BUILT_IN_MODELS, export_preset
 
     if args.name not in BUILT_IN_MODELS:
         return fail(f"unknown built-in model {args.name!r}; built-in models are {', '.join(BUILT_IN_MODELS)}")

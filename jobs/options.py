@@ -7,8 +7,8 @@ import argparse
 from pipelines.config import (
     CROPS, DEFAULT_MAX_IMAGE_PIXELS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
 )
-from workers.presets import PRESETS
-from workers.schedulers import SCHEDULERS
+from workers.runtime.presets import PRESETS
+from workers.runtime.schedulers import SCHEDULERS
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:

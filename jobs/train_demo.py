@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from pipelines import io
 from pipelines.procedural import DEFAULT_HELD_OUT, ShapesCorpusConfig
-from workers.demo_architecture import DemoArchitecture
-from workers.presets import RECOMMENDED_GUIDANCE
+from workers.demo.architecture import DemoArchitecture
+from workers.runtime.presets import RECOMMENDED_GUIDANCE
 
 logger = logging.getLogger("latentray.train_demo")
 
@@ -179,8 +179,8 @@ def load_corpus_images(uri: str):
 
 def stage_vae(config: TrainDemoConfig) -> dict:
     from pipelines.procedural import caption_words
-    from workers import demo_architecture as demo
-    from workers.training import VaeTrainingConfig, latent_scaling_factor, reconstruction_psnr, train_vae
+    from workers.demo import architecture as demo
+    from workers.demo.training import VaeTrainingConfig, latent_scaling_factor, reconstruction_psnr, train_vae
 
     architecture = config.architecture
     train_images = load_corpus_images(config.path("corpus", "train"))
@@ -250,8 +250,8 @@ def load_conditioned_latents(config: TrainDemoConfig):
     import torch
 
     from pipelines.latent_dataset import LatentDataset
-    from workers.text_encoder import TextEncoderWorker
-    from workers.training import ConditionedLatents
+    from workers.generation.text_encoder import TextEncoderWorker
+    from workers.demo.training import ConditionedLatents
 
     latents, caption_index, embeddings, index_of = [], [], [], {}
     for row in LatentDataset(config.path("latents"), columns=["latent", "prompt_embeds", "caption"]):
@@ -269,8 +269,8 @@ def load_conditioned_latents(config: TrainDemoConfig):
 
 
 def stage_unet(config: TrainDemoConfig) -> dict:
-    from workers import demo_architecture as demo
-    from workers.training import UnetTrainingConfig, train_unet
+    from workers.demo import architecture as demo
+    from workers.demo.training import UnetTrainingConfig, train_unet
 
     data = load_conditioned_latents(config)
     unet = demo.build_unet(config.architecture, seed=config.seed + 3)
@@ -285,8 +285,8 @@ def stage_export(config: TrainDemoConfig, stages: dict) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from workers import demo_architecture as demo
-    from workers.models import ModelDirectory
+    from workers.demo import architecture as demo
+    from workers.runtime.models import ModelDirectory
 
     frozen = ModelDirectory(config.path("vae")).pipeline(("vae", "text_encoder", "tokenizer"), torch.device("cpu"), torch.float32)
     pipeline = demo.assemble_pipeline(
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("latentray.train_demo", "workers.training"):
+    for name in ("latentray.train_demo", "workers.demo.training"):
         logging.getLogger(name).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:

@@ -75,7 +75,7 @@ class GenerateConfig:
     manifest_rows_per_part: int = 5000
 
     def __post_init__(self) -> None:
-        from workers.schedulers import check_scheduler_name
+        from workers.runtime.schedulers import check_scheduler_name
 
         for name in ("prompts", "output", "model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
@@ -118,7 +118,7 @@ class GenerateConfig:
         """
         from dataclasses import replace
 
-        from workers.presets import recommended_guidance
+        from workers.runtime.presets import recommended_guidance
 
         model.family.check_options(scheduler=self.scheduler, max_sequence_length=self.max_sequence_length, true_cfg_scale=self.true_cfg_scale)
         for name in ("height", "width"):

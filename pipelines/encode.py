@@ -37,9 +37,9 @@ from pipelines.prompt_rows import position_id
 from pipelines.run_record import library_versions, utc_now
 from pipelines.schemas import check_image_schema
 from pipelines.stages import Stage, check_wiring
-from workers.fused import FusedEncodingWorker
-from workers.text_encoder import CaptionEncoderWorker
-from workers.vae_encoder import VaeEncoderWorker
+from workers.encoding.fused import FusedEncodingWorker
+from workers.encoding.caption_encoder import CaptionEncoderWorker
+from workers.encoding.vae_encoder import VaeEncoderWorker
 
 logger = logging.getLogger(__name__)
 

@@ -175,7 +175,7 @@ def crops_batch(rows: list[dict], with_caption: bool) -> dict[str, np.ndarray]:
 
 
 def _pixels_column(crops: list[np.ndarray]) -> np.ndarray:
-    # as workers.base.stack_column (not imported: that module loads torch, this task must not)
+    # as workers.runtime.base.stack_column (not imported: that module loads torch, this task must not)
     if len({crop.shape for crop in crops}) == 1:
         return np.stack(crops)
     column = np.empty(len(crops), dtype=object)

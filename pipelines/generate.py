@@ -29,11 +29,11 @@ from pipelines.run_record import library_versions, utc_now
 from pipelines.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
 from pipelines.stages import Stage, check_wiring
 from pipelines.stats import stats_of_rows
-from workers.denoiser import DenoiserWorker
-from workers.fused import FusedGenerationWorker
-from workers.schedulers import scheduler_label
-from workers.text_encoder import TextEncoderWorker
-from workers.vae_decoder import VaeDecoderWorker
+from workers.generation.denoiser import DenoiserWorker
+from workers.generation.fused import FusedGenerationWorker
+from workers.runtime.schedulers import scheduler_label
+from workers.generation.text_encoder import TextEncoderWorker
+from workers.generation.vae_decoder import VaeDecoderWorker
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pipelines import io
 from workers.families import ModelFamily, ModelShape, family_for_class
-from workers.presets import BUILT_IN_MODELS, cache_root, materialize_preset, preset_image_size
+from workers.runtime.presets import BUILT_IN_MODELS, cache_root, materialize_preset, preset_image_size
 
 
 @dataclass(frozen=True)

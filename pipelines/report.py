@@ -101,7 +101,7 @@ def generated_samples(output: str, count: int) -> list[Sample]:
 def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
     """Encoded latents decoded back to pixels by the run's own VAE: what training will see."""
     from pipelines.model_source import describe_model
-    from workers.vae_decoder import VaeDecoderWorker
+    from workers.generation.vae_decoder import VaeDecoderWorker
 
     folder = io.join(output, "latents")
     caption = next((name for name in ("caption", "source") if name in schema_names(folder)), None)

@@ -56,6 +56,6 @@ def ray_session(s3_endpoint, model_cache):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_cache) -> str:
-    from workers.presets import materialize_preset
+    from workers.runtime.presets import materialize_preset
 
     return materialize_preset("tiny")

@@ -29,7 +29,7 @@ def diffusers_reference(
     import torch
     from diffusers import DiffusionPipeline
 
-    from workers.schedulers import make_scheduler
+    from workers.runtime.schedulers import make_scheduler
 
     pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, **(load_options or {}))
     pipe.set_progress_bar_config(disable=True)

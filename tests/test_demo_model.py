@@ -11,7 +11,7 @@ from pipelines.adherence import score_generation
 from pipelines.config import GenerateConfig
 from pipelines.generate import run_generation
 from pipelines.procedural import caption_for
-from workers.presets import shipped_model_dir
+from workers.runtime.presets import shipped_model_dir
 
 # seen combinations, every colour and shape at least once
 PROMPTS = [
@@ -90,6 +90,6 @@ def test_a_plain_install_carries_the_demo_model(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), root],
                    check=True, timeout=300, cwd=tmp_path)
     (wheel,) = list(tmp_path.glob("latentray-*.whl"))
-    shipped = {name.split("workers/demo_model/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if "workers/demo_model/" in name}
+    shipped = {name.split("workers/demo/model/", 1)[1] for name in zipfile.ZipFile(wheel).namelist() if "workers/demo/model/" in name}
     on_disk = {os.path.relpath(os.path.join(r, n), shipped_model_dir("demo")) for r, _, names in os.walk(shipped_model_dir("demo")) for n in names}
     assert shipped == on_disk and "unet/diffusion_pytorch_model.safetensors" in shipped

@@ -9,7 +9,7 @@ from PIL import Image
 from jobs.train_demo import TrainDemoConfig
 from pipelines.loss_curves import render_loss_curves
 from pipelines.procedural import all_combinations, caption_for, caption_words
-from workers.demo_architecture import DemoArchitecture, caption_tokenizer, learn_word_merges, write_vocab_and_merges
+from workers.demo.architecture import DemoArchitecture, caption_tokenizer, learn_word_merges, write_vocab_and_merges
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_loss_curves_png_has_one_panel_per_curve():
 def test_vae_training_crops_sit_on_the_latent_grid_and_repeat_for_a_seed():
     import torch
 
-    from workers.training import random_aligned_crop
+    from workers.demo.training import random_aligned_crop
 
     images = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).reshape(2, 3, 64, 64)
 
@@ -88,7 +88,7 @@ def test_vae_training_crops_sit_on_the_latent_grid_and_repeat_for_a_seed():
 
 
 def test_vae_training_config_names_the_bad_field_and_ends_on_whole_images():
-    from workers.training import VaeTrainingConfig
+    from workers.demo.training import VaeTrainingConfig
 
     with pytest.raises(ValueError, match=r"^crop_size"):
         VaeTrainingConfig(steps=10, crop_size=4)
@@ -102,8 +102,8 @@ def test_vae_training_config_names_the_bad_field_and_ends_on_whole_images():
 def test_vae_training_is_reproducible_and_leaves_saveable_weights(tmp_path):
     import torch
 
-    from workers import demo_architecture as demo
-    from workers.training import VaeTrainingConfig, train_vae
+    from workers.demo import architecture as demo
+    from workers.demo.training import VaeTrainingConfig, train_vae
 
     architecture = DemoArchitecture(vae_channels=(8, 8, 16, 16))
     images = torch.randint(0, 256, (8, 64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

@@ -128,5 +128,5 @@ def test_cpu_tasks_import_no_model_code():
     import subprocess
     import sys
 
-    code = "import sys, pipelines.encode_rows, pipelines.latent_output; print(sorted(m for m in ('torch', 'diffusers', 'workers.base') if m in sys.modules))"
+    code = "import sys, pipelines.encode_rows, pipelines.latent_output; print(sorted(m for m in ('torch', 'diffusers', 'workers.runtime.base') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

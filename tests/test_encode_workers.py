@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from image_helpers import picture
-from workers.text_encoder import CaptionEncoderWorker, TextEncoderWorker
-from workers.vae_encoder import VaeEncoderWorker
+from workers.encoding.caption_encoder import CaptionEncoderWorker
+from workers.generation.text_encoder import TextEncoderWorker
+from workers.encoding.vae_encoder import VaeEncoderWorker
 
 SEEDS = [3, 4, 5]
 

@@ -21,7 +21,7 @@ from pipelines.config import EncodeConfig, GenerateConfig
 from pipelines.encode import run_encoding
 from pipelines.generate import run_generation
 from pipelines.latent_output import latents_of
-from workers.presets import export_preset, materialize_preset
+from workers.runtime.presets import export_preset, materialize_preset
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
@@ -162,10 +162,10 @@ def test_missing_component_and_pickled_weights_are_named(tmp_path, capsys, model
 
 
 def test_sd3_without_t5_runs_as_diffusers_allows(tmp_path, model_cache):
-    from workers.denoiser import DenoiserWorker
-    from workers.fused import FusedGenerationWorker
-    from workers.text_encoder import TextEncoderWorker
-    from workers.vae_decoder import VaeDecoderWorker
+    from workers.generation.denoiser import DenoiserWorker
+    from workers.generation.fused import FusedGenerationWorker
+    from workers.generation.text_encoder import TextEncoderWorker
+    from workers.generation.vae_decoder import VaeDecoderWorker
 
     model = tmp_path / "sd3"
     export_preset("tiny-sd3", str(model))

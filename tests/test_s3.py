@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.config import GenerateConfig
 from pipelines.generate import run_generation
-from workers.presets import export_preset
+from workers.runtime.presets import export_preset
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from helpers import assert_images_match, diffusers_reference
-from workers.denoiser import DenoiserWorker
-from workers.fused import FusedGenerationWorker
-from workers.text_encoder import TextEncoderWorker
-from workers.vae_decoder import VaeDecoderWorker
+from workers.generation.denoiser import DenoiserWorker
+from workers.generation.fused import FusedGenerationWorker
+from workers.generation.text_encoder import TextEncoderWorker
+from workers.generation.vae_decoder import VaeDecoderWorker
 
 
 def request_batch(rows: list[dict]) -> dict[str, np.ndarray]:

@@ -8,14 +8,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_workers_pick_cuda_in_half_precision():
-    from workers.devices import pick_device
+    from workers.runtime.devices import pick_device
 
     device, dtype = pick_device()
     assert device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def test_half_precision_images_stay_close_to_float32(tiny_model_dir):
-    from workers.fused import FusedGenerationWorker
+    from workers.generation.fused import FusedGenerationWorker
 
     batch = {
         "prompt": np.array(["a red circle"], dtype=object), "negative_prompt": np.array([""], dtype=object),

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.base import Batch, ModelWorker, embedding_columns, group_rows, stack_column
+from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows, stack_column
 from workers.families import ModelFamily
-from workers.schedulers import make_scheduler
+from workers.runtime.schedulers import make_scheduler
 
 
 class DenoiserWorker(ModelWorker):

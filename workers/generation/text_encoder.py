@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.base import Batch, ModelWorker, embedding_columns, stack_column
+from workers.runtime.base import Batch, ModelWorker, embedding_columns, stack_column
 from workers.families import ModelFamily
 
 # embeddings kept per actor for repeated texts; T5 embeddings are megabytes each, so the
@@ -75,28 +75,3 @@ class TextEncoderWorker(ModelWorker):
     def _encode(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
         columns = self.family.encode_texts(self.pipe, texts, self.device, self.max_sequence_length)
         return [{name: columns[name][index] for name in columns} for index in range(len(texts))]
-
-
-class CaptionEncoderWorker(TextEncoderWorker):
-    """Captions of a latent dataset -> the embeddings a denoiser is trained on.
-
-    The text stage of generation without negative prompts: a null caption encodes as ""
-    (the unconditional embedding), named as diffusers' ``encode_prompt`` returns them.
-    """
-
-    REQUIRED_COLUMNS = {"caption": "the image's caption (null: the empty caption)"}
-
-    @classmethod
-    def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
-        return (*embedding_columns(family, negative=False), "caption_truncated")
-
-    def __call__(self, batch: Batch) -> Batch:
-        with self.busy(batch):
-            captions = ["" if text is None else str(text) for text in batch["caption"]]
-            # 1. encode each distinct caption once
-            embedded = self.embed(captions)
-            for name in self.family.embedding_columns:
-                batch[name] = stack_column([embedding[name] for embedding in embedded]) if captions else np.empty((0,))
-            # 2. which captions lost tokens to a tokenizer's limit
-            batch["caption_truncated"] = np.array([self.is_truncated(text) for text in captions], dtype=bool)
-        return batch

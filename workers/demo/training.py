@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.models import vae_scale_factor
+from workers.runtime.models import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 WARMUP_STEPS_UNTIMED = 2  # the first steps of a process run 2-10x slower (kernel selection, allocation)

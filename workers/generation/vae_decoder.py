@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from workers.base import Batch, ModelWorker, group_rows, stack_column
+from workers.runtime.base import Batch, ModelWorker, group_rows, stack_column
+from workers.runtime.devices import upcast_vae
 
 
 class VaeDecoderWorker(ModelWorker):
@@ -45,9 +46,3 @@ class VaeDecoderWorker(ModelWorker):
         # as diffusers' postprocess + numpy_to_pil: [-1, 1] -> [0, 1] -> round to uint8
         pixels = self.image_processor.postprocess(decoded, output_type="np")
         return (pixels * 255).round().astype(np.uint8)
-
-
-def upcast_vae(vae: torch.nn.Module) -> None:
-    """Keep a VAE that overflows in float16 (``force_upcast``: SDXL's) in float32, as diffusers does."""
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)

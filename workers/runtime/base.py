@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from workers.devices import pick_device, set_torch_threads
+from workers.runtime.devices import pick_device, set_torch_threads
 from workers.families import ModelFamily
-from workers.models import ModelDirectory, ModelSource
+from workers.runtime.models import ModelDirectory, ModelSource
 
 Batch = dict[str, np.ndarray]
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Union
 import torch
 
 from workers.families import ModelFamily, family_for_class
-from workers.presets import BUILT_IN_MODELS, materialize_preset
+from workers.runtime.presets import BUILT_IN_MODELS, materialize_preset
 
 ModelSource = Union[str, Callable[[], str]]
 
@@ -86,6 +86,13 @@ class ModelDirectory:
         pipe.vae_scale_factor = self.vae_scale_factor
         self._pipeline, self._loaded = pipe, frozenset(wanted)
         return pipe
+
+    def preload(self, components: tuple[str, ...], dtype: str) -> None:
+        """Load every component a fused actor's stages use, once; each stage then gets this pipeline."""
+        from workers.runtime.devices import pick_device
+
+        device, torch_dtype = pick_device(dtype)
+        self.pipeline(components, device, torch_dtype)
 
     def _config_only(self, component: str) -> torch.nn.Module:
         from accelerate import init_empty_weights

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.base import Batch, ModelWorker, group_rows, stack_column
-from workers.vae_decoder import upcast_vae
+from workers.runtime.base import Batch, ModelWorker, group_rows, stack_column
+from workers.runtime.devices import upcast_vae
 
 SAMPLE_MODES = ("mean", "sample")
 

@@ -52,7 +52,7 @@ def preset_image_size(name: str) -> int | None:
 
 # Models shipped as package data (trained, so not buildable in code): name -> folder in this package.
 # `demo` is trained by `python -m jobs.train_demo` (see README).
-SHIPPED_MODELS = {"demo": "demo_model"}
+SHIPPED_MODELS = {"demo": "demo/model"}
 BUILT_IN_MODELS = (*PRESETS, *SHIPPED_MODELS)
 
 # Guidance when a run does not set one: the model family's default (Stable Diffusion's 7.5,
@@ -68,7 +68,8 @@ def recommended_guidance(model: str, family_default: float) -> float:
 
 
 def shipped_model_dir(name: str) -> str:
-    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED_MODELS[name])
+    workers_package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    directory = os.path.join(workers_package, SHIPPED_MODELS[name])
     if not os.path.isfile(os.path.join(directory, "model_index.json")):
         raise ValueError(f"model: the built-in {name!r} model is not installed at {directory} (reinstall latentray)")
     return directory

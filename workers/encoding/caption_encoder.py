@@ -1,0 +1,34 @@
+"""Caption encoder stage of a latent dataset: captions -> the embeddings a denoiser is trained on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from workers.families import ModelFamily
+from workers.generation.text_encoder import TextEncoderWorker
+from workers.runtime.base import Batch, embedding_columns, stack_column
+
+
+class CaptionEncoderWorker(TextEncoderWorker):
+    """Captions of a latent dataset -> the embeddings a denoiser is trained on.
+
+    The text stage of generation without negative prompts: a null caption encodes as ""
+    (the unconditional embedding), named as diffusers' ``encode_prompt`` returns them.
+    """
+
+    REQUIRED_COLUMNS = {"caption": "the image's caption (null: the empty caption)"}
+
+    @classmethod
+    def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
+        return (*embedding_columns(family, negative=False), "caption_truncated")
+
+    def __call__(self, batch: Batch) -> Batch:
+        with self.busy(batch):
+            captions = ["" if text is None else str(text) for text in batch["caption"]]
+            # 1. encode each distinct caption once
+            embedded = self.embed(captions)
+            for name in self.family.embedding_columns:
+                batch[name] = stack_column([embedding[name] for embedding in embedded]) if captions else np.empty((0,))
+            # 2. which captions lost tokens to a tokenizer's limit
+            batch["caption_truncated"] = np.array([self.is_truncated(text) for text in captions], dtype=bool)
+        return batch

@@ -1,0 +1,42 @@
+"""Fused generation worker: text stage, denoiser and VAE decoder in one actor, run in sequence.
+
+One actor per device loads the family's whole pipeline once, so embeddings and latents
+never leave the process. The stages are the very same worker classes as in split
+placement, each handed that one pipeline.
+"""
+
+from __future__ import annotations
+
+from workers.families import ModelFamily
+from workers.generation.denoiser import DenoiserWorker
+from workers.generation.text_encoder import TextEncoderWorker
+from workers.generation.vae_decoder import VaeDecoderWorker
+from workers.runtime.base import Batch
+from workers.runtime.models import ModelDirectory
+
+
+class FusedGenerationWorker:
+    STAGE = "fused"
+    STAGES = (TextEncoderWorker, DenoiserWorker, VaeDecoderWorker)
+    REQUIRED_COLUMNS = {**TextEncoderWorker.REQUIRED_COLUMNS, **DenoiserWorker.REQUIRED_COLUMNS}
+
+    @classmethod
+    def required_columns(cls, family: ModelFamily) -> dict[str, str]:
+        return dict(cls.REQUIRED_COLUMNS)
+
+    @classmethod
+    def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
+        return ("prompt_truncated", "latents", "image")
+
+    def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float = 1.0,
+                 max_sequence_length: int | None = None, dtype: str = "auto", **options):
+        directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
+        family = directory.family
+        directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype)
+        self.text_encoder = TextEncoderWorker(directory, max_sequence_length=max_sequence_length, dtype=dtype, **options)
+        self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, **options)
+        self.vae_decoder = VaeDecoderWorker(directory, dtype=dtype, **options)
+
+    def __call__(self, batch: Batch) -> Batch:
+        # 1. encode prompts; 2. denoise; 3. decode
+        return self.vae_decoder(self.denoiser(self.text_encoder(batch)))
