@@ -65,8 +65,10 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
         if worker in (TextEncoderWorker, FusedGenerationWorker):
             kwargs["max_sequence_length"] = config.max_sequence_length
+        if worker in (TextEncoderWorker, DenoiserWorker, FusedGenerationWorker):
+            kwargs["true_cfg_scale"] = config.true_cfg_scale
         if worker in (DenoiserWorker, FusedGenerationWorker):
-            kwargs.update(scheduler=config.scheduler, true_cfg_scale=config.true_cfg_scale)
+            kwargs["scheduler"] = config.scheduler
         stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
     return stages
 

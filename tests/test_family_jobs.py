@@ -217,3 +217,12 @@ def test_fingerprint_reads_unchanged_weights_once(tmp_path, monkeypatch, model_c
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte changed: that file is read again
     os.utime(weights, ns=(0, 10**18))
     assert io.fingerprint_tree(str(model), str(cache)) != first and len(reads) == files + 1
+
+
+def test_zimage_encodes_latents_and_says_why_not_embeddings(ray_session, tmp_path, captioned_images, capsys):
+    status, err = run_cli(["encode", "--images", captioned_images, "--output", str(tmp_path / "refused"), "--model", "tiny-zimage",
+                           "--resolution", "64", "--caption-column", "caption", "--text-embeddings"], capsys)
+    assert status == 2 and "text_embeddings: zimage caption embeddings differ in length per caption" in err
+    record = run_encoding(EncodeConfig(images=captioned_images, output=str(tmp_path / "latents"), model="tiny-zimage", resolution=64))
+    latents = latents_of(pq.read_table(tmp_path / "latents" / "latents"))
+    assert record["counts"]["ok_rows"] == 3 and all(latent.shape == (16, 8, 8) for latent in latents)

@@ -127,6 +127,10 @@ class ModelFamily:
         """What "no negative prompt" encodes to: as diffusers' ``negative_prompt=None``."""
         return encoded_empty
 
+    def reads_negative(self, true_cfg_scale: float) -> bool:
+        """Whether the denoiser uses negative-prompt embeddings at all (FLUX: only with true CFG)."""
+        return True
+
     def token_limits(self, pipe: Any, max_sequence_length: int | None) -> list[tuple[Any, int]]:
         """(tokenizer, tokens it keeps) for every tokenizer a prompt goes through."""
         return [(pipe.tokenizer, pipe.tokenizer.model_max_length)]

@@ -50,6 +50,9 @@ class Flux(ModelFamily):
         )
         return {"prompt_embeds": to_numpy(prompt_embeds), "pooled_prompt_embeds": to_numpy(pooled)}
 
+    def reads_negative(self, true_cfg_scale: float) -> bool:
+        return true_cfg_scale > 1  # without true CFG a negative prompt changes nothing, as in diffusers
+
     def token_limits(self, pipe: Any, max_sequence_length: int | None) -> list[tuple[Any, int]]:
         return [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, max_sequence_length or self.default_max_sequence_length)]
 

@@ -33,7 +33,9 @@ class FusedGenerationWorker:
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
         directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype)
-        self.text_encoder = TextEncoderWorker(directory, max_sequence_length=max_sequence_length, dtype=dtype, **options)
+        self.text_encoder = TextEncoderWorker(
+            directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, **options,
+        )
         self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, **options)
         self.vae_decoder = VaeDecoderWorker(directory, dtype=dtype, **options)
 

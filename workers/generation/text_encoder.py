@@ -26,9 +26,11 @@ class TextEncoderWorker(ModelWorker):
     def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
         return (*embedding_columns(family), "prompt_truncated")
 
-    def __init__(self, model, *, max_sequence_length: int | None = None, **options):
+    def __init__(self, model, *, max_sequence_length: int | None = None, true_cfg_scale: float = 1.0, **options):
         super().__init__(model, **options)
         self.max_sequence_length = max_sequence_length
+        # FLUX reads negative embeddings only with true CFG: 8 MB of T5 states per row are not sent for nothing
+        self.sends_negative = self.family.reads_negative(true_cfg_scale)
         self.pipe = self.load_pipeline(self.family.text_components, config_only=self.family.text_stage_configs)
         # most rows have no negative prompt: the empty text is encoded once per actor
         self._cache: dict[str, dict[str, np.ndarray]] = {}
@@ -39,7 +41,7 @@ class TextEncoderWorker(ModelWorker):
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             prompts = [str(text) for text in batch["prompt"]]
-            negatives = [str(text) for text in batch["negative_prompt"]]
+            negatives = [str(text) if self.sends_negative else "" for text in batch["negative_prompt"]]
 
             # 1. encode each distinct text of the batch once
             embedded = self.embed(prompts + [text for text in negatives if text])
@@ -50,7 +52,7 @@ class TextEncoderWorker(ModelWorker):
                 batch[name] = stack_column([by_text[text][name] for text in prompts])
                 batch[f"negative_{name}"] = stack_column(
                     [by_text[text][name] if text else self._no_negative[name] for text in negatives]
-                )
+                ) if self.sends_negative else np.zeros((len(prompts), 0), np.float32)
 
             # 3. which prompts lost tokens to a tokenizer's limit (diffusers truncates silently)
             batch["prompt_truncated"] = np.array([self.is_truncated(text) for text in prompts], dtype=bool)
