@@ -304,8 +304,8 @@ def scheduler_name(model_directory: str) -> str:
 def run_benchmark(settings: BenchmarkSettings, json_path: str | None) -> dict:
     model_directory = materialize_preset(settings.model) if settings.model in PRESETS else settings.model
     model = describe_model(settings.model)
-    if settings.size % model.size_multiple:
-        raise SystemExit(f"--size must be a multiple of {model.size_multiple} for {model.family.name} models, got {settings.size}")
+    if settings.size % model.shape.size_multiple:
+        raise SystemExit(f"--size must be a multiple of {model.shape.size_multiple} for {model.family.name} models, got {settings.size}")
     if settings.guidance is None:  # the family's default, the same for every variant
         settings = replace(settings, guidance=model.shape.default_guidance)
     rows = make_prompt_rows(settings.prompts, settings.seed)

@@ -123,8 +123,8 @@ class GenerateConfig:
         model.family.check_options(scheduler=self.scheduler, max_sequence_length=self.max_sequence_length, true_cfg_scale=self.true_cfg_scale)
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and value % model.size_multiple:
-                raise ValueError(f"{name}: {model.family.name} models need a multiple of {model.size_multiple}, got {value}")
+            if value is not None and value % model.shape.size_multiple:
+                raise ValueError(f"{name}: {model.family.name} models need a multiple of {model.shape.size_multiple}, got {value}")
         return replace(
             self, steps=self.steps or model.shape.default_steps,
             guidance=self.guidance if self.guidance is not None else recommended_guidance(self.model, model.shape.default_guidance),

@@ -118,7 +118,7 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
         family.check_options(scheduler=None, max_sequence_length=config.max_sequence_length, true_cfg_scale=1.0)
         if not family.fixed_length_embeddings:
             raise ValueError(f"text_embeddings: {family.name} caption embeddings differ in length per caption; latentray does not store them yet")
-    resolution = config.resolution or model.default_height
+    resolution = config.resolution or model.shape.default_height
     preprocessing = _preprocessing(config, model, resolution)
 
     # 2. the output: its identity is the model's encoders and everything that shapes a row (defaults resolved)
@@ -165,10 +165,10 @@ def _preprocessing(config: EncodeConfig, model: ModelDescription, resolution: in
     else:
         targets = parse_bucket_list(config.buckets)
     for height, width in targets:
-        if height % model.size_multiple or width % model.size_multiple:
-            raise ValueError(f"buckets: {width}x{height} is not a multiple of {model.size_multiple}, which {model.family.name} models need")
-    if resolution % model.size_multiple:
-        raise ValueError(f"resolution: {resolution} is not a multiple of {model.size_multiple}, which {model.family.name} models need")
+        if height % model.shape.size_multiple or width % model.shape.size_multiple:
+            raise ValueError(f"buckets: {width}x{height} is not a multiple of {model.shape.size_multiple}, which {model.family.name} models need")
+    if resolution % model.shape.size_multiple:
+        raise ValueError(f"resolution: {resolution} is not a multiple of {model.shape.size_multiple}, which {model.family.name} models need")
     return Preprocessing(
         targets=tuple(targets), crop=config.crop, max_pixels=config.max_image_pixels,
         min_size=config.min_image_size, background=config.background_rgb(),
@@ -217,7 +217,7 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
     superseded = drop_superseded(output, current_run=plan.run)
     counts = account(read_output_parts(output), plan.input_ids, plan.duplicate_rows, plan.run)
     progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
-    report = stats_report(output.latent_stats(), model.latent_channels, model.vae_scaling_factor, model.vae_shift_factor)
+    report = stats_report(output.latent_stats(), model.shape.latent_channels, model.shape.scaling_factor, model.shape.shift_factor)
     output.write_json("latent_stats.json", report)
     for warning in report["warnings"]:
         logger.warning("%s", warning)

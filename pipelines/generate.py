@@ -222,7 +222,7 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     ok_rows, error_rows = output.counts()
     progress.finish(accounted=ok_rows + error_rows)
     stats = output.latent_stats()
-    output.write_json("latent_stats.json", {"latent_channels": model.latent_channels, **(stats.to_dict() if stats else {})})
+    output.write_json("latent_stats.json", {"latent_channels": model.shape.latent_channels, **(stats.to_dict() if stats else {})})
     wall = time.time() - started
     record.update(
         status="complete" if ok_rows + error_rows == plan.input_rows else "incomplete", finished_at=utc_now(),
@@ -242,8 +242,8 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage]) -> ray.data.Datase
     config, model = plan.config, plan.model
     defaults = PromptDefaults(
         negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
-        height=config.height or model.default_height, width=config.width or model.default_width,
-        seed=config.seed, max_image_size=config.max_image_size, size_multiple=model.size_multiple,
+        height=config.height or model.shape.default_height, width=config.width or model.shape.default_width,
+        seed=config.seed, max_image_size=config.max_image_size, size_multiple=model.shape.size_multiple,
     )
     # batches form identically on every run, so reruns produce byte-identical images
     ray.data.DataContext.get_current().execution_options.preserve_order = True

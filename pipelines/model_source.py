@@ -35,31 +35,6 @@ class ModelDescription:
     scheduler_class: str
     components: tuple[str, ...]  # the components this directory has
 
-    # the shape's fields, read as the model's own
-    @property
-    def default_height(self) -> int:
-        return self.shape.default_height
-
-    @property
-    def default_width(self) -> int:
-        return self.shape.default_width
-
-    @property
-    def size_multiple(self) -> int:
-        return self.shape.size_multiple
-
-    @property
-    def latent_channels(self) -> int:
-        return self.shape.latent_channels
-
-    @property
-    def vae_scaling_factor(self) -> float:
-        return self.shape.scaling_factor
-
-    @property
-    def vae_shift_factor(self) -> float:
-        return self.shape.shift_factor
-
     def identity(self) -> dict:
         return {"uri": self.location.uri, "fingerprint": self.location.fingerprint, "family": self.family.name}
 
