@@ -226,3 +226,15 @@ def test_zimage_encodes_latents_and_says_why_not_embeddings(ray_session, tmp_pat
     record = run_encoding(EncodeConfig(images=captioned_images, output=str(tmp_path / "latents"), model="tiny-zimage", resolution=64))
     latents = latents_of(pq.read_table(tmp_path / "latents" / "latents"))
     assert record["counts"]["ok_rows"] == 3 and all(latent.shape == (16, 8, 8) for latent in latents)
+
+
+def test_flux_schnell_defaults_to_its_few_steps_and_no_guidance(tmp_path, model_cache):
+    from pipelines.model_source import describe_model
+
+    model = tmp_path / "schnell"
+    export_preset("tiny-flux", str(model))
+    config_path = model / "transformer" / "config.json"
+    json.dump({**json.load(open(config_path)), "guidance_embeds": False}, open(config_path, "w"))
+    schnell, dev = describe_model(str(model)).shape, describe_model("tiny-flux").shape
+    assert (schnell.default_steps, schnell.default_guidance) == (4, 0.0)
+    assert (dev.default_steps, dev.default_guidance, dev.size_multiple, dev.latent_channels) == (28, 3.5, 16, 16)
