@@ -32,13 +32,21 @@ def fail(message: str) -> int:
 
 def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:
     """Plan (bad input fails here, before Ray starts), connect to Ray, run, print the summary."""
-    from jobs.ray_runtime import connect
+    from jobs.ray_runtime import RayConnectionError, connect
 
     try:
         plan = plan_job(config_from_args(args))
     except ValueError as error:
         return fail(str(error))
-    where = connect(args.address)
+    try:
+        where = connect(args.address, timeout=args.connect_timeout)
+    except RayConnectionError as error:
+        status = fail(str(error))
+        if error.init_still_running:
+            # Ray's atexit handlers would wait for the stuck ray.init: leave now, the message is out
+            sys.stderr.flush()
+            os._exit(status)
+        return status
     print(f"latentray: {verb} {plan.input_rows} rows on {where} -> {plan.config.output}", file=sys.stderr)
     try:
         record = run_job(plan)
@@ -98,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
     # a demo starts fresh each time: a rerun with another model must not be refused
     argv = ["--prompts", prompts, "--output", args.output, "--model", args.model, "--steps", str(args.steps), "--overwrite"]
     if args.address:
-        argv += ["--address", args.address]
+        argv += ["--address", args.address, "--connect-timeout", str(args.connect_timeout)]
     status = run_generate(generate_job.build_parser().parse_args(argv))
     if status == 0:
         print(f"latentray: demo images in {os.path.join(args.output, 'images')}, manifest in {os.path.join(args.output, 'manifest')}", file=sys.stderr)

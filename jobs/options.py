@@ -12,7 +12,10 @@ from workers.runtime.schedulers import SCHEDULERS
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    parser.add_argument("--address", help="Ray cluster to join: HOST:PORT, ray://HOST:PORT, or auto for the cluster `ray start` "
+                        "made on this machine (default: RAY_ADDRESS, else a new embedded local Ray)")
+    parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up joining --address after this many seconds, with exit code 2 (default: 60)")
 
 
 def add_stage_options(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 ACTIVE_STATUSES = frozenset({"PENDING", "RUNNING"})
 # Where the job runs (the cluster address) is no part of what it is: neither in its identity nor its entrypoint.
-NOT_PASSED_TO_THE_JOB = frozenset({"help", "address"})
+NOT_PASSED_TO_THE_JOB = frozenset({"help", "address", "connect_timeout"})
 # Not shipped to the cluster: caches, outputs of local runs, version control.
 WORKING_DIR_EXCLUDES = [
     ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".venv", "build", "dist",

@@ -112,7 +112,7 @@ class ManifestCommitter:
         failed = batch["error_reason"] != ""
         errors = pa.Table.from_pydict({
             "id": [str(v) for v in batch["id"][failed]], "row": batch["row"][failed].astype(np.int64),
-            "stage": ["denoiser"] * int(failed.sum()), "reason": list(batch["error_reason"][failed]),
+            "stage": list(batch["error_stage"][failed]), "reason": list(batch["error_reason"][failed]),
         }, schema=ERRORS_SCHEMA)
         ok = {column: values[~failed] for column, values in batch.items()}
         self.ok_rows += int((~failed).sum())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io as bytes_io
+import time
 from urllib.parse import quote
 
 import numpy as np
@@ -12,6 +14,13 @@ from pipelines import io
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+# File systems refuse names above 255 bytes (ext4, overlayfs): a quoted id longer than
+# this gets a prefix of itself plus a hash instead, far below every limit
+MAX_QUOTED_NAME = 96
+HASHED_PREFIX = 64
+# Attempts at writing one image before the row goes to errors (stage "write")
+WRITE_ATTEMPTS = 3
+WRITE_RETRY_SECONDS = 0.5
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
@@ -22,18 +31,52 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def image_name(row_id: str) -> str:
+    """A short, stable file name for a row id (without extension).
+
+    The id quoted to a safe name when that is short and not hidden; else (long ids,
+    ids whose quoting makes them long, ids starting with a dot) the quoted id's first
+    characters, ``~`` and 16 hex digits of the id's sha256: bounded whatever the id.
+    The manifest keeps the exact id beside the path.
+    """
+    quoted = quote(row_id, safe="")
+    if len(quoted) <= MAX_QUOTED_NAME and not quoted.startswith("."):
+        return quoted
+    prefix = ""
+    for character in row_id.lstrip("."):  # whole characters: never half an escape or of a UTF-8 sequence
+        piece = quote(character, safe="")
+        if len(prefix) + len(piece) > HASHED_PREFIX:
+            break
+        prefix += piece
+    return f"{prefix}~{hashlib.sha256(row_id.encode()).hexdigest()[:16]}"
+
+
 def image_path(row_id: str, image_format: str) -> str:
-    """Where a row's image lives, relative to the output: named from its id (quoted to be a safe file name)."""
-    return f"images/{quote(row_id, safe='')}.{EXTENSIONS[image_format]}"
+    """Where a row's image lives, relative to the output."""
+    return f"images/{image_name(row_id)}.{EXTENSIONS[image_format]}"
+
+
+def write_with_retries(uri: str, data: bytes) -> str | None:
+    """Write an object, retrying transient failures; None when written, else why it could not be."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            io.write_bytes(uri, data)
+            return None
+        except Exception as error:  # any backend's error: the row goes to errors with its text
+            failure = f"{type(error).__name__}: {error}"
+            if attempt + 1 < WRITE_ATTEMPTS:
+                time.sleep(WRITE_RETRY_SECONDS * (attempt + 1))
+    return f"cannot write the image after {WRITE_ATTEMPTS} attempts: {failure}"
 
 
 def write_generated_images(batch: dict[str, np.ndarray], output: str, image_format: str, quality: int, keep_latents: bool) -> dict[str, np.ndarray]:
     """Ray Data task: store each row's image; replace pixels by per-channel latent aggregates.
 
-    A row whose latent is not finite gets an error reason instead of an image. Runs
-    apart from the model actors and imports no model code (no torch in this worker).
+    A row whose latent is not finite (stage ``denoiser``) or whose image cannot be
+    written (stage ``write``) gets an error reason instead of an image; the other rows
+    go on. Runs apart from the model actors and imports no model code (no torch here).
     """
-    paths, reasons = [], []
+    paths, reasons, stages = [], [], []
     aggregates: dict[str, list] = {"latent_count": [], "latent_mean": [], "latent_std": [], "latent_min": [], "latent_max": []}
     for index, row_id in enumerate(batch["id"]):
         values = np.asarray(batch["latents"][index], np.float64)
@@ -43,14 +86,17 @@ def write_generated_images(batch: dict[str, np.ndarray], output: str, image_form
         if not np.isfinite(values).all():
             paths.append("")
             reasons.append("the final latent has non-finite values (NaN or infinity)")
+            stages.append("denoiser")
             continue
         path = image_path(str(row_id), image_format)
-        io.write_bytes(io.join(output, path), encode_image(batch["image"][index], image_format, quality))
-        paths.append(path)
-        reasons.append("")
+        failure = write_with_retries(io.join(output, path), encode_image(batch["image"][index], image_format, quality))
+        paths.append("" if failure else path)
+        reasons.append(failure or "")
+        stages.append("write" if failure else "")
     batch.pop("image")
     if not keep_latents:
         batch.pop("latents")
     batch.update({name: np.array(values) for name, values in aggregates.items()})
-    batch.update(image_path=np.array(paths, dtype=object), error_reason=np.array(reasons, dtype=object))
+    batch.update(image_path=np.array(paths, dtype=object), error_reason=np.array(reasons, dtype=object),
+                 error_stage=np.array(stages, dtype=object))
     return batch

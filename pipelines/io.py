@@ -51,11 +51,23 @@ def write_bytes(uri: str, data: bytes) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        with os.fdopen(handle, "wb") as staged:
-            staged.write(data)
-        os.replace(staging, path)
+        try:
+            with os.fdopen(handle, "wb") as staged:
+                staged.write(data)
+            os.replace(staging, path)
+        except BaseException:
+            # a failed write leaves nothing behind: no orphan temporary files
+            _remove_quietly(staging)
+            raise
     else:
         fs.pipe_file(path, data)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_bytes(uri: str) -> bytes:

@@ -51,9 +51,10 @@ class RayHead:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_head(environment: dict[str, str] | None = None, num_cpus: int = 2, timeout: float = 90) -> RayHead:
+def start_head(environment: dict[str, str] | None = None, num_cpus: int = 2, timeout: float = 90, directory: str | None = None) -> RayHead:
     # short path: Ray's unix sockets live under the session dir and paths are limited to ~107 bytes
-    directory = tempfile.mkdtemp(prefix="lr-head-", dir="/tmp")
+    directory = directory or tempfile.mkdtemp(prefix="lr-head-", dir="/tmp")
+    os.makedirs(directory, exist_ok=True)
     token_path = os.path.join(directory, "auth_token")
     with open(token_path, "w") as handle:
         handle.write(secrets.token_hex(32))

@@ -164,3 +164,28 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(first_run, prompt
     record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model="tiny", steps=3, overwrite=True))
     assert record["counts"]["generated_this_run"] == len(GOOD_ROWS)
     assert set(manifest(output)["num_inference_steps"]) == {3, 2}
+
+
+def test_long_and_odd_ids_get_bounded_names_and_a_failed_write_becomes_an_error_row(ray_session, tmp_path):
+    from pipelines.images import image_path
+
+    odd_ids = ["x" * 300, "a/b c", "ünï code", "..", "%41", "blocked"]
+    prompts = write_prompts(tmp_path / "odd.parquet", {"id": odd_ids, "prompt": [f"prompt {i}" for i in range(len(odd_ids))]})
+    output = tmp_path / "odd-out"
+    # a directory where one row's image must go: a real write error that no retry fixes
+    (output / image_path("blocked", "png")).mkdir(parents=True)
+    (output / image_path("blocked", "png") / "keep").write_text("x")
+
+    record = generate(prompts, output, batch_size=2)
+
+    counts = record["counts"]
+    assert record["status"] == "complete" and counts["input_rows"] == len(odd_ids) == counts["ok_rows"] + counts["error_rows"]
+    frame = manifest(output)
+    assert sorted(frame.index) == sorted(set(odd_ids) - {"blocked"})  # exact ids, 300 characters included
+    for row_id, path in frame["image_path"].items():
+        assert path == image_path(row_id, "png") and len(os.path.basename(path).encode()) <= 100
+        assert read_image(output / path).shape == (64, 64, 3)
+    errors = pd.read_parquet(output / "errors")
+    assert errors[["id", "row", "stage"]].values.tolist() == [["blocked", 5, "write"]]
+    assert "cannot write the image after 3 attempts: IsADirectoryError" in errors["reason"][0]
+    assert not [name for name in os.listdir(output / "images") if name.startswith(".tmp-")]  # no orphan temporary files

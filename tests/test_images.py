@@ -1,6 +1,7 @@
 """Image encoding and the write-images task, without Ray."""
 
 import io as bytes_io
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -20,9 +21,19 @@ def test_each_format_round_trips(image_format, pillow_name):
     assert encode_image(pixels, image_format, quality=90) == data  # no timestamps: same pixels, same bytes
 
 
-def test_ids_become_safe_file_names():
+def test_ids_become_short_stable_safe_file_names():
     assert image_path("cat", "png") == "images/cat.png"
-    assert image_path("../a b/c", "jpeg") == "images/..%2Fa%20b%2Fc.jpg"
+    assert image_path("a b/c", "jpeg") == "images/a%20b%2Fc.jpg"
+    long_id, unicode_id = "x" * 300, "ü" * 40  # quoting makes the second 240 characters long
+    for row_id in (long_id, unicode_id, "..", "../a b/c"):
+        name = image_path(row_id, "webp").removeprefix("images/")
+        assert len(name.encode()) <= 100 and "/" not in name and not name.startswith(".")
+        assert image_path(row_id, "webp") == f"images/{name}"  # stable
+    assert image_path(long_id, "png").startswith("images/" + "x" * 64 + "~")
+    assert image_path(long_id, "png") != image_path(long_id + "y", "png")
+    assert image_path(unicode_id, "png").startswith("images/%C3%BC")
+    prefix = image_path(unicode_id, "png").removeprefix("images/").rsplit("~", 1)[0]
+    assert unicode_id.startswith(unquote(prefix, errors="strict"))  # whole characters, never half an escape
 
 
 def test_non_finite_latent_becomes_an_error_and_no_image(tmp_path):
@@ -32,6 +43,7 @@ def test_non_finite_latent_becomes_an_error_and_no_image(tmp_path):
     out = write_generated_images(batch, str(tmp_path), "png", 95, keep_latents=False)
     assert out["image_path"].tolist() == ["images/ok.png", ""]
     assert out["error_reason"].tolist() == ["", "the final latent has non-finite values (NaN or infinity)"]
+    assert out["error_stage"].tolist() == ["", "denoiser"]
     assert (tmp_path / "images" / "ok.png").exists() and not (tmp_path / "images" / "bad.png").exists()
     assert "latents" not in out and "image" not in out
     assert out["latent_count"].tolist() == [4, 4] and out["latent_mean"].shape == (2, 4)
