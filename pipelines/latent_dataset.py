@@ -456,3 +456,30 @@ def _assemble(pieces: list[tuple[np.ndarray, dict]], kinds: dict[str, str]) -> d
         else:
             batch[name] = torch.from_numpy(values)
     return batch
+
+
+# -- other readers --------------------------------------------------------------------------------
+
+
+def collate_nested_arrays(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``collate_fn`` for Ray Data's ``iter_torch_batches`` over latent shards (one shape per batch):
+
+        ray.data.read_parquet(".../latents").iter_torch_batches(batch_size=64, collate_fn=collate_nested_arrays)
+
+    Ray Data turns nested list columns into numpy arrays of arrays (it makes n-dimensional arrays
+    only of its own or Arrow's tensor extension types, which Hugging Face datasets refuses);
+    this stacks them into (rows, C, H, W) tensors and leaves strings as lists.
+    """
+    collated = {}
+    for name, values in batch.items():
+        if values.dtype == object and len(values) and isinstance(values[0], str):
+            collated[name] = values.tolist()
+        else:
+            collated[name] = torch.from_numpy(_stack_nested(values))
+    return collated
+
+
+def _stack_nested(values: np.ndarray) -> np.ndarray:
+    if values.dtype != object:
+        return values
+    return np.stack([_stack_nested(np.asarray(value)) for value in values])
