@@ -34,7 +34,7 @@ def encoded_rows(first: int, shapes: list[tuple[int, ...]], tokens: int = 5, wid
     }
 
 
-def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed: int = 0) -> list[str]:
+def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed: int = 0, tokens: int = 5, width: int = 3) -> list[str]:
     """A latents/ output of parts of ``part_rows`` rows (bucket shapes drawn at random); returns every id."""
     output = RunOutput(uri, "latents")
     layout = LatentLayout(dtype="float16", fixed_shape=not buckets, flip=False, caption=True, text_embeddings=True)
@@ -42,6 +42,6 @@ def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed:
     first = 0
     for rows in part_rows:
         shapes = [BUCKET_SHAPES[generator.integers(len(BUCKET_SHAPES))] if buckets else BUCKET_SHAPES[0] for _ in range(rows)]
-        commit_latents(encoded_rows(first, shapes), output=output, layout=layout, run=1)
+        commit_latents(encoded_rows(first, shapes, tokens, width), output=output, layout=layout, run=1)
         first += rows
     return [f"r-{index}" for index in range(first)]
