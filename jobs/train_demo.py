@@ -8,8 +8,9 @@ under DIR (a local folder) and recording its figures and wall time in DIR/traini
                  frozen text encoder as the diffusers directory DIR/vae/ that `latentray encode` reads
     3. encode    `latentray encode` (pipelines.encode on an embedded Ray) -> DIR/latents/
                  (latents and caption embeddings)
-    4. unet      UNet2DConditionModel on DIR/latents/, read with pipelines.latent_dataset,
-                 captions dropped for classifier-free guidance -> DIR/unet/ (averaged weights)
+    4. unet      UNet2DConditionModel on DIR/latents/, read in shuffled batches with pipelines.LatentDataset,
+                 captions dropped for classifier-free guidance -> DIR/unet/ (averaged weights); checkpoints
+                 to DIR/unet-checkpoint.pt, from which a restarted stage resumes mid-epoch
     5. export    DIR/model/: a standard StableDiffusionPipeline directory; DIR/loss_curves.png
     6. evaluate  `latentray generate` on prompts of every colour and shape -> DIR/evaluation/,
                  prompt adherence (seen and held-out combinations) -> DIR/evaluation/adherence.json
@@ -245,40 +246,38 @@ def stage_encode(config: TrainDemoConfig) -> dict:
     }
 
 
-def load_conditioned_latents(config: TrainDemoConfig):
-    """The encode output through latentray's own reader, with each caption's embedding stored once."""
-    import torch
+UNET_BATCH_SIZE = 64
+UNET_CHECKPOINT = "unet-checkpoint.pt"  # in DIR while the U-Net stage runs; a restart resumes from it
 
-    from pipelines.latent_dataset import LatentDataset
-    from workers.generation.text_encoder import TextEncoderWorker
-    from workers.demo.training import ConditionedLatents
 
-    latents, caption_index, embeddings, index_of = [], [], [], {}
-    for row in LatentDataset(config.path("latents"), columns=["latent", "prompt_embeds", "caption"]):
-        if row["caption"] not in index_of:
-            index_of[row["caption"]] = len(embeddings)
-            embeddings.append(row["prompt_embeds"].float())
-        latents.append(row["latent"].float())
-        caption_index.append(index_of[row["caption"]])
-    # the unconditional embedding exactly as generation computes it for an empty negative prompt
-    empty = TextEncoderWorker(config.path("vae"), threads=config.threads).embed([""])[0]
-    return ConditionedLatents(
-        latents=torch.stack(latents), caption_index=torch.tensor(caption_index),
-        caption_embeddings=torch.stack(embeddings), empty_caption_embedding=torch.from_numpy(empty).float(),
-    )
+def unet_batches(config: TrainDemoConfig):
+    """The encode output through latentray's reader: shuffled batches, a new order every epoch, resumable."""
+    from pipelines import LatentDataset
+
+    return LatentDataset(config.path("latents"), columns=["latent", "prompt_embeds"], batch_size=UNET_BATCH_SIZE,
+                         shuffle=True, seed=config.seed, drop_last=True)
 
 
 def stage_unet(config: TrainDemoConfig) -> dict:
+    """Train the U-Net; killed mid-way, ``--from-stage unet`` continues from the last checkpoint (mid-epoch)."""
+    import torch
+
     from workers.demo import architecture as demo
     from workers.demo.training import UnetTrainingConfig, train_unet
+    from workers.generation.text_encoder import TextEncoderWorker
 
-    data = load_conditioned_latents(config)
+    batches = unet_batches(config)
+    # the unconditional embedding exactly as generation computes it for an empty negative prompt
+    empty = torch.from_numpy(TextEncoderWorker(config.path("vae"), threads=config.threads).embed([""])[0]).float()
     unet = demo.build_unet(config.architecture, seed=config.seed + 3)
     steps = config.sizes.unet_steps
-    averaged, log = train_unet(unet, data, demo.build_scheduler().alphas_cumprod,
-                               UnetTrainingConfig(steps=steps, seed=config.seed, log_every=max(1, steps // LOSS_POINTS)))
+    checkpoint = config.path(UNET_CHECKPOINT)
+    averaged, log = train_unet(unet, batches, empty, demo.build_scheduler().alphas_cumprod,
+                               UnetTrainingConfig(steps=steps, seed=config.seed, log_every=max(1, steps // LOSS_POINTS)),
+                               checkpoint=checkpoint)
     averaged.save_pretrained(config.path("unet"), safe_serialization=True)
-    return {"rows": len(data.latents), "captions": len(data.caption_embeddings), "training": log.to_dict()}
+    io.remove_tree(checkpoint)  # done: a later run of the stage trains afresh
+    return {"rows": batches.rows, "batches_per_epoch": len(batches), "epochs": round(steps / len(batches), 2), "training": log.to_dict()}
 
 
 def stage_export(config: TrainDemoConfig, stages: dict) -> dict:

@@ -244,6 +244,20 @@ def parquet_metadata(uri: str) -> dict[bytes, bytes]:
         return pq.ParquetFile(handle).schema_arrow.metadata or {}
 
 
+def parquet_footer(uri: str) -> pq.FileMetaData:
+    """The footer of a Parquet file: row groups, their row counts, schema and key-value metadata (no data read)."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata
+
+
+def read_parquet_row_groups(uri: str, row_groups: list[int], columns: list[str] | None) -> pa.Table:
+    """Some row groups of a Parquet file, some columns: the only bytes a reader that needs part of a file fetches."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).read_row_groups(row_groups, columns=columns)
+
+
 def write_parquet_part(table: pa.Table, folder_uri: str, row_ids: list[str]) -> str:
     """Write one part of an output table, named from the ids of its rows.
 

@@ -1,89 +1,485 @@
-"""A torch dataset over the ``latents/`` parts of `latentray encode` output, at any fsspec URI.
+"""A torch training reader over the ``latents/`` parts of `latentray encode` output, at any fsspec URI.
 
-    dataset = LatentDataset("s3://bucket/latents-512")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=4)
-    for batch in loader:
-        batch["latent"]          # (64, 4, 64, 64), as stored (float16 by default)
-        batch["prompt_embeds"]   # (64, 77, 768) with --text-embeddings
-        batch["original_size"], batch["crop_top_left"], batch["target_size"]  # (64, 2): SDXL micro-conditioning
+    dataset = LatentDataset("s3://bucket/latents-512", batch_size=64, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=4)   # the dataset batches
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            batch["latent"]          # (64, 4, 64, 64), as stored (float16 by default); one shape per batch
+            batch["prompt_embeds"]   # (64, 77, 768) with --text-embeddings
+            batch["original_size"], batch["crop_top_left"], batch["target_size"]  # (64, 2) int64: SDXL micro-conditioning
+            batch["id"], batch["caption"]  # lists of strings
 
-Parts are streamed one record batch at a time and split between DataLoader workers
-(and between ranks with ``rank``/``world_size``), so each row is read once per epoch.
-With --buckets rows differ in shape: batch them per ``target_size`` (a bucket sampler);
-the default collate only stacks rows of one shape.
+How it works (the design of MosaicML Streaming and LitData, on Parquet parts):
+
+1. **A plan from footers.** The dataset reads each part's footer once (row count, row
+   groups, and the latent shape of its rows, kept there as runs of rows of one shape) and
+   never a row to plan. For an epoch it computes, in every rank and worker alike, the
+   batches as arrays of row positions: parts in an order drawn from ``seed`` and the epoch,
+   then rows shuffled within windows of consecutive parts of about ``shuffle_buffer`` rows,
+   grouped by latent shape (bucket batching: a batch holds one shape; rows of a shape left
+   over at a window's end join the next window, so the bucket mix follows the data).
+2. **Whole batches, round-robin.** Batch ``j`` of the plan goes to rank ``j % world_size``;
+   a rank's batches go to its DataLoader workers in turn, which is the order a DataLoader
+   returns them in. Every rank gets the same number of batches: with ``drop_last`` the last
+   partial batch of each shape and the last ``< world_size`` batches are left out (no row
+   seen twice); without it partial batches are filled, and the plan padded to a multiple of
+   ``world_size``, by repeating rows and batches from the epoch's start, as
+   ``DistributedSampler`` does (every row seen).
+3. **State is (epoch, batches yielded).** Resuming computes the plan again and starts at
+   batch ``k``: skipped batches are never read. torchdata's ``StatefulDataLoader`` saves and
+   restores it per worker.
+4. **Reads**: a worker reads only the row groups that hold its rows, only the columns asked
+   for, a few parts ahead in background threads (``prefetch``); it holds the rows of its
+   batches in the current window, so memory follows ``shuffle_buffer`` and ``prefetch``,
+   not the dataset size (the plan itself is 8 bytes per row).
 """
 
 from __future__ import annotations
 
-import random
-from typing import Iterator, Sequence
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines import io
-from pipelines.latent_output import latents_of
+from pipelines.latent_output import shape_runs, tensor_values
+from pipelines.schemas import SHAPE_RUNS_METADATA_KEY, is_tensor_type
 
-TENSOR_COLUMNS = ("latent", "latent_flipped", "prompt_embeds")
 SIZE_COLUMNS = ("original_size", "crop_top_left", "target_size")
 TEXT_COLUMNS = ("id", "caption")
-ROWS_PER_READ = 256
+FOOTER_READ_THREADS = 16  # footers are small reads: many at once hide object-store latency
+STATE_FIELDS = ("epoch", "batches_yielded", "seed", "batch_size", "shuffle", "drop_last", "rank", "world_size", "readers")
+
+
+@dataclass(frozen=True)
+class PartFooter:
+    """What the plan knows of a part, from its Parquet footer."""
+
+    uri: str
+    first_row: int  # the position of its first row in the dataset (parts in sorted order)
+    rows: int
+    row_group_ends: tuple[int, ...]  # cumulative row counts of its row groups
+    runs: tuple[tuple[tuple[int, ...], int, int], ...]  # (latent shape, first row in the part, rows)
+
+
+def read_footers(uris: Sequence[str]) -> list[PartFooter]:
+    """The footers of every part, read concurrently; positions follow the (sorted) order of ``uris``."""
+    with ThreadPoolExecutor(FOOTER_READ_THREADS) as pool:
+        footers = list(pool.map(io.parquet_footer, uris))
+    parts, position = [], 0
+    for uri, footer in zip(uris, footers):
+        group_rows = [footer.row_group(group).num_rows for group in range(footer.num_row_groups)]
+        runs = _shape_runs_of(uri, footer)
+        parts.append(PartFooter(uri, position, footer.num_rows, tuple(np.cumsum(group_rows, dtype=np.int64).tolist()), runs))
+        position += footer.num_rows
+    return parts
+
+
+def _shape_runs_of(uri: str, footer) -> tuple:
+    """Runs of rows of one latent shape: from the footer (written since issue 12), from a fixed-shape
+    column type, or, for older bucket outputs only, from the small ``latent_shape`` column."""
+    metadata = footer.metadata or {}
+    if SHAPE_RUNS_METADATA_KEY in metadata:
+        return tuple((tuple(shape), start, count) for shape, start, count in json.loads(metadata[SHAPE_RUNS_METADATA_KEY]))
+    latent_type = footer.schema.to_arrow_schema().field("latent").type
+    fixed = _fixed_shape(latent_type)
+    if fixed is not None:
+        return ((fixed, 0, footer.num_rows),) if footer.num_rows else ()
+    shapes = [tuple(shape) for shape in io.read_parquet_file(uri, ["latent_shape"]).column("latent_shape").to_pylist()]
+    return tuple((tuple(shape), start, count) for shape, start, count in shape_runs(shapes))
+
+
+def _fixed_shape(data_type: pa.DataType) -> tuple[int, ...] | None:
+    if isinstance(data_type, pa.FixedShapeTensorType):
+        return tuple(data_type.shape)
+    shape = []
+    while pa.types.is_fixed_size_list(data_type):
+        shape.append(data_type.list_size)
+        data_type = data_type.value_type
+    return tuple(shape) if shape and not pa.types.is_nested(data_type) else None
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    batch_size: int
+    shuffle_rows: bool
+    shuffle_parts: bool
+    seed: int
+    shuffle_buffer: int
+    drop_last: bool
+    world_size: int
+
+
+def plan_epoch(parts: Sequence[PartFooter], options: PlanOptions, epoch: int) -> np.ndarray:
+    """Every batch of an epoch, for every rank: int64 (batches, batch_size) row positions.
+
+    The number of batches is a multiple of ``world_size``; each batch holds one latent shape.
+    """
+    size = options.batch_size
+    generator = np.random.default_rng([options.seed, epoch])
+    order = generator.permutation(len(parts)) if options.shuffle_parts or options.shuffle_rows else np.arange(len(parts))
+    batches: list[np.ndarray] = []
+    batch_shapes: list[tuple[int, ...]] = []
+    carry: dict[tuple[int, ...], np.ndarray] = {}  # rows of a shape that did not fill a batch yet
+    for window in _windows([parts[index] for index in order], options.shuffle_buffer):
+        window_batches, window_shapes = [], []
+        arriving = _positions_by_shape(window)
+        for shape in sorted(set(arriving) | set(carry)):
+            pool = np.concatenate([carry.get(shape, np.empty(0, np.int64)), *arriving.get(shape, [])])
+            if options.shuffle_rows:
+                pool = generator.permutation(pool)
+            full = len(pool) // size
+            window_batches += list(pool[:full * size].reshape(full, size))
+            window_shapes += [shape] * full
+            carry[shape] = pool[full * size:]
+        if options.shuffle_rows:  # interleave the shapes' batches: the bucket mix follows the data
+            mixed = generator.permutation(len(window_batches))
+            window_batches, window_shapes = [window_batches[i] for i in mixed], [window_shapes[i] for i in mixed]
+        batches += window_batches
+        batch_shapes += window_shapes
+    if not options.drop_last:
+        for shape in sorted(shape for shape, rows in carry.items() if len(rows)):
+            earlier = [batch for batch, batch_shape in zip(batches, batch_shapes) if batch_shape == shape]
+            rows_of_shape = np.concatenate([*earlier, carry[shape]])
+            batches.append(np.concatenate([carry[shape], np.resize(rows_of_shape, size - len(carry[shape]))]))
+    return _equal_per_rank(batches, size, options)
+
+
+def _equal_per_rank(batches: list[np.ndarray], size: int, options: PlanOptions) -> np.ndarray:
+    count = len(batches)
+    if options.drop_last:
+        batches = batches[:count - count % options.world_size]
+    elif count % options.world_size:
+        batches = batches + [batches[index % count] for index in range(options.world_size - count % options.world_size)]
+    return np.stack(batches).astype(np.int64) if batches else np.empty((0, size), np.int64)
+
+
+def _windows(parts: list[PartFooter], shuffle_buffer: int) -> Iterator[list[PartFooter]]:
+    """Consecutive parts whose rows are shuffled together: at least one part, else up to ``shuffle_buffer`` rows."""
+    window, rows = [], 0
+    for part in parts:
+        if window and rows + part.rows > shuffle_buffer:
+            yield window
+            window, rows = [], 0
+        window.append(part)
+        rows += part.rows
+    if window:
+        yield window
+
+
+def _positions_by_shape(window: list[PartFooter]) -> dict[tuple[int, ...], list[np.ndarray]]:
+    found: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for part in window:
+        for shape, start, count in part.runs:
+            found.setdefault(shape, []).append(np.arange(part.first_row + start, part.first_row + start + count, dtype=np.int64))
+    return found
+
+
+# -- the dataset ----------------------------------------------------------------------------------
 
 
 class LatentDataset(IterableDataset):
     def __init__(
-        self, uri: str, *, columns: Sequence[str] | None = None, shuffle_parts: bool = False, seed: int = 0,
-        rank: int = 0, world_size: int = 1,
+        self, uri: str, *, columns: Sequence[str] | None = None, batch_size: int | None = None, shuffle: bool = False,
+        shuffle_parts: bool = False, seed: int = 0, shuffle_buffer: int = 4096, drop_last: bool = False,
+        rank: int | None = None, world_size: int | None = None, prefetch: int = 2,
     ):
         """``uri``: an encode output folder (its ``latents/`` is read) or a folder of parts.
 
-        ``columns``: the subset to yield (default: every tensor, size and text column present).
-        ``shuffle_parts``: visit parts in an order drawn from ``seed`` + the epoch (``set_epoch``).
+        ``columns``: the subset to yield (default: every tensor column, the size columns, ``id``
+        and ``caption``). ``batch_size``: rows per batch (stacked tensors, lists of strings);
+        None yields single rows, for a DataLoader that batches them (fixed-size latents only).
+        ``shuffle``: rows in an order drawn from ``seed`` and the epoch, within windows of about
+        ``shuffle_buffer`` rows of consecutive parts (whole parts; ``shuffle_parts`` alone shuffles
+        only the order of parts). ``drop_last``: see the module doc. ``rank``/``world_size``:
+        default from ``torch.distributed`` when it is initialised, else 0 and 1. ``prefetch``:
+        parts read ahead in background threads (0: read when needed).
         """
+        rank, world_size = _distributed_defaults(rank, world_size)
+        _check_options(batch_size=batch_size, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size, prefetch=prefetch, seed=seed)
         folder = io.join(uri, "latents") if io.exists(io.join(uri, "latents")) else uri
-        self.parts = io.list_parquet_files(folder)
-        available = io.parquet_schema(self.parts[0]).names if self.parts else []
-        wanted = [c for c in (*TENSOR_COLUMNS, *SIZE_COLUMNS, *TEXT_COLUMNS) if c in available]
-        unknown = set(columns or ()) - set(wanted)
-        if unknown:
-            raise ValueError(f"columns: {', '.join(sorted(unknown))} not in the latent dataset (it has {', '.join(wanted)})")
-        self.columns = list(columns) if columns else wanted
-        self.shuffle_parts, self.seed, self.epoch = shuffle_parts, seed, 0
-        self.rank, self.world_size = rank, world_size
+        self.parts = read_footers(io.list_parquet_files(folder))
+        self.schema = io.parquet_schema(self.parts[0].uri)
+        self.columns = _choose_columns(self.schema, columns)
+        self.batch_size, self.shuffle, self.shuffle_parts, self.seed = batch_size, shuffle, shuffle_parts, seed
+        self.shuffle_buffer, self.drop_last, self.rank, self.world_size, self.prefetch = shuffle_buffer, drop_last, rank, world_size, prefetch
+        self.epoch = 0
+        self._batches_yielded = 0  # by this process's iteration of the current epoch
+        self._readers = 1  # reader processes of the rank when the state was taken (DataLoader workers, else 1)
+        self._resume_from: dict | None = None
+        self._plan: tuple[int, np.ndarray] | None = None  # (epoch, plan) of the last epoch planned
+
+    @property
+    def options(self) -> PlanOptions:
+        return PlanOptions(
+            batch_size=self.batch_size or 1, shuffle_rows=self.shuffle, shuffle_parts=self.shuffle_parts, seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer, drop_last=self.drop_last, world_size=self.world_size,
+        )
+
+    @property
+    def rows(self) -> int:
+        return sum(part.rows for part in self.parts)
 
     def set_epoch(self, epoch: int) -> None:
+        """Plan ``epoch`` next (another order when shuffling). A state loaded for this epoch still resumes."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch: must be an integer >= 0, got {epoch!r}")
+        if self._resume_from is not None and self._resume_from["epoch"] != epoch:
+            self._resume_from = None
         self.epoch = epoch
+        self._batches_yielded = 0
 
-    def my_parts(self) -> list[str]:
-        """The parts this rank and DataLoader worker read: every (rank, worker) a disjoint share."""
-        parts = list(self.parts)
-        if self.shuffle_parts:
-            random.Random(self.seed + self.epoch).shuffle(parts)
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        shards, shard = self.world_size * workers, self.rank * workers + worker_id
-        return parts[shard::shards]
+    def plan(self) -> np.ndarray:
+        """This epoch's batches for every rank: int64 (batches, batch_size) row positions."""
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, plan_epoch(self.parts, self.options, self.epoch))
+        return self._plan[1]
+
+    def __len__(self) -> int:
+        """Batches (rows without ``batch_size``) this rank yields per epoch."""
+        return len(self.plan()) // self.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this reader stands: JSON-able, small; save it beside the model checkpoint."""
+        return {
+            "epoch": self.epoch, "batches_yielded": self._batches_yielded, "seed": self.seed, "batch_size": self.batch_size,
+            "shuffle": self.shuffle, "drop_last": self.drop_last, "rank": self.rank, "world_size": self.world_size,
+            "readers": self._readers,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next batch is the one the saved run would have yielded next."""
+        missing = [name for name in STATE_FIELDS if name not in state]
+        if missing:
+            raise ValueError(f"state: missing {', '.join(missing)} (not a LatentDataset state?)")
+        for name in ("seed", "batch_size", "shuffle", "drop_last", "rank", "world_size"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"state: saved with {name}={state[name]!r}, this dataset has {name}={getattr(self, name)!r}")
+        self.epoch = int(state["epoch"])
+        self._batches_yielded = int(state["batches_yielded"])
+        self._readers = int(state["readers"])
+        self._resume_from = dict(state)
 
     def __iter__(self) -> Iterator[dict]:
-        read = list(self.columns)
-        if "latent_shape" not in read and any(c in read for c in ("latent", "latent_flipped")):
-            read.append("latent_shape")  # flat latents (buckets) need their shape
-        for part in self.my_parts():
-            for batch in io.iter_parquet_batches(part, read, ROWS_PER_READ):
-                yield from rows_of(batch, self.columns)
+        worker = get_worker_info()
+        readers, reader = (worker.num_workers, worker.id) if worker else (1, 0)
+        start = self._take_resume_offset(readers)
+        self._readers, self._batches_yielded = readers, start
+        rank_batches = self.plan()[self.rank::self.world_size]
+        mine = rank_batches[reader::readers][start:]
+        rows = RowReader(self.parts, self.columns, self.schema, mine, self.prefetch)
+        try:
+            for positions in mine:
+                batch = rows.batch(positions)
+                self._batches_yielded += 1  # before yielding: a state taken after this batch includes it
+                yield batch if self.batch_size else {name: values[0] for name, values in batch.items()}
+        finally:
+            rows.close()
+
+    def _take_resume_offset(self, readers: int) -> int:
+        """Batches of this epoch to skip: those a loaded state had yielded (once), else none."""
+        state, self._resume_from = self._resume_from, None
+        if state is None or state["epoch"] != self.epoch:
+            return 0
+        if state["readers"] != readers:
+            raise ValueError(
+                f"state: taken with {state['readers']} reader process(es) per rank, resumed with {readers}; resume with the "
+                "same DataLoader num_workers (torchdata's StatefulDataLoader saves and restores each worker's state)"
+            )
+        return int(state["batches_yielded"])
 
 
-def rows_of(batch, columns: Sequence[str]) -> Iterator[dict]:
-    """A record batch of a latents part -> one dict per row: tensors, int64 size pairs, strings."""
-    values: dict[str, list] = {}
-    for column in columns:
-        if column in TENSOR_COLUMNS:
-            values[column] = [torch.from_numpy(np.array(array)) for array in latents_of(batch, column)]
-        elif column in SIZE_COLUMNS:
-            pairs = np.asarray(batch.column(column).flatten().to_numpy(zero_copy_only=False), np.int64).reshape(-1, 2)
-            values[column] = list(torch.from_numpy(pairs))
-        else:  # a null caption is the empty caption (as the caption encoder reads it), which collates
-            values[column] = ["" if value is None else value for value in batch.column(column).to_pylist()]
-    for index in range(batch.num_rows):
-        yield {column: values[column][index] for column in columns}
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if initialised else 1
+    return rank, world_size
+
+
+def _check_options(*, batch_size: int | None, shuffle_buffer: int, rank: int, world_size: int, prefetch: int, seed: int) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size: must be an integer >= 1 or None, got {batch_size!r}")
+    if not isinstance(shuffle_buffer, int) or shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer: must be an integer >= 1, got {shuffle_buffer!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: must be an integer >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be an integer in [0, world_size={world_size}), got {rank!r}")
+    if not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch: must be an integer >= 0, got {prefetch!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
+
+
+def _choose_columns(schema: pa.Schema, columns: Sequence[str] | None) -> list[str]:
+    """The requested columns, or by default every tensor column (found from the schema) plus sizes, id and caption."""
+    tensors = [field.name for field in schema if is_tensor_type(field.type)]
+    default = tensors + [name for name in (*SIZE_COLUMNS, *TEXT_COLUMNS) if name in schema.names]
+    if columns is None:
+        return default
+    unknown = [name for name in columns if name not in schema.names]
+    if unknown:
+        raise ValueError(f"columns: {', '.join(unknown)} not in the latent dataset (it has {', '.join(schema.names)})")
+    if not columns:
+        raise ValueError("columns: asks for no column")
+    return list(columns)
+
+
+# -- reading a worker's rows ----------------------------------------------------------------------
+
+
+class RowReader:
+    """The rows of a sequence of batches: each part's needed row groups read once, in the order the
+    batches first need them, ``prefetch`` parts ahead; rows dropped once their last batch is built."""
+
+    def __init__(self, parts: Sequence[PartFooter], columns: list[str], schema: pa.Schema, batches: np.ndarray, prefetch: int):
+        self.parts, self.columns, self.schema = parts, columns, schema
+        self.kinds = {name: column_kind(schema.field(name).type) for name in columns}
+        self.first_rows = np.array([part.first_row for part in parts], np.int64)
+        needed = batches.reshape(-1)
+        part_of = np.searchsorted(self.first_rows, needed, side="right") - 1
+        _, first_use = np.unique(part_of, return_index=True)
+        self.schedule = [int(part_of[index]) for index in np.sort(first_use)]  # parts in the order batches need them
+        self.rows_of = {part: np.unique(needed[part_of == part]) for part in self.schedule}
+        self.uses_left = {part: int((part_of == part).sum()) for part in self.schedule}
+        self.loaded: dict[int, dict] = {}
+        self.next_read = 0
+        self.pool = ThreadPoolExecutor(max(1, prefetch)) if prefetch else None
+        self.pending: dict[int, Future] = {}
+        self.prefetch = prefetch
+
+    def batch(self, positions: np.ndarray) -> dict[str, Any]:
+        part_of = np.searchsorted(self.first_rows, positions, side="right") - 1
+        while not all(int(part) in self.loaded for part in np.unique(part_of)):
+            self._load_next()
+        pieces = []  # (indices into the batch, the rows' values) per part
+        for part in np.unique(part_of):
+            chunk = self.loaded[int(part)]
+            in_batch = np.flatnonzero(part_of == part)
+            local = np.searchsorted(chunk["positions"], positions[in_batch])
+            pieces.append((in_batch, {name: _take(values, local) for name, values in chunk["values"].items()}))
+            self.uses_left[int(part)] -= len(in_batch)
+            if not self.uses_left[int(part)]:
+                del self.loaded[int(part)]
+        return _assemble(pieces, self.kinds)
+
+    def _load_next(self) -> None:
+        for ahead in range(self.next_read, min(len(self.schedule), self.next_read + 1 + self.prefetch)):
+            if self.pool is not None and self.schedule[ahead] not in self.pending:
+                self.pending[self.schedule[ahead]] = self.pool.submit(self._read, self.schedule[ahead])
+        part = self.schedule[self.next_read]
+        self.loaded[part] = self.pending.pop(part).result() if part in self.pending else self._read(part)
+        self.next_read += 1
+
+    def _read(self, index: int) -> dict:
+        """The needed rows of one part: only the row groups that hold them, only the wanted columns."""
+        part = self.parts[index]
+        positions = self.rows_of[index]
+        local = positions - part.first_row
+        ends = np.asarray(part.row_group_ends, np.int64)
+        groups = np.unique(np.searchsorted(ends, local, side="right"))
+        starts = np.concatenate([[0], ends[:-1]])
+        table = io.read_parquet_row_groups(part.uri, groups.tolist(), self._read_columns())
+        # rows of the groups read, in file order: map each needed row to its index in ``table``
+        group_sizes = ends[groups] - starts[groups]
+        offsets = np.concatenate([[0], np.cumsum(group_sizes)])
+        group_of = np.searchsorted(ends, local, side="right")
+        in_table = offsets[np.searchsorted(groups, group_of)] + (local - starts[group_of])
+        shapes = table.column("latent_shape").to_pylist() if "latent_shape" in table.column_names else None
+        values = {name: _column_values(table.column(name), self.schema.field(name).type, name, shapes) for name in self.columns}
+        return {"positions": positions, "values": {name: _take(column, in_table) for name, column in values.items()}}
+
+    def _read_columns(self) -> list[str]:
+        flat_latents = any(  # latents stored flat (older bucket outputs) need their shapes
+            name.startswith("latent") and pa.types.is_list(self.schema.field(name).type)
+            and not pa.types.is_nested(self.schema.field(name).type.value_type) for name in self.columns
+        )
+        return list(self.columns) + (["latent_shape"] if flat_latents and "latent_shape" not in self.columns else [])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _column_values(column: pa.ChunkedArray, data_type: pa.DataType, name: str, shapes: list | None):
+    """Arrow -> numpy: tensors shaped (an (n, *shape) array, or an object array of per-row arrays),
+    integers as int64, strings with null as "" (a missing caption is the empty caption)."""
+    if is_tensor_type(data_type) or pa.types.is_fixed_size_list(data_type):
+        values = tensor_values(column, shapes if name.startswith("latent") else None)
+        if isinstance(values, np.ndarray):
+            return values.astype(np.int64) if np.issubdtype(values.dtype, np.integer) else values
+        holder = np.empty(len(values), dtype=object)
+        for index, value in enumerate(values):  # one by one: numpy would broadcast equal shapes into one array
+            holder[index] = value
+        return holder
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return np.array(["" if value is None else value for value in column.to_pylist()], dtype=object)
+    values = column.to_numpy()
+    return values.astype(np.int64) if np.issubdtype(values.dtype, np.integer) else values
+
+
+def _take(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    return values[indices]
+
+
+def column_kind(data_type: pa.DataType) -> str:
+    """How a column batches: "text" (a list of strings), "rows" (per-row arrays of any shape, stacked per
+    batch: bucket latents), "array" (one numpy array for all rows, sliced per batch)."""
+    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
+        return "text"
+    if (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and not isinstance(data_type, pa.FixedShapeTensorType):
+        return "rows"
+    return "array"
+
+
+def _assemble(pieces: list[tuple[np.ndarray, dict]], kinds: dict[str, str]) -> dict[str, Any]:
+    """One batch from per-part pieces, rows back in the plan's order: tensors stacked, strings as lists."""
+    order = np.argsort(np.concatenate([in_batch for in_batch, _ in pieces]), kind="stable")
+    batch = {}
+    for name, kind in kinds.items():
+        values = np.concatenate([piece[name] for _, piece in pieces])[order]
+        if kind == "text":
+            batch[name] = values.tolist()
+        elif kind == "rows":
+            batch[name] = torch.from_numpy(np.stack(list(values)))
+        else:
+            batch[name] = torch.from_numpy(values)
+    return batch
+
+
+# -- other readers --------------------------------------------------------------------------------
+
+
+def collate_nested_arrays(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``collate_fn`` for Ray Data's ``iter_torch_batches`` over latent shards (one shape per batch):
+
+        ray.data.read_parquet(".../latents").iter_torch_batches(batch_size=64, collate_fn=collate_nested_arrays)
+
+    Ray Data turns nested list columns into numpy arrays of arrays (it makes n-dimensional arrays
+    only of its own or Arrow's tensor extension types, which Hugging Face datasets refuses);
+    this stacks them into (rows, C, H, W) tensors and leaves strings as lists.
+    """
+    collated = {}
+    for name, values in batch.items():
+        if values.dtype == object and len(values) and isinstance(values[0], str):
+            collated[name] = values.tolist()
+        else:
+            collated[name] = torch.from_numpy(_stack_nested(values))
+    return collated
+
+
+def _stack_nested(values: np.ndarray) -> np.ndarray:
+    if values.dtype != object:
+        return values
+    return np.stack([_stack_nested(np.asarray(value)) for value in values])

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import io
 from pipelines.outputs import RunOutput
-from pipelines.schemas import ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, latents_schema
+from pipelines.schemas import EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, latents_schema
 from pipelines.stats import ChannelStats, stats_of_latents
 
 ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
@@ -34,7 +35,7 @@ class LatentLayout:
     """Which columns the ``latents/`` table has, and how latents are stored."""
 
     dtype: str  # float16 | float32
-    fixed_shape: bool  # one latent shape for every row (no buckets): a fixed-shape tensor column
+    fixed_shape: bool  # one latent shape for every row (no buckets): nested fixed-size lists [C][H][W]
     flip: bool
     caption: bool
     # the caption embedding columns (the family's, named as diffusers' encode_prompt returns them); () for none
@@ -79,11 +80,14 @@ def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run:
 
 
 def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flipped: list[np.ndarray] | None, layout: LatentLayout, run: int) -> pa.Table:
+    """The kept rows as a ``latents/`` part: sorted by latent shape, the shape runs in the footer."""
+    keep = keep[np.argsort(_shape_order([latents[i].shape for i in keep]), kind="stable")]
     kept = [latents[i] for i in keep]
-    embedding_shapes = {name: tuple(np.shape(batch[name][keep[0]])) for name in layout.text_embeddings}
+    embedding_names = [name for name in EMBEDDING_COLUMNS if name in batch] if layout.text_embeddings else []
+    embeddings = {name: [np.asarray(batch[name][i]).astype(layout.dtype) for i in keep] for name in embedding_names}
     schema = latents_schema(
         latent_shape=kept[0].shape if layout.fixed_shape else None, dtype=layout.dtype, flip=layout.flip,
-        caption=layout.caption, embedding_shapes=embedding_shapes,
+        caption=layout.caption, embedding_shapes={name: values[0].shape for name, values in embeddings.items()},
     )
     columns = {
         "id": pa.array([str(batch["id"][i]) for i in keep], pa.string()),
@@ -103,21 +107,110 @@ def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flip
         columns["latent_flipped"] = tensor_column([flipped[i] for i in keep], schema.field("latent_flipped").type)
     if layout.caption:
         columns["caption"] = pa.array([batch["caption"][i] for i in keep], pa.string())
-    for name in layout.text_embeddings:
-        embeddings = [np.asarray(batch[name][i]).astype(layout.dtype) for i in keep]
-        columns[name] = tensor_column(embeddings, schema.field(name).type)
-    if layout.text_embeddings:
+    for name, values in embeddings.items():
+        columns[name] = tensor_column(values, schema.field(name).type)
+    if embeddings:
         columns["caption_truncated"] = pa.array(batch["caption_truncated"][keep], pa.bool_())
-    return pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema)
+    return with_shape_runs(pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema))
+
+
+def _shape_order(shapes: list[tuple[int, ...]]) -> np.ndarray:
+    """A sort key per row that groups equal shapes (shapes ordered as tuples)."""
+    distinct = sorted(set(shapes))
+    return np.array([distinct.index(shape) for shape in shapes], dtype=np.int64)
+
+
+def with_shape_runs(table: pa.Table) -> pa.Table:
+    """``table`` with its rows' latent shapes, as runs, in the schema metadata (the Parquet footer)."""
+    metadata = dict(table.schema.metadata or {})
+    metadata[SHAPE_RUNS_METADATA_KEY] = json.dumps(shape_runs([tuple(shape) for shape in table.column("latent_shape").to_pylist()])).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def shape_runs(shapes: list[tuple[int, ...]]) -> list[list]:
+    """Consecutive rows of one shape as [shape, first_row, rows]: one run per shape in a sorted part."""
+    runs: list[list] = []
+    for row, shape in enumerate(shapes):
+        if runs and tuple(runs[-1][0]) == shape:
+            runs[-1][2] += 1
+        else:
+            runs.append([list(shape), row, 1])
+    return runs
+
+
+def _list_levels(data_type: pa.DataType) -> list[int | None]:
+    """The list levels of a nested list type, outermost first: the fixed size, or None for variable-size."""
+    levels = []
+    while pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type):
+        levels.append(data_type.list_size if pa.types.is_fixed_size_list(data_type) else None)
+        data_type = data_type.value_type
+    return levels
 
 
 def tensor_column(arrays: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
-    """Same-dtype arrays as a fixed-shape tensor column, or flattened into a list column."""
+    """Same-dtype arrays as a column of ``arrow_type``: nested fixed-size lists (one shape) or nested lists."""
     flat = pa.array(np.concatenate([np.ascontiguousarray(array).ravel() for array in arrays]))
-    if isinstance(arrow_type, pa.FixedShapeTensorType):
-        return pa.ExtensionArray.from_storage(arrow_type, pa.FixedSizeListArray.from_arrays(flat, arrays[0].size))
-    offsets = np.concatenate([[0], np.cumsum([array.size for array in arrays])]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat, type=arrow_type)
+    levels = _list_levels(arrow_type)
+    if all(size is not None for size in levels):
+        column = flat
+        for size in reversed(levels):
+            column = pa.FixedSizeListArray.from_arrays(column, size)
+        return column
+    # variable shapes: level d has one list per index of the first d dimensions of every row
+    column = flat
+    for depth in reversed(range(len(levels))):
+        lengths = np.concatenate([np.full(int(np.prod(array.shape[:depth])), array.shape[depth]) for array in arrays])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        column = pa.ListArray.from_arrays(pa.array(offsets), column)
+    return column.cast(arrow_type)
+
+
+def tensor_values(column: pa.Array | pa.ChunkedArray, shapes: list | None = None) -> np.ndarray | list[np.ndarray]:
+    """A tensor column as numpy, without copying the values: one (rows, *shape) array when the type fixes the
+    shape, else one array per row, shaped.
+
+    Reads every encoding latentray has written: nested fixed-size lists, nested lists, Arrow's
+    fixed-shape tensor type (outputs before issue 12), and flat lists whose shapes are given in
+    ``shapes`` (the ``latent_shape`` column of older bucket outputs and of --save-latents manifests).
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        return column.to_numpy_ndarray()
+    levels = _list_levels(column.type)
+    rows = len(column)
+    if all(size is not None for size in levels):
+        values = column
+        for _ in levels:
+            values = values.flatten()  # flatten() honours slicing; .values would not
+        return values.to_numpy(zero_copy_only=False).reshape(rows, *levels)
+    if shapes is not None and len(levels) == 1:
+        return _split_rows(column.flatten().to_numpy(zero_copy_only=False), [tuple(shape) for shape in shapes])
+    return _split_rows(*_nested_values_and_shapes(column, len(levels)))
+
+
+def _nested_values_and_shapes(column: pa.Array, depth: int) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """The innermost values of a nested list column and each row's shape (rows are rectangular)."""
+    rows = len(column)
+    first = np.arange(rows)  # at the current level: the index of each row's first list
+    dimensions = []
+    level = column
+    for _ in range(depth):
+        lengths = pc.list_value_length(level).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        inside = first < len(lengths)
+        size = np.zeros(rows, np.int64)
+        size[inside] = lengths[first[inside]]
+        dimensions.append(size)
+        first = np.concatenate([[0], np.cumsum(lengths)])[np.minimum(first, len(lengths))]
+        level = level.flatten()
+    shapes = [tuple(int(size[row]) for size in dimensions) for row in range(rows)]
+    return level.to_numpy(zero_copy_only=False), shapes
+
+
+def _split_rows(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return [flat[offsets[row]:offsets[row + 1]].reshape(shape) for row, shape in enumerate(shapes)]
 
 
 def pairs_column(values, size: int) -> pa.Array:
@@ -126,16 +219,10 @@ def pairs_column(values, size: int) -> pa.Array:
 
 
 def latents_of(table: pa.Table | pa.RecordBatch, column: str = "latent") -> list[np.ndarray]:
-    """Per-row latents of a ``latents/`` table, shaped (channels, height, width), in their stored dtype."""
+    """Per-row tensors of a column of a ``latents/`` (or manifest) table, shaped, in their stored dtype."""
     values = table.column(column)
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if isinstance(values.type, pa.FixedShapeTensorType):
-        return list(values.to_numpy_ndarray())
-    flat = values.flatten().to_numpy(zero_copy_only=False)
-    offsets = values.offsets.to_numpy()
-    shapes = table.column("latent_shape").to_pylist()
-    return [flat[start:end].reshape(shape) for start, end, shape in zip(offsets[:-1], offsets[1:], shapes)]
+    shapes = table.column("latent_shape").to_pylist() if "latent_shape" in table.column_names and column.startswith("latent") else None
+    return list(tensor_values(values, shapes))
 
 
 # -- what the output holds ------------------------------------------------------------------------
@@ -212,7 +299,7 @@ def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> 
     kept = io.read_parquet_file(part.uri).filter(pa.array(~stale))
     if len(kept):
         if part.is_results:
-            output.commit(kept, None, stats_of_latents(latents_of(kept)))
+            output.commit(with_shape_runs(kept), None, stats_of_latents(latents_of(kept)))
         else:
             names = [f"{row_id}@{row}" for row_id, row in zip(kept.column("id").to_pylist(), kept.column("row").to_pylist())]
             io.write_parquet_part(kept, output.errors_uri, names)

@@ -21,6 +21,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from pipelines import io
+from pipelines.latent_output import latents_of
 
 CELL = 128  # contact sheet: each sample fits a CELL x CELL square
 LABEL_HEIGHT = 18  # with its id written below it
@@ -79,12 +80,8 @@ def run_kind(output: str) -> tuple[str, str]:
 
 
 def latent_arrays(table: pa.Table) -> list[np.ndarray]:
-    """The ``latent`` column as (channels, height, width) arrays: a fixed-shape tensor or a flat list + ``latent_shape``."""
-    column = table.column("latent").combine_chunks()
-    if isinstance(column.type, pa.FixedShapeTensorType):
-        return [np.asarray(latent, np.float32) for latent in column.to_numpy_ndarray()]
-    shapes = table.column("latent_shape").to_pylist()
-    return [np.asarray(values, np.float32).reshape(shape) for values, shape in zip(column.to_pylist(), shapes)]
+    """The ``latent`` column as float32 (channels, height, width) arrays, whichever encoding the output has."""
+    return [np.asarray(latent, np.float32) for latent in latents_of(table)]
 
 
 def first_rows(table: pa.Table, count: int) -> pa.Table:

@@ -144,19 +144,52 @@ def check_image_schema(
 
 LATENT_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
+# Tensor columns of latents/ parts beside ``latent``: text-encoder outputs. Each is written
+# when the encoders return it (``prompt_embeds`` [tokens, dim]; SDXL/SD3/FLUX add
+# ``pooled_prompt_embeds`` [dim]). Readers never use this list: they find tensor columns
+# from the schema (see ``is_tensor_type``).
+EMBEDDING_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
 
-def latent_type(shape: tuple[int, ...] | None, dtype: str) -> pa.DataType:
-    """A latent column's type: a fixed-shape tensor when every row has ``shape``.
+# Footer key of a latents/ part: its rows' latent shapes as runs [[shape, first_row, rows], ...].
+# Parts are written sorted by shape (one run per shape), so a reader plans bucket batches
+# from footers alone, never reading a row to learn its shape.
+SHAPE_RUNS_METADATA_KEY = b"latentray.latent_shape_runs"
 
-    ``None`` (aspect buckets: shapes differ between rows) gives a flat list with the
-    shape in ``latent_shape``. Arrow's fixed-shape tensor type carries one shape per
-    column, and parts of one table must share their column types, so a per-bucket
-    tensor type would split the output into tables that no longer read as one; Arrow's
-    variable-shape tensor is not available in pyarrow, and Ray's own variable-shaped
-    tensor type reads as an ndarray only where Ray is imported.
+
+def tensor_type(shape: tuple[int, ...] | None, dtype: str, dimensions: int | None = None) -> pa.DataType:
+    """A tensor column's type: nested lists, one level per dimension.
+
+    With ``shape`` (every row has it) the lists are fixed-size, so the type itself says
+    [C, H, W]; ``None`` (aspect buckets: shapes differ between rows) gives variable-size
+    nested lists of ``dimensions`` levels, each row still nested [C][H][W].
+
+    Why not Arrow's ``fixed_shape_tensor`` extension type: Hugging Face ``datasets``
+    refuses extension types ("does not have a datasets dtype equivalent"), and a
+    per-bucket tensor type would split the output into tables that no longer read as
+    one. Plain nested lists load in pyarrow, pandas, DuckDB, Ray Data and ``datasets``
+    (whose torch format yields [C, H, W] tensors) alike.
     """
     value_type = LATENT_DTYPES[dtype]
-    return pa.list_(value_type) if shape is None else pa.fixed_shape_tensor(value_type, list(shape))
+    if shape is None:
+        if dimensions is None or dimensions < 1:
+            raise ValueError(f"dimensions: a variable-shape tensor column needs dimensions >= 1, got {dimensions}")
+        for _ in range(dimensions):
+            value_type = pa.list_(value_type)
+        return value_type
+    for size in reversed(shape):
+        value_type = pa.list_(value_type, size)
+    return value_type
+
+
+def is_tensor_type(data_type: pa.DataType) -> bool:
+    """A column that holds one float tensor per row: nested (fixed-size) lists of floats, or Arrow's tensor type."""
+    if isinstance(data_type, pa.FixedShapeTensorType):
+        return True
+    if not (pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type)):
+        return False
+    while pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type):
+        data_type = data_type.value_type
+    return pa.types.is_floating(data_type)
 
 
 SIZE_TYPE = pa.list_(pa.int32(), 2)  # [height, width] or [top, left], as SDXL's micro-conditioning orders them
@@ -166,14 +199,21 @@ def latents_schema(
     *, latent_shape: tuple[int, ...] | None, dtype: str, flip: bool, caption: bool,
     embedding_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> pa.Schema:
-    """The ``latents/`` table of `latentray encode`; optional columns follow the run's options."""
+    """The ``latents/`` table of `latentray encode`; optional columns follow the run's options.
+
+    ``embedding_shapes``: shape per text-encoder output column (``EMBEDDING_COLUMNS``),
+    empty or None without --text-embeddings.
+    """
+    unknown = set(embedding_shapes or ()) - set(EMBEDDING_COLUMNS)
+    if unknown:
+        raise ValueError(f"embedding_shapes: unknown columns {sorted(unknown)} (known: {', '.join(EMBEDDING_COLUMNS)})")
     fields = [
         pa.field("id", pa.string(), nullable=False),
-        pa.field("latent", latent_type(latent_shape, dtype)),
+        pa.field("latent", tensor_type(latent_shape, dtype, dimensions=3)),
         pa.field("latent_shape", pa.list_(pa.int32(), 3)),  # (channels, height, width) of this row's latent
     ]
     if flip:
-        fields.append(pa.field("latent_flipped", latent_type(latent_shape, dtype)))  # of the horizontally mirrored crop
+        fields.append(pa.field("latent_flipped", tensor_type(latent_shape, dtype, dimensions=3)))  # of the horizontally mirrored crop
     fields += [
         pa.field("original_size", SIZE_TYPE),  # of the decoded, upright image
         pa.field("crop_top_left", SIZE_TYPE),  # in the resized image
@@ -181,10 +221,9 @@ def latents_schema(
     ]
     if caption:
         fields.append(pa.field("caption", pa.string()))
-    # caption embeddings as the family's encode_prompt names them: prompt_embeds [tokens, dim],
-    # and pooled_prompt_embeds [dim] for SDXL, SD3 and FLUX
-    for name, shape in (embedding_shapes or {}).items():
-        fields.append(pa.field(name, pa.fixed_shape_tensor(LATENT_DTYPES[dtype], list(shape))))
+    for name in EMBEDDING_COLUMNS:  # fixed order, whatever order the encoders returned them in
+        if name in (embedding_shapes or {}):
+            fields.append(pa.field(name, tensor_type(tuple(embedding_shapes[name]), dtype)))
     if embedding_shapes:
         fields.append(pa.field("caption_truncated", pa.bool_()))
     fields += [

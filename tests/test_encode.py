@@ -144,17 +144,21 @@ def test_statistics_equal_numpy_over_the_written_latents(first_run):
 
 
 def test_shards_load_unchanged_in_pyarrow_pandas_ray_and_duckdb(first_run, ray_session):
+    """More readers (Hugging Face datasets, bucket shards) in test_latent_reader.py."""
     import duckdb
     import ray.data
 
+    from pipelines.latent_dataset import collate_nested_arrays
+
     folder = str(first_run[0] / "latents")
     rows = first_run[1]["counts"]["ok_rows"]
-    assert pq.read_table(folder).column("latent").combine_chunks().to_numpy_ndarray().shape == (rows, 4, 8, 8)
+    assert np.asarray(pq.read_table(folder).column("latent").to_pylist()).shape == (rows, 4, 8, 8)
     frame = pd.read_parquet(folder)
-    assert len(frame) == rows and frame["latent"].iloc[0].shape == (256,)  # pandas: flat ndarray, shape in latent_shape
-    batch = ray.data.read_parquet(folder).take_batch(rows, batch_format="numpy")
+    assert len(frame) == rows and np.stack([np.stack(channel) for channel in frame["latent"].iloc[0]]).shape == (4, 8, 8)
+    batch = next(iter(ray.data.read_parquet(folder, columns=["latent", "prompt_embeds"]).iter_torch_batches(
+        batch_size=rows, collate_fn=collate_nested_arrays)))
     assert batch["latent"].shape == (rows, 4, 8, 8) and batch["prompt_embeds"].shape == (rows, 77, 32)
-    assert duckdb.sql(f"select count(*), min(len(latent)) from '{folder}/*.parquet'").fetchall() == [(rows, 256)]
+    assert duckdb.sql(f"select count(*), min(len(latent)), min(len(latent[1][1])) from '{folder}/*.parquet'").fetchall() == [(rows, 4, 8)]
 
 
 def test_dataset_reader_yields_tensors_for_training(first_run):

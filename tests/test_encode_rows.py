@@ -13,8 +13,9 @@ from image_helpers import picture, png
 from pipelines.encode_rows import RowSettings, SourceColumns, prepare_images
 from pipelines.prompt_rows import duplicate_positions
 from pipelines.image_decode import Preprocessing
-from pipelines.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts
+from pipelines.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts, tensor_values
 from pipelines.outputs import RunOutput
+from pipelines.schemas import SHAPE_RUNS_METADATA_KEY
 
 PREPROCESSING = Preprocessing(targets=((64, 64),), crop="center", max_pixels=10**7, min_size=None, background=(255, 255, 255))
 
@@ -72,8 +73,9 @@ def test_commit_writes_a_tensor_part_with_exact_stats_and_sends_overflow_to_erro
     assert summary["encoded"].tolist() == [2] and summary["failed"].tolist() == [1]
     assert json.loads(summary["busy"][0]) == {"vae_encoder": 1.5}
     table = pq.read_table(tmp_path / "latents")
-    stored = table.column("latent").combine_chunks().to_numpy_ndarray()
+    stored = tensor_values(table.column("latent"))
     assert stored.dtype == np.float16 and stored.shape == (2, 4, 8, 8)
+    assert table.schema.field("latent").type == pa.list_(pa.list_(pa.list_(pa.float16(), 8), 8), 4)  # [C][H][W]
     np.testing.assert_array_equal(stored, latents[:2].astype(np.float16))
     values = stored.astype(np.float64).transpose(1, 0, 2, 3).reshape(4, -1)
     np.testing.assert_allclose(output.latent_stats().std, values.std(axis=1), rtol=1e-12)
@@ -99,16 +101,20 @@ def test_a_newer_copy_of_a_row_supersedes_the_older_and_stats_follow(tmp_path):
     assert drop_superseded(output) == 0
 
 
-def test_bucketed_latents_are_flat_lists_with_their_shape(tmp_path):
+def test_bucketed_latents_are_nested_lists_sorted_by_shape_with_runs_in_the_footer(tmp_path):
     output = RunOutput(str(tmp_path), "latents")
-    latents = np.empty(2, dtype=object)
-    latents[:] = [np.ones((4, 8, 8), np.float32), np.full((4, 4, 12), 2.0, np.float32)]
+    latents = np.empty(3, dtype=object)
+    latents[0], latents[1], latents[2] = np.ones((4, 8, 8), np.float32), np.full((4, 4, 12), 2.0, np.float32), np.zeros((4, 8, 8), np.float32)
     layout = LatentLayout(dtype="float32", fixed_shape=False, flip=False, caption=False, text_embeddings=False)
-    commit_latents(encoded_batch(["a", "b"], latents), output=output, layout=layout, run=1)
+    commit_latents(encoded_batch(["a", "b", "c"], latents), output=output, layout=layout, run=1)
     frame = pd.read_parquet(tmp_path / "latents")
-    assert [len(v) for v in frame["latent"]] == [256, 192] and frame["latent_shape"].map(list).tolist() == [[4, 8, 8], [4, 4, 12]]
-    assert [latent.shape for latent in latents_of(pq.read_table(tmp_path / "latents"))] == [(4, 8, 8), (4, 4, 12)]
-    assert output.latent_stats().count.tolist() == [64 + 48] * 4
+    assert frame["id"].tolist() == ["b", "a", "c"]  # grouped by shape, stable
+    assert [np.stack([np.stack(channel) for channel in value]).shape for value in frame["latent"]] == [(4, 4, 12), (4, 8, 8), (4, 8, 8)]
+    assert frame["latent_shape"].map(list).tolist() == [[4, 4, 12], [4, 8, 8], [4, 8, 8]]
+    table = pq.read_table(tmp_path / "latents")
+    assert [latent.shape for latent in latents_of(table)] == [(4, 4, 12), (4, 8, 8), (4, 8, 8)]
+    assert json.loads(table.schema.metadata[SHAPE_RUNS_METADATA_KEY]) == [[[4, 4, 12], 0, 1], [[4, 8, 8], 1, 2]]
+    assert output.latent_stats().count.tolist() == [64 + 48 + 64] * 4
 
 
 @pytest.mark.parametrize("base, reference, expected", [

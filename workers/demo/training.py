@@ -1,20 +1,24 @@
 """Training loops of the demo model: an AutoencoderKL on images, a U-Net on latents.
 
-Plain single-process PyTorch on in-memory tensors (the demo corpus fits in memory):
-seeded sampling of batches, so the same inputs and config give the same weights on the
-same machine and thread count. Each loop returns its loss history and step timings;
+Plain single-process PyTorch, seeded, so the same inputs and config give the same weights
+on the same machine and thread count. The VAE trains on images in memory; the U-Net reads
+its batches through latentray's latent-dataset reader (shuffled, resumable) and can
+checkpoint and resume mid-epoch. Each loop returns its loss history and step timings;
 ``jobs.train_demo`` owns the data, the stages and the files.
 """
 
 from __future__ import annotations
 
 import copy
+import io as bytes_io
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -61,9 +65,13 @@ def warmup_then_cosine(warmup_steps: int, total_steps: int, floor: float = 0.1) 
     return factor
 
 
-def _run_steps(name: str, steps: int, log_every: int, step: Callable[[int], float], log: TrainingLog) -> None:
-    window: list[float] = []
-    for index in range(steps):
+def _run_steps(
+    name: str, steps: int, log_every: int, step: Callable[[int], float], log: TrainingLog, *, first_step: int = 0,
+    window: list[float] | None = None, after_step: Callable[[int, list[float]], bool] | None = None,
+) -> None:
+    """Steps ``first_step``..``steps - 1``; ``after_step`` (index, the open logging window) returning True stops early."""
+    window = list(window or [])
+    for index in range(first_step, steps):
         started = time.perf_counter()
         window.append(step(index))
         log.step_seconds.append(time.perf_counter() - started)
@@ -71,6 +79,8 @@ def _run_steps(name: str, steps: int, log_every: int, step: Callable[[int], floa
             log.losses.append((index + 1, float(np.mean(window))))
             logger.info("%s step %d/%d loss %.5f (%.3f s/step)", name, index + 1, steps, log.losses[-1][1], log.step_seconds[-1])
             window = []
+        if after_step is not None and after_step(index, window):
+            return
 
 
 # -- VAE ------------------------------------------------------------------------------------------
@@ -191,7 +201,6 @@ def latent_scaling_factor(vae, images: torch.Tensor, batch_size: int = 64) -> fl
 @dataclass(kw_only=True)
 class UnetTrainingConfig:
     steps: int
-    batch_size: int = 64
     learning_rate: float = 5e-4
     warmup_steps: int = 100
     # share of rows trained with the empty caption: the unconditional model that
@@ -202,34 +211,37 @@ class UnetTrainingConfig:
     ema_decay: float = 0.999
     seed: int = 0
     log_every: int = 25
+    checkpoint_every: int = 250  # steps between checkpoints (with a checkpoint path)
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("steps", "batch_size", "learning_rate", "warmup_steps", "log_every"))
+        _check_positive(self, ("steps", "learning_rate", "warmup_steps", "log_every", "checkpoint_every"))
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
 
 
-@dataclass(frozen=True)
-class ConditionedLatents:
-    """The U-Net's training set: latents, and each row's caption as an index into one embedding per caption.
+class ResumableBatches(Protocol):
+    """What the U-Net loop reads: ``pipelines.LatentDataset`` with a ``batch_size`` (``latent``, ``prompt_embeds``)."""
 
-    Captions repeat (a corpus has ~130 distinct ones), so storing each embedding once
-    keeps tens of thousands of rows in memory cheaply.
-    """
+    epoch: int
 
-    latents: torch.Tensor  # float32 (N, C, h, w), scaled as the U-Net sees them
-    caption_index: torch.Tensor  # int64 (N,)
-    caption_embeddings: torch.Tensor  # float32 (captions, tokens, width)
-    empty_caption_embedding: torch.Tensor  # float32 (tokens, width): what "no prompt" encodes to
+    def __iter__(self) -> Iterator[dict]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
-    def __post_init__(self) -> None:
-        if len(self.latents) != len(self.caption_index):
-            raise ValueError(f"caption_index: {len(self.caption_index)} rows for {len(self.latents)} latents")
-        if self.caption_embeddings.shape[1:] != self.empty_caption_embedding.shape:
-            raise ValueError(f"empty_caption_embedding: shape {tuple(self.empty_caption_embedding.shape)} "
-                             f"differs from the captions' {tuple(self.caption_embeddings.shape[1:])}")
+
+def epochs_of(batches: ResumableBatches) -> Iterator[dict]:
+    """Batches epoch after epoch, from where the reader stands (a loaded state resumes mid-epoch)."""
+    if len(batches) == 0:
+        raise ValueError("batches: the latent dataset yields no batch in an epoch (fewer rows than batch_size with drop_last?)")
+    epoch = batches.epoch
+    while True:
+        batches.set_epoch(epoch)
+        yield from batches
+        epoch += 1
 
 
 class ExponentialMovingAverage:
@@ -248,22 +260,39 @@ class ExponentialMovingAverage:
             averaged.lerp_(current, 1 - decay)
 
 
-def train_unet(unet, data: ConditionedLatents, alphas_cumprod: torch.Tensor, config: UnetTrainingConfig) -> tuple[torch.nn.Module, TrainingLog]:
-    """Train ``unet`` to predict the noise added to latents; returns the averaged (EMA) model and the log."""
+def train_unet(
+    unet, batches: ResumableBatches, empty_caption_embedding: torch.Tensor, alphas_cumprod: torch.Tensor, config: UnetTrainingConfig,
+    *, checkpoint: str | None = None, stop_after: int | None = None,
+) -> tuple[torch.nn.Module, TrainingLog]:
+    """Train ``unet`` to predict the noise added to latents; returns the averaged (EMA) model and the log.
+
+    ``batches``: shuffled batches of stored latents and caption embeddings (a LatentDataset).
+    ``checkpoint``: a local file written every ``checkpoint_every`` steps with the
+    model, optimizer, average, random state and the reader's state; when it exists the run
+    continues from it, mid-epoch, with exactly the batches and noise the uninterrupted run
+    would have drawn. ``stop_after``: end after that step (a preemption, for tests).
+    """
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
     average = ExponentialMovingAverage(unet, config.ema_decay)
+    log = TrainingLog("unet")
+    progress = {"first_step": 0, "window": []}
+    if checkpoint is not None and os.path.exists(checkpoint):
+        progress = _load_unet_checkpoint(checkpoint, unet, optimizer, schedule, average, generator, batches, log)
+        logger.info("unet: resuming at step %d from %s", progress["first_step"], checkpoint)
     unet.train()
+    stream = epochs_of(batches)
 
     def step(_: int) -> float:
-        rows = torch.randint(len(data.latents), (config.batch_size,), generator=generator)
-        latents = data.latents[rows]
-        conditioning = data.caption_embeddings[data.caption_index[rows]]
-        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-        conditioning[dropped] = data.empty_caption_embedding
+        batch = next(stream)
+        latents = batch["latent"].float()
+        conditioning = batch["prompt_embeds"].float()
+        rows = len(latents)
+        dropped = torch.rand(rows, generator=generator) < config.caption_dropout
+        conditioning[dropped] = empty_caption_embedding
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(len(alphas_cumprod), (config.batch_size,), generator=generator)
+        timesteps = torch.randint(len(alphas_cumprod), (rows,), generator=generator)
         signal = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = signal.sqrt() * latents + (1 - signal).sqrt() * noise  # as DDPMScheduler.add_noise
         loss = F.mse_loss(unet(noisy, timesteps, conditioning).sample, noise)
@@ -274,7 +303,41 @@ def train_unet(unet, data: ConditionedLatents, alphas_cumprod: torch.Tensor, con
         average.update(unet)
         return loss.item()
 
-    log = TrainingLog("unet")
-    _run_steps("unet", config.steps, config.log_every, step, log)
+    def after_step(index: int, window: list[float]) -> bool:
+        done = index + 1
+        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == stop_after) and done < config.steps:
+            _save_unet_checkpoint(checkpoint, done, window, unet, optimizer, schedule, average, generator, batches, log)
+        return done == stop_after
+
+    _run_steps("unet", config.steps, config.log_every, step, log, first_step=progress["first_step"], window=progress["window"],
+               after_step=after_step)
     unet.eval()
     return average.model, log
+
+
+def _save_unet_checkpoint(uri, step, window, unet, optimizer, schedule, average, generator, batches, log) -> None:
+    buffer = bytes_io.BytesIO()
+    torch.save({
+        "step": step, "window": list(window), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "average": average.model.state_dict(), "average_updates": average.updates,
+        "generator": generator.get_state(), "batches": batches.state_dict(),
+        "log": {"losses": log.losses, "step_seconds": log.step_seconds},
+    }, buffer)
+    # temporary name then rename: an interrupted save leaves the previous checkpoint whole
+    with open(f"{uri}.tmp", "wb") as handle:
+        handle.write(buffer.getvalue())
+    os.replace(f"{uri}.tmp", uri)
+
+
+def _load_unet_checkpoint(uri, unet, optimizer, schedule, average, generator, batches, log) -> dict:
+    with open(uri, "rb") as handle:
+        state = torch.load(handle, weights_only=False)
+    unet.load_state_dict(state["unet"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    average.model.load_state_dict(state["average"])
+    average.updates = state["average_updates"]
+    generator.set_state(state["generator"])
+    batches.load_state_dict(state["batches"])
+    log.losses, log.step_seconds = [tuple(loss) for loss in state["log"]["losses"]], list(state["log"]["step_seconds"])
+    return {"first_step": state["step"], "window": state["window"]}

@@ -1,0 +1,47 @@
+"""Latent datasets written by latentray's own commit task (real Parquet parts, no model, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.latent_output import LatentLayout, commit_latents
+from pipelines.outputs import RunOutput
+
+BUCKET_SHAPES = ((4, 8, 8), (4, 6, 10), (4, 10, 6))
+
+
+def row_value(row_id: str) -> int:
+    """The number every latent value of row ``r-<n>`` holds: a batch tells which rows it carries."""
+    return int(row_id.split("-")[1])
+
+
+def encoded_rows(first: int, shapes: list[tuple[int, ...]], tokens: int = 5, width: int = 3) -> dict[str, np.ndarray]:
+    """What the encoders hand the commit task for rows ``r-<first>``..., each latent filled with its number."""
+    rows = len(shapes)
+    ids = [f"r-{first + index}" for index in range(rows)]
+    latents = np.empty(rows, dtype=object)
+    for index, shape in enumerate(shapes):
+        latents[index] = np.full(shape, row_value(ids[index]), np.float32)
+    return {
+        "id": np.array(ids, dtype=object), "row": np.arange(first, first + rows), "seed": np.arange(rows),
+        "source": np.array(["s"] * rows, dtype=object), "content_hash": np.array(["h"] * rows, dtype=object),
+        "cache_key": np.array([f"key-{row_id}" for row_id in ids], dtype=object),
+        "original_size": np.full((rows, 2), 96), "crop_top_left": np.zeros((rows, 2)),
+        "target_size": np.array([[shape[1] * 8, shape[2] * 8] for shape in shapes]), "latent": latents,
+        "caption": np.array([None if index % 7 == 3 else f"caption {row_id}" for index, row_id in enumerate(ids)], dtype=object),
+        "prompt_embeds": np.ones((rows, tokens, width), np.float32), "pooled_prompt_embeds": np.ones((rows, width), np.float32),
+        "caption_truncated": np.zeros(rows, bool),
+    }
+
+
+def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed: int = 0, tokens: int = 5, width: int = 3) -> list[str]:
+    """A latents/ output of parts of ``part_rows`` rows (bucket shapes drawn at random); returns every id."""
+    output = RunOutput(uri, "latents")
+    layout = LatentLayout(dtype="float16", fixed_shape=not buckets, flip=False, caption=True, text_embeddings=True)
+    generator = np.random.default_rng(seed)
+    first = 0
+    for rows in part_rows:
+        shapes = [BUCKET_SHAPES[generator.integers(len(BUCKET_SHAPES))] if buckets else BUCKET_SHAPES[0] for _ in range(rows)]
+        commit_latents(encoded_rows(first, shapes, tokens, width), output=output, layout=layout, run=1)
+        first += rows
+    return [f"r-{index}" for index in range(first)]
