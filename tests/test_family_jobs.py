@@ -111,7 +111,7 @@ def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_ses
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False, max_sequence_length=32)
         else:
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
-    stored = {name: np.stack(table.column(name).combine_chunks().to_numpy_ndarray()) for name in ("prompt_embeds", "pooled_prompt_embeds")}
+    stored = {name: np.stack(latents_of(table, name)) for name in ("prompt_embeds", "pooled_prompt_embeds")}
     np.testing.assert_allclose(stored["prompt_embeds"], prompt_embeds.numpy(), atol=1e-4)
     np.testing.assert_allclose(stored["pooled_prompt_embeds"], pooled.numpy(), atol=1e-4)
     assert table.column("caption_truncated").to_pylist() == [False, True, False]  # CLIP's 77 tokens
