@@ -7,6 +7,7 @@ are written under a temporary name and renamed, so a reader never sees half a fi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -339,13 +340,38 @@ def _write_digest_cache(cache_dir: str, root: str, digests: dict[str, list]) -> 
 
 
 def localize_tree(uri: str, fingerprint: str, cache_root: str) -> str:
-    """A local copy of a remote directory, made once per node, keyed by URI and content."""
+    """A local copy of a remote directory, made once per node, keyed by URI and content.
+
+    Every actor of a node asks for the same model at start-up; a file lock lets the first
+    one download it (fsspec's ``get`` fetches the files concurrently) while the others
+    wait, then find it complete. Without the lock each of 8 actors on an 8-GPU node would
+    fetch a 33 GB FLUX directory itself.
+    """
     if is_local(uri):
         return filesystem(uri)[1]
     key = hashlib.sha256(f"{uri}\0{fingerprint}".encode()).hexdigest()[:24]
     target = os.path.join(cache_root, "models", key)
     if os.path.isfile(os.path.join(target, ".complete")):
         return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not os.path.isfile(os.path.join(target, ".complete")):
+            _download_tree(uri, target)
+    return target
+
+
+def _download_tree(uri: str, target: str) -> None:
+    # into a staging folder renamed into place: a reader never sees half a model
+    staging = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(target))
+    try:
+        fs, root = filesystem(uri)
+        fs.get(root.rstrip("/") + "/", staging + "/", recursive=True)
+        open(os.path.join(staging, ".complete"), "w").close()
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy a killed download left
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(target))
     try:

@@ -66,3 +66,33 @@ def test_model_copied_from_object_storage_draws_like_the_local_preset(ray_sessio
     for component in ("unet", "vae", "text_encoder"):
         local = sorted((p.name for p in __import__("pathlib").Path(local_dir, component).iterdir()))
         assert any(name.endswith(".safetensors") for name in local)
+
+
+LOCALIZE_SCRIPT = """
+import sys
+from pipelines import io
+
+original = io._download_tree
+def recorded(uri, target):
+    with open(sys.argv[3], "a") as log:
+        log.write("download\\n")
+    original(uri, target)
+io._download_tree = recorded
+print(io.localize_tree(sys.argv[1], "fingerprint", sys.argv[2]))
+"""
+
+
+def test_actors_of_one_node_download_a_remote_model_once(bucket, tmp_path):
+    import subprocess
+    import sys
+
+    cache, log = tmp_path / "cache", tmp_path / "downloads.log"
+    # four processes at once, as four actors starting on one node
+    processes = [subprocess.Popen([sys.executable, "-c", LOCALIZE_SCRIPT, "s3://latentray-test/models/tiny", str(cache), str(log)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    targets = {process.communicate(timeout=120)[0].strip() for process in processes}
+    assert all(process.returncode == 0 for process in processes)
+    assert len(targets) == 1 and log.read_text().splitlines() == ["download"]
+    target = targets.pop()
+    assert json.load(open(f"{target}/model_index.json"))["_class_name"] == "StableDiffusionPipeline"
+    assert [path.name for path in cache.joinpath("models").iterdir() if path.name.startswith(".download-")] == []
