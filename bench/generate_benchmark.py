@@ -16,6 +16,15 @@ divided by the run's wall seconds.
     python bench/generate_benchmark.py --model small-flux   # the same table for FLUX.1 (small-sdxl, small-sd3, small-zimage)
     python bench/generate_benchmark.py --model tiny --prompts 8 --steps 4 --json result.json
 
+With ``--whole-process`` it times instead what a user feels: a plain diffusers process
+(``bench/diffusers_baseline.py``: the family's pipeline, batched, PNGs written) against
+the ``latentray generate`` command (embedded Ray, fused placement), each as a whole
+process at two job sizes. The difference between the sizes gives the steady-state cost
+per image; what remains of the small job is the fixed start-up (imports, Ray, actors,
+model loading). It prints the steady-state ratio and the start-up of each side apart:
+
+    python bench/generate_benchmark.py --whole-process --model small-flux --sizes 16 64
+
 This is a benchmark, not a test: it asserts nothing about speed.
 """
 
@@ -348,6 +357,81 @@ def run_benchmark(settings: BenchmarkSettings, json_path: str | None) -> dict:
     return report
 
 
+# -- whole processes at two job sizes ---------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ProcessTiming:
+    side: str
+    seconds: dict[int, float]  # job size -> whole-process wall seconds
+
+    def per_image(self) -> float:
+        (small, small_seconds), (large, large_seconds) = sorted(self.seconds.items())
+        return (large_seconds - small_seconds) / (large - small)
+
+    def start_up(self) -> float:
+        small, small_seconds = min(self.seconds.items())
+        return small_seconds - small * self.per_image()
+
+
+def time_process(command: list[str]) -> float:
+    import subprocess
+
+    started = time.perf_counter()
+    finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"benchmark: {' '.join(command[:4])} ... failed:\n{finished.stderr[-3000:]}")
+    return seconds
+
+
+def run_whole_process_benchmark(settings: BenchmarkSettings, sizes: tuple[int, int], json_path: str | None) -> dict:
+    model_directory = materialize_preset(settings.model) if settings.model in PRESETS else settings.model
+    model = describe_model(settings.model)
+    guidance = settings.guidance if settings.guidance is not None else model.shape.default_guidance
+    bench_folder = os.path.dirname(os.path.abspath(__file__))
+    timings = {"diffusers": ProcessTiming(side="diffusers", seconds={}), "latentray": ProcessTiming(side="latentray", seconds={})}
+    with tempfile.TemporaryDirectory(prefix="latentray-benchmark-") as work_directory:
+        for size in sizes:
+            prompts_path = os.path.join(work_directory, f"prompts-{size}.parquet")
+            write_prompt_table(make_prompt_rows(size, settings.seed), prompts_path)
+            common_options = ["--steps", str(settings.steps), "--batch-size", str(settings.batch_size)]
+            print(f"timing {size} images: diffusers ...", file=sys.stderr, flush=True)
+            timings["diffusers"].seconds[size] = time_process([
+                sys.executable, os.path.join(bench_folder, "diffusers_baseline.py"), "--model", model_directory,
+                "--prompts", prompts_path, "--output", os.path.join(work_directory, f"diffusers-{size}"),
+                "--guidance", str(guidance), "--size", str(settings.size), *common_options,
+            ])
+            print(f"timing {size} images: latentray ...", file=sys.stderr, flush=True)
+            timings["latentray"].seconds[size] = time_process([
+                sys.executable, "-m", "jobs.cli", "generate", "--model", settings.model, "--prompts", prompts_path,
+                "--output", os.path.join(work_directory, f"latentray-{size}"), "--guidance", str(guidance),
+                "--height", str(settings.size), "--width", str(settings.size), "--placement", "fused", *common_options,
+            ])
+    diffusers, latentray = timings["diffusers"], timings["latentray"]
+    header = ("side", *[f"{size} images (s)" for size in sizes], "steady state s/image", "images/s", "start-up (s)")
+    rows = [(
+        timing.side, *[f"{timing.seconds[size]:.1f}" for size in sizes], f"{timing.per_image():.3f}",
+        f"{1 / timing.per_image():.3f}", f"{timing.start_up():.1f}",
+    ) for timing in (diffusers, latentray)]
+    print(f"\nwhole processes: model {settings.model} ({model.family.name}), {settings.size}x{settings.size}, {settings.steps} steps, "
+          f"guidance {guidance}, batch size {settings.batch_size}, {os.cpu_count()} CPUs\n")
+    print(format_columns(header, rows))
+    ratio = diffusers.per_image() / latentray.per_image()
+    print(f"\nsteady-state throughput, latentray / diffusers batched: {ratio:.2f}x; "
+          f"start-up: latentray {latentray.start_up():.1f} s, diffusers {diffusers.start_up():.1f} s "
+          f"({latentray.start_up() - diffusers.start_up():+.1f} s)")
+    print("- each figure is a whole process as a user runs it: interpreter start, imports, model loading, Ray start "
+          "and actors (latentray), generation, PNG writing; steady state = (T(large) - T(small)) / (large - small).")
+    report = {
+        "settings": {**asdict(settings), "guidance": guidance, "sizes": list(sizes)}, "machine": machine_dictionary(),
+        "seconds": {timing.side: timing.seconds for timing in (diffusers, latentray)},
+        "steady_state_ratio": ratio, "start_up_seconds": {timing.side: timing.start_up() for timing in (diffusers, latentray)},
+    }
+    write_json(report, json_path)
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Compare plain diffusers loops with latentray's fused and split pipelines on the same model, "
@@ -363,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     parser.add_argument("--memory-interval", type=float, default=0.2, help="seconds between memory samples")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time a plain diffusers process and the latentray command as whole processes at two job sizes")
+    parser.add_argument("--sizes", type=positive_integer, nargs=2, default=(16, 64), metavar=("SMALL", "LARGE"),
+                        help="job sizes (prompts) of --whole-process")
     return parser
 
 
@@ -373,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         model=options.model, prompts=options.prompts, steps=options.steps, batch_size=options.batch_size,
         size=options.size, guidance=options.guidance, seed=options.seed, memory_interval=options.memory_interval,
     )
-    run_benchmark(settings, options.json)
+    if options.whole_process:
+        run_whole_process_benchmark(settings, tuple(sorted(options.sizes)), options.json)
+    else:
+        run_benchmark(settings, options.json)
     return 0
 
 
