@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from workers.families.base import ModelFamily, to_numpy
 
@@ -47,6 +46,8 @@ class ZImage(ModelFamily):
         return len(pipe.tokenizer(templated).input_ids) > (max_sequence_length or self.default_max_sequence_length)
 
     def denoise_arguments(self, pipe: Any, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> dict[str, Any]:
+        import torch
+
         # the transformer takes a list of captions of their own lengths
         return {
             column: [torch.from_numpy(np.asarray(batch[column][row])).to(pipe.device, pipe.dtype) for row in rows]
@@ -76,6 +77,8 @@ def build_preset(size):
         # axis indexes caption tokens: above the longest padded caption plus one
         axes_dims=[head_dim // 2, head_dim // 4, head_dim // 4], axes_lens=[1024, 128, 128],
     )
+    import torch
+
     with torch.no_grad():  # created uninitialised by the model; the transformer attends to them
         transformer.x_pad_token.normal_(0.0, 0.02)
         transformer.cap_pad_token.normal_(0.0, 0.02)

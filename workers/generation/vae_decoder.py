@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
 
 from workers.runtime.base import Batch, ModelWorker, group_rows, stack_column
 from workers.runtime.devices import upcast_vae
@@ -20,6 +19,8 @@ class VaeDecoderWorker(ModelWorker):
     OUTPUT_COLUMNS = ("image",)
 
     def __init__(self, model, **options):
+        from diffusers.image_processor import VaeImageProcessor  # in the actor: the driver only names this class
+
         super().__init__(model, **options)
         self.vae = self.load_pipeline((self.family.vae_component,)).vae
         upcast_vae(self.vae)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import diffusers
-
 # name -> (diffusers class, config overrides). Overrides turn a class into the
 # variant users know by that name (e.g. "dpm++" is DPM-Solver++ multistep).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -43,6 +41,8 @@ def make_scheduler(name: str | None, model_config: dict[str, Any]):
     ``None`` keeps the model's own scheduler class; a name swaps the class but keeps
     the model's noise schedule (betas, offsets), as diffusers' ``from_config`` does.
     """
+    import diffusers  # here, not at import: the driver checks names without loading diffusers (2 s)
+
     check_scheduler_name(name)
     if name is None:
         return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
