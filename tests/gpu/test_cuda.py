@@ -25,3 +25,18 @@ def test_half_precision_images_stay_close_to_float32(tiny_model_dir):
     half = FusedGenerationWorker(tiny_model_dir)(dict(batch))["image"][0].astype(int)
     full = FusedGenerationWorker(tiny_model_dir, dtype="float32")(dict(batch))["image"][0].astype(int)
     assert np.abs(half - full).mean() < 8  # same seed, same picture up to rounding in fp16
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"])
+def test_every_family_runs_in_half_precision_on_cuda(preset, model_cache):
+    """Each family's stages on CUDA in fp16/bf16: the same picture as float32, up to half-precision rounding."""
+    from workers.generation.fused import FusedGenerationWorker
+
+    batch = {
+        "prompt": np.array(["a red circle"], dtype=object), "negative_prompt": np.array(["blurry"], dtype=object),
+        "seed": np.array([1]), "num_inference_steps": np.array([6]), "guidance_scale": np.array([4.0]),
+        "height": np.array([64]), "width": np.array([64]),
+    }
+    half = FusedGenerationWorker(preset)(dict(batch))["image"][0].astype(int)
+    full = FusedGenerationWorker(preset, dtype="float32")(dict(batch))["image"][0].astype(int)
+    assert np.abs(half - full).mean() < 8
