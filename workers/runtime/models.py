@@ -67,11 +67,11 @@ class ModelDirectory:
         its stages gets that same pipeline. ``config_only`` components are built on the meta
         device (their config, no weights): what a stage reads of another stage's model.
         """
-        if self._pipeline is not None and set(components) <= self._loaded:
+        wanted = {name for name in components if self.has(name)}
+        if self._pipeline is not None and wanted <= self._loaded:
             return self._pipeline
         pipeline_class = getattr(importlib.import_module("diffusers"), self.family.pipeline_class)
         expected_components, _ = pipeline_class._get_signature_keys(pipeline_class)
-        wanted = {name for name in components if self.has(name)}
         arguments: dict[str, Any] = {name: None for name in expected_components if name not in wanted}
         arguments.update({name: self._config_only(name) for name in config_only if self.has(name) and name not in wanted})
         _quiet_libraries()
