@@ -36,7 +36,10 @@ class ModelDescription:
     components: tuple[str, ...]  # the components this directory has
 
     def identity(self) -> dict:
-        return {"uri": self.location.uri, "fingerprint": self.location.fingerprint, "family": self.family.name}
+        return {
+            "uri": self.location.uri, "fingerprint": self.location.fingerprint, "family": self.family.name,
+            "pipeline_class": self.family.pipeline_class, "guidance": self.family.guidance_rule,
+        }
 
 
 def describe_model(model: str) -> ModelDescription:
