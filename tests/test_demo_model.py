@@ -69,13 +69,16 @@ def test_latentray_demo_writes_images_and_their_adherence(ray_session, tmp_path,
     assert set(manifest.column("guidance_scale").to_pylist()) == {5.0}  # the demo model's recommended guidance
 
 
-def test_guidance_defaults_to_the_models_recommended_scale():
-    def guidance(**overrides):
-        return GenerateConfig(prompts="p.parquet", output="out", **overrides).guidance
+def test_guidance_defaults_to_the_models_recommended_scale(model_cache):
+    from pipelines.model_source import describe_model
 
-    assert guidance() == guidance(model="demo") == 5.0  # measured best for the demo model (README)
-    assert guidance(model="tiny") == guidance(model="/models/sd15") == 7.5  # Stable Diffusion's usual scale
-    assert guidance(model="demo", guidance=9.0) == 9.0
+    def guidance(model: str = "demo", **overrides):
+        config = GenerateConfig(prompts="p.parquet", output="out", model=model, **overrides)
+        return config.with_model_defaults(describe_model(model)).guidance
+
+    assert guidance() == 5.0  # measured best for the demo model (README)
+    assert guidance("tiny") == 7.5 and guidance("tiny-sdxl") == 5.0 and guidance("tiny-flux") == 3.5  # the family's default
+    assert guidance("demo", guidance=9.0) == 9.0
     with pytest.raises(ValueError, match=r"^guidance"):
         guidance(guidance=-1.0)
 
