@@ -326,3 +326,39 @@ def test_reads_from_s3_with_prefetch(s3_endpoint, buckets):
     options = dict(batch_size=8, shuffle=True, seed=3, drop_last=False, shuffle_buffer=60)
     remote = LatentDataset("s3://reader-bucket/run", prefetch=3, **options)
     assert ids_of(remote) == ids_of(LatentDataset(uri, prefetch=0, **options))
+
+
+# -- part 3: the DDP example ----------------------------------------------------------------------
+
+
+def test_ddp_example_fine_tunes_on_buckets_with_two_ranks_and_resumes(encoded, tiny_model_dir, tmp_path):
+    """examples/ddp_finetune_unet.py: 2 ranks on CPU (gloo), stopped after 3 steps, then continued to 5."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "ddp_finetune_unet.py")
+    output = tmp_path / "finetuned"
+
+    def run(steps: int) -> list[dict]:
+        done = subprocess.run([sys.executable, script, "--model", tiny_model_dir, "--latents", os.path.dirname(encoded["buckets"]),
+                               "--output", str(output), "--world-size", "2", "--steps", str(steps), "--batch-size", "2"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.load(open(output / f"rank-{rank}.json"))["batches"] for rank in range(2)]
+
+    first = run(3)
+    ranks = run(5)
+    for rank, (before, after) in enumerate(zip(first, ranks)):
+        assert [batch["step"] for batch in after] == [1, 2, 3, 4, 5] and after[:3] == before
+        # exactly the batches the reader plans for this rank, epoch after epoch, across the restart
+        planned = []
+        for epoch in range(5):
+            dataset = LatentDataset(os.path.dirname(encoded["buckets"]), batch_size=2, shuffle=True, seed=0, drop_last=True,
+                                    rank=rank, world_size=2, columns=["id", "latent"])
+            dataset.set_epoch(epoch)
+            planned += [(epoch, batch["id"], list(batch["latent"].shape[1:])) for batch in dataset]
+        assert [(batch["epoch"], batch["ids"], batch["shape"]) for batch in after] == planned[:5]
+    for step in range(5):  # in a step the ranks train on different rows, possibly of different shapes
+        assert not set(ranks[0][step]["ids"]) & set(ranks[1][step]["ids"])
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").exists()
