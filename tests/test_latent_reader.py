@@ -181,10 +181,31 @@ def test_two_ranks_two_workers_keep_every_row_padded_by_repetition(buckets):
     assert len(seen) - len(ids) < len(BUCKET_SHAPES) * 8 + 8  # the padding repeats no more than needed
 
 
-def test_workers_do_not_change_what_a_rank_reads(buckets):
-    uri, _ = buckets
-    options = dict(batch_size=8, shuffle=True, seed=7, drop_last=True, shuffle_buffer=60)
-    assert run_ranks(uri, 2, **options) == run_ranks(uri, 0, **options)
+def test_workers_change_neither_batch_counts_nor_coverage(buckets):
+    uri, ids = buckets
+    options = dict(batch_size=8, shuffle=True, seed=7, drop_last=False, shuffle_buffer=60)
+    with_workers, in_process = run_ranks(uri, 2, **options), run_ranks(uri, 0, **options)
+    assert [len(rank) for rank in with_workers] == [len(rank) for rank in in_process]
+    for ranks in (with_workers, in_process):
+        assert {row_id for rank in ranks for batch in rank for row_id in batch} == set(ids)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_each_row_group_is_read_by_one_reader(tmp_path, buckets):
+    """Readers get whole row groups of a window: two readers share only groups at the boundaries of their shares
+    (one per shape; with buckets also groups that hold two shapes), so reading barely repeats."""
+    write_latent_dataset(str(tmp_path), [300, 300, 300, 300], buckets=buckets)
+    dataset = LatentDataset(str(tmp_path), batch_size=8, shuffle=True, seed=2, drop_last=True)
+    ends = [(part.first_row, part.row_group_ends) for part in dataset.parts]
+    assert all(len(group_ends) == 3 for _, group_ends in ends)  # 128 + 128 + 44 rows
+
+    def groups_read(batches: np.ndarray) -> set[tuple[int, int]]:
+        part_of = np.searchsorted([first for first, _ in ends], batches.ravel(), side="right") - 1
+        return {(int(part), int(np.searchsorted(ends[part][1], row - ends[part][0], side="right"))) for part, row in zip(part_of, batches.ravel())}
+
+    plan = dataset.plan(readers=2)
+    first, second = groups_read(plan[0::2]), groups_read(plan[1::2])
+    assert len(first | second) == 12 and len(first & second) <= (2 * len(BUCKET_SHAPES) if buckets else 1)
 
 
 def test_same_seed_and_epoch_same_batches_another_epoch_another_order(buckets):
