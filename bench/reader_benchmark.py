@@ -17,7 +17,8 @@ target_size) plus the ids as a list of strings, and touches every tensor it gets
   (d) HF loader    the same dataset in ``DataLoader(batch_size, shuffle=True, num_workers=2)``,
                    as most training scripts use it.
 
-Each variant runs --repeats times; the best run counts (shared machines vary up to 1.5x).
+Each variant runs --repeats times, the variants taking turns; the fastest run counts (shared machines
+vary up to 1.5x).
 It asserts nothing; speed is never checked by tests.
 """
 
@@ -193,21 +194,16 @@ class Result:
 
 
 def measure(key: str, where: str, run: Callable[[], Iterator[dict]], settings: Settings, prepare_seconds: float | None = None) -> Result:
-    best = None
-    for _ in range(settings.repeats):
-        common.release_freed_memory()
-        processes = lambda: [os.getpid(), *common.descendant_pids(os.getpid())]  # noqa: E731 (DataLoader workers are children)
-        with common.PeakMemorySampler(processes, 0.05, "RSS of this process and its DataLoader workers") as sampler:
-            started = time.perf_counter()
-            rows, _ = consume(run())
-            seconds = time.perf_counter() - started
-        if rows < settings.rows:  # LatentDataset may pad its last batch by repeating rows (drop_last=False)
-            raise RuntimeError(f"{key} ({where}) yielded {rows} rows of {settings.rows}")
-        if best is None or seconds < best.seconds:
-            best = Result(key=key, where=where, seconds=seconds, rows=rows, peak_mib=sampler.usage().peak_resident / common.MEBIBYTE,
-                          prepare_seconds=prepare_seconds)
-    print(f"  {key:<16} {where:<5} {best.samples_per_second:10,.0f} samples/s", flush=True)
-    return best
+    common.release_freed_memory()
+    processes = lambda: [os.getpid(), *common.descendant_pids(os.getpid())]  # noqa: E731 (DataLoader workers are children)
+    with common.PeakMemorySampler(processes, 0.05, "RSS of this process and its DataLoader workers") as sampler:
+        started = time.perf_counter()
+        rows, _ = consume(run())
+        seconds = time.perf_counter() - started
+    if rows < settings.rows:  # LatentDataset may pad its last batch by repeating rows (drop_last=False)
+        raise RuntimeError(f"{key} ({where}) yielded {rows} rows of {settings.rows}")
+    return Result(key=key, where=where, seconds=seconds, rows=rows, peak_mib=sampler.usage().peak_resident / common.MEBIBYTE,
+                  prepare_seconds=prepare_seconds)
 
 
 def run_benchmark(settings: Settings, json_path: str | None) -> dict:
@@ -225,23 +221,32 @@ def run_benchmark(settings: Settings, json_path: str | None) -> dict:
             copy_to_s3(local, places["s3"])
         print(f"{settings.rows} rows in parts of {settings.rows_per_part}, {size / common.MEBIBYTE:.0f} MiB "
               f"(latent [4, {settings.latent_size}, {settings.latent_size}], prompt_embeds [77, {settings.embedding_width}], float16)", flush=True)
-        results = []
+        variants = []
         for where, uri in places.items():
-            results.append(measure("(a) plain scan", where, lambda: plain_scan(uri, settings), settings))
-            results.append(measure("(b) LatentDataset", where, lambda: latent_dataset(uri, settings), settings))
             started = time.perf_counter()
             hub = hugging_face(uri, os.path.join(work, f"hf-{where}"))
             prepare = time.perf_counter() - started
-            results.append(measure("(c) HF iter", where, lambda: hugging_face_iter(hub, settings), settings, prepare))
-            if settings.hf_loader:
-                results.append(measure("(d) HF loader", where, lambda: hugging_face_loader(hub, settings), settings, prepare))
+            variants += [
+                ("(a) plain scan", where, lambda uri=uri: plain_scan(uri, settings), None),
+                ("(b) LatentDataset", where, lambda uri=uri: latent_dataset(uri, settings), None),
+                ("(c) HF iter", where, lambda hub=hub: hugging_face_iter(hub, settings), prepare),
+            ] + ([("(d) HF loader", where, lambda hub=hub: hugging_face_loader(hub, settings), prepare)] if settings.hf_loader else [])
+        # variants take turns, so a busy moment on a shared machine hits them all alike; the fastest run counts
+        best: dict[tuple[str, str], Result] = {}
+        for repeat in range(settings.repeats):
+            for key, where, run, prepare in variants:
+                result = measure(key, where, run, settings, prepare)
+                if (key, where) not in best or result.seconds < best[key, where].seconds:
+                    best[key, where] = result
+                print(f"  run {repeat + 1}: {key:<18} {where:<5} {result.samples_per_second:10,.0f} samples/s", flush=True)
+        results = list(best.values())
     finally:
         if stop_server is not None:
             stop_server()
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(format_table(results))
-    report = {"settings": vars(settings) if hasattr(settings, "__dict__") else settings.__dict__, "dataset_bytes": size,
+    report = {"settings": settings.__dict__, "dataset_bytes": size, "load_average": os.getloadavg(),
               "results": [{**result.__dict__, "samples_per_second": result.samples_per_second} for result in results],
               "machine": common.machine_dictionary()}
     common.write_json(report, json_path)
@@ -264,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embedding-width", type=common.positive_integer, default=768, help="prompt_embeds width (768: SD 1.x)")
     parser.add_argument("--batch-size", type=common.positive_integer, default=64)
     parser.add_argument("--workers", type=common.positive_integer, default=2, help="DataLoader workers of (b) and (d)")
-    parser.add_argument("--repeats", type=common.positive_integer, default=3, help="runs per variant; the fastest counts")
+    parser.add_argument("--repeats", type=common.positive_integer, default=5, help="runs per variant; the fastest counts")
     parser.add_argument("--no-s3", action="store_true", help="local files only")
     parser.add_argument("--no-hf-loader", action="store_true", help="skip (d), which reads row by row")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
