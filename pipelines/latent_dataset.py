@@ -16,23 +16,27 @@ How it works (the design of MosaicML Streaming and LitData, on Parquet parts):
    groups, and the latent shape of its rows, kept there as runs of rows of one shape) and
    never a row to plan. For an epoch it computes, in every rank and worker alike, the
    batches as arrays of row positions: parts in an order drawn from ``seed`` and the epoch,
-   then rows shuffled within windows of consecutive parts of about ``shuffle_buffer`` rows,
-   grouped by latent shape (bucket batching: a batch holds one shape; rows of a shape left
-   over at a window's end join the next window, so the bucket mix follows the data).
-2. **Whole batches, round-robin.** Batch ``j`` of the plan goes to rank ``j % world_size``;
-   a rank's batches go to its DataLoader workers in turn, which is the order a DataLoader
-   returns them in. Every rank gets the same number of batches: with ``drop_last`` the last
-   partial batch of each shape and the last ``< world_size`` batches are left out (no row
-   seen twice); without it partial batches are filled, and the plan padded to a multiple of
-   ``world_size``, by repeating rows and batches from the epoch's start, as
+   windows of consecutive parts of about ``shuffle_buffer`` rows, row groups of a window in
+   random order, and per latent shape the batches that the window's rows fill (bucket
+   batching: a batch holds one shape; rows left over join the next window, so the bucket mix
+   follows the data; the shapes' batches are interleaved at random).
+2. **Whole batches, round-robin.** Batch ``j`` goes to rank ``j % world_size``; a rank's
+   batches go to its DataLoader workers in turn, which is the order a DataLoader returns
+   them in. Each reader process fills its batches from a contiguous share of the window's
+   row groups, shuffled within the share, so every row group is read by one process. Every
+   rank gets the same number of batches, whatever the number of workers: with ``drop_last``
+   the last partial batch of each shape and the last ``< world_size`` batches are left out
+   (no row seen twice); without it partial batches are filled, and the plan padded to a
+   multiple of ``world_size``, by repeating rows and batches from the epoch's start, as
    ``DistributedSampler`` does (every row seen).
 3. **State is (epoch, batches yielded).** Resuming computes the plan again and starts at
    batch ``k``: skipped batches are never read. torchdata's ``StatefulDataLoader`` saves and
-   restores it per worker.
-4. **Reads**: a worker reads only the row groups that hold its rows, only the columns asked
-   for, a few parts ahead in background threads (``prefetch``); it holds the rows of its
-   batches in the current window, so memory follows ``shuffle_buffer`` and ``prefetch``,
-   not the dataset size (the plan itself is 8 bytes per row).
+   restores it per worker; resume with the same number of workers.
+4. **Reads**: a reader fetches only the row groups that hold its rows, only the columns asked
+   for, ``prefetch`` parts ahead in background threads; it holds the rows of its batches in
+   the current window, so memory follows ``shuffle_buffer`` and ``prefetch``, not the dataset
+   size (the plan itself is 8 bytes per row). In DataLoader workers each batch is built in
+   shared memory, so passing it to the training process copies nothing.
 """
 
 from __future__ import annotations
@@ -119,39 +123,58 @@ class PlanOptions:
     world_size: int
 
 
-def plan_epoch(parts: Sequence[PartFooter], options: PlanOptions, epoch: int) -> np.ndarray:
+def plan_epoch(parts: Sequence[PartFooter], options: PlanOptions, epoch: int, readers: int = 1) -> np.ndarray:
     """Every batch of an epoch, for every rank: int64 (batches, batch_size) row positions.
 
-    The number of batches is a multiple of ``world_size``; each batch holds one latent shape.
+    The number of batches is a multiple of ``world_size`` and does not depend on ``readers``
+    (reader processes per rank: DataLoader workers, else 1); each batch holds one latent shape.
+    Batch ``j`` is read by rank ``j % world_size``, reader ``(j // world_size) % readers``; the
+    rows of a window go to its readers in runs of whole row groups (shuffled within each
+    reader's share), so each row group is read by one process.
     """
-    size = options.batch_size
+    size, consumers = options.batch_size, options.world_size * readers
     generator = np.random.default_rng([options.seed, epoch])
     order = generator.permutation(len(parts)) if options.shuffle_parts or options.shuffle_rows else np.arange(len(parts))
     batches: list[np.ndarray] = []
     batch_shapes: list[tuple[int, ...]] = []
     carry: dict[tuple[int, ...], np.ndarray] = {}  # rows of a shape that did not fill a batch yet
     for window in _windows([parts[index] for index in order], options.shuffle_buffer):
-        window_batches, window_shapes = [], []
-        arriving = _positions_by_shape(window)
+        arriving = _positions_by_shape(window, generator if options.shuffle_rows else None)
+        pools, shapes = {}, []  # per shape: the rows that fill batches in this window; a shape per batch
         for shape in sorted(set(arriving) | set(carry)):
-            pool = np.concatenate([carry.get(shape, np.empty(0, np.int64)), *arriving.get(shape, [])])
-            if options.shuffle_rows:
-                pool = generator.permutation(pool)
+            pool = np.concatenate([carry.get(shape, np.empty(0, np.int64)), arriving.get(shape, np.empty(0, np.int64))])
             full = len(pool) // size
-            window_batches += list(pool[:full * size].reshape(full, size))
-            window_shapes += [shape] * full
-            carry[shape] = pool[full * size:]
+            pools[shape], carry[shape] = pool[:full * size], pool[full * size:]
+            shapes += [shape] * full
         if options.shuffle_rows:  # interleave the shapes' batches: the bucket mix follows the data
-            mixed = generator.permutation(len(window_batches))
-            window_batches, window_shapes = [window_batches[i] for i in mixed], [window_shapes[i] for i in mixed]
-        batches += window_batches
-        batch_shapes += window_shapes
+            shapes = [shapes[index] for index in generator.permutation(len(shapes))]
+        first = len(batches)
+        owners = [((first + slot) % options.world_size) * readers + ((first + slot) // options.world_size) % readers
+                  for slot in range(len(shapes))]
+        batches += _fill_slots(pools, shapes, owners, consumers, size, generator if options.shuffle_rows else None)
+        batch_shapes += shapes
     if not options.drop_last:
         for shape in sorted(shape for shape, rows in carry.items() if len(rows)):
             earlier = [batch for batch, batch_shape in zip(batches, batch_shapes) if batch_shape == shape]
             rows_of_shape = np.concatenate([*earlier, carry[shape]])
             batches.append(np.concatenate([carry[shape], np.resize(rows_of_shape, size - len(carry[shape]))]))
     return _equal_per_rank(batches, size, options)
+
+
+def _fill_slots(pools: dict, shapes: list, owners: list[int], consumers: int, size: int, generator) -> list[np.ndarray]:
+    """A window's batches: each reader gets a contiguous share of each shape's rows (whole row groups, in
+    the window's row-group order), shuffled within the share, cut into its batches in slot order."""
+    needed = {}  # (consumer, shape) -> batches
+    for shape, owner in zip(shapes, owners):
+        needed[owner, shape] = needed.get((owner, shape), 0) + 1
+    shares = {}
+    for shape, pool in pools.items():
+        start = 0
+        for consumer in range(consumers):
+            rows = pool[start:start + needed.get((consumer, shape), 0) * size]
+            start += len(rows)
+            shares[consumer, shape] = list((generator.permutation(rows) if generator is not None else rows).reshape(-1, size))
+    return [shares[owner, shape].pop(0) for shape, owner in zip(shapes, owners)]
 
 
 def _equal_per_rank(batches: list[np.ndarray], size: int, options: PlanOptions) -> np.ndarray:
@@ -176,12 +199,19 @@ def _windows(parts: list[PartFooter], shuffle_buffer: int) -> Iterator[list[Part
         yield window
 
 
-def _positions_by_shape(window: list[PartFooter]) -> dict[tuple[int, ...], list[np.ndarray]]:
+def _positions_by_shape(window: list[PartFooter], generator) -> dict[tuple[int, ...], np.ndarray]:
+    """Row positions of a window per latent shape, row group after row group (row groups in a random order
+    when shuffling): the unit a reader fetches."""
+    groups = [(part, start, end) for part in window for start, end in zip((0, *part.row_group_ends[:-1]), part.row_group_ends)]
+    if generator is not None:
+        groups = [groups[index] for index in generator.permutation(len(groups))]
     found: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for part in window:
+    for part, group_start, group_end in groups:
         for shape, start, count in part.runs:
-            found.setdefault(shape, []).append(np.arange(part.first_row + start, part.first_row + start + count, dtype=np.int64))
-    return found
+            low, high = max(group_start, start), min(group_end, start + count)
+            if low < high:
+                found.setdefault(shape, []).append(np.arange(part.first_row + low, part.first_row + high, dtype=np.int64))
+    return {shape: np.concatenate(rows) for shape, rows in found.items()}
 
 
 # -- the dataset ----------------------------------------------------------------------------------
@@ -216,7 +246,7 @@ class LatentDataset(IterableDataset):
         self._batches_yielded = 0  # by this process's iteration of the current epoch
         self._readers = 1  # reader processes of the rank when the state was taken (DataLoader workers, else 1)
         self._resume_from: dict | None = None
-        self._plan: tuple[int, np.ndarray] | None = None  # (epoch, plan) of the last epoch planned
+        self._plan: tuple[int, int, np.ndarray] | None = None  # (epoch, readers, plan) of the last epoch planned
 
     @property
     def options(self) -> PlanOptions:
@@ -238,11 +268,11 @@ class LatentDataset(IterableDataset):
         self.epoch = epoch
         self._batches_yielded = 0
 
-    def plan(self) -> np.ndarray:
-        """This epoch's batches for every rank: int64 (batches, batch_size) row positions."""
-        if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, plan_epoch(self.parts, self.options, self.epoch))
-        return self._plan[1]
+    def plan(self, readers: int = 1) -> np.ndarray:
+        """This epoch's batches for every rank, with ``readers`` processes per rank: int64 (batches, batch_size) row positions."""
+        if self._plan is None or self._plan[:2] != (self.epoch, readers):
+            self._plan = (self.epoch, readers, plan_epoch(self.parts, self.options, self.epoch, readers))
+        return self._plan[2]
 
     def __len__(self) -> int:
         """Batches (rows without ``batch_size``) this rank yields per epoch."""
@@ -274,7 +304,7 @@ class LatentDataset(IterableDataset):
         readers, reader = (worker.num_workers, worker.id) if worker else (1, 0)
         start = self._take_resume_offset(readers)
         self._readers, self._batches_yielded = readers, start
-        rank_batches = self.plan()[self.rank::self.world_size]
+        rank_batches = self.plan(readers)[self.rank::self.world_size]
         mine = rank_batches[reader::readers][start:]
         rows = RowReader(self.parts, self.columns, self.schema, mine, self.prefetch)
         try:
@@ -363,16 +393,15 @@ class RowReader:
         part_of = np.searchsorted(self.first_rows, positions, side="right") - 1
         while not all(int(part) in self.loaded for part in np.unique(part_of)):
             self._load_next()
-        pieces = []  # (indices into the batch, the rows' values) per part
+        pieces = []  # per part: (the batch slots its rows fill, its values, the rows' indices in them)
         for part in np.unique(part_of):
             chunk = self.loaded[int(part)]
             in_batch = np.flatnonzero(part_of == part)
-            local = np.searchsorted(chunk["positions"], positions[in_batch])
-            pieces.append((in_batch, {name: _take(values, local) for name, values in chunk["values"].items()}))
+            pieces.append((in_batch, chunk["values"], np.searchsorted(chunk["positions"], positions[in_batch])))
             self.uses_left[int(part)] -= len(in_batch)
             if not self.uses_left[int(part)]:
                 del self.loaded[int(part)]
-        return _assemble(pieces, self.kinds)
+        return _assemble(pieces, self.kinds, len(positions), shared=get_worker_info() is not None)
 
     def _load_next(self) -> None:
         for ahead in range(self.next_read, min(len(self.schedule), self.next_read + 1 + self.prefetch)):
@@ -390,7 +419,8 @@ class RowReader:
         ends = np.asarray(part.row_group_ends, np.int64)
         groups = np.unique(np.searchsorted(ends, local, side="right"))
         starts = np.concatenate([[0], ends[:-1]])
-        table = io.read_parquet_row_groups(part.uri, groups.tolist(), self._read_columns())
+        # in DataLoader workers the workers are the parallelism: more threads would only contend
+        table = io.read_parquet_row_groups(part.uri, groups.tolist(), self._read_columns(), use_threads=get_worker_info() is None)
         # rows of the groups read, in file order: map each needed row to its index in ``table``
         group_sizes = ends[groups] - starts[groups]
         offsets = np.concatenate([[0], np.cumsum(group_sizes)])
@@ -398,7 +428,9 @@ class RowReader:
         in_table = offsets[np.searchsorted(groups, group_of)] + (local - starts[group_of])
         shapes = table.column("latent_shape").to_pylist() if "latent_shape" in table.column_names else None
         values = {name: _column_values(table.column(name), self.schema.field(name).type, name, shapes) for name in self.columns}
-        return {"positions": positions, "values": {name: _take(column, in_table) for name, column in values.items()}}
+        if len(in_table) < table.num_rows:  # keep only the needed rows, not every row of a group read for a few
+            values = {name: column[in_table] for name, column in values.items()}
+        return {"positions": positions, "values": values}
 
     def _read_columns(self) -> list[str]:
         flat_latents = any(  # latents stored flat (older bucket outputs) need their shapes
@@ -429,10 +461,6 @@ def _column_values(column: pa.ChunkedArray, data_type: pa.DataType, name: str, s
     return values.astype(np.int64) if np.issubdtype(values.dtype, np.integer) else values
 
 
-def _take(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    return values[indices]
-
-
 def column_kind(data_type: pa.DataType) -> str:
     """How a column batches: "text" (a list of strings), "rows" (per-row arrays of any shape, stacked per
     batch: bucket latents), "array" (one numpy array for all rows, sliced per batch)."""
@@ -443,18 +471,34 @@ def column_kind(data_type: pa.DataType) -> str:
     return "array"
 
 
-def _assemble(pieces: list[tuple[np.ndarray, dict]], kinds: dict[str, str]) -> dict[str, Any]:
-    """One batch from per-part pieces, rows back in the plan's order: tensors stacked, strings as lists."""
-    order = np.argsort(np.concatenate([in_batch for in_batch, _ in pieces]), kind="stable")
+def _assemble(pieces: list[tuple[np.ndarray, dict, np.ndarray]], kinds: dict[str, str], size: int, shared: bool) -> dict[str, Any]:
+    """One batch, rows in the plan's order: tensors stacked, strings as lists.
+
+    Each tensor is filled in place by one gather per part. In a DataLoader worker it is made in
+    shared memory first, so handing it to the training process copies nothing more.
+    """
     batch = {}
     for name, kind in kinds.items():
-        values = np.concatenate([piece[name] for _, piece in pieces])[order]
         if kind == "text":
-            batch[name] = values.tolist()
-        elif kind == "rows":
-            batch[name] = torch.from_numpy(np.stack(list(values)))
-        else:
-            batch[name] = torch.from_numpy(values)
+            rows: list = [None] * size
+            for in_batch, values, local in pieces:
+                for slot, value in zip(in_batch, values[name][local]):
+                    rows[slot] = value
+            batch[name] = rows
+            continue
+        _, values, local = pieces[0]
+        sample = np.asarray(values[name][local[0]])  # a row: shape and dtype of the batch's rows
+        tensor = torch.empty((size, *sample.shape), dtype=torch.from_numpy(sample.reshape(-1)[:0].copy()).dtype)
+        if shared:
+            tensor.share_memory_()
+        target = tensor.numpy()
+        for in_batch, values, local in pieces:
+            if kind == "rows":  # per-row arrays (bucket latents): one shape within a batch
+                for slot, index in zip(in_batch, local):
+                    target[slot] = values[name][index]
+            else:
+                target[in_batch] = values[name][local]
+        batch[name] = tensor
     return batch
 
 

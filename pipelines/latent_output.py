@@ -23,7 +23,9 @@ import pyarrow.compute as pc
 
 from pipelines import io
 from pipelines.outputs import RunOutput
-from pipelines.schemas import EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, latents_schema
+from pipelines.schemas import (
+    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
+)
 from pipelines.stats import ChannelStats, stats_of_latents
 
 ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
@@ -277,6 +279,7 @@ def drop_superseded(output: RunOutput, current_run: int | None = None) -> int:
     With ``current_run`` (at the end of a finished run) position-keyed errors of earlier
     runs go too: the run wrote every one that still applies.
     """
+    upgrade_encoding(output)
     parts = read_output_parts(output)
     newest: dict[tuple, int] = {}
     for part in parts:
@@ -292,6 +295,56 @@ def drop_superseded(output: RunOutput, current_run: int | None = None) -> int:
             _rewrite_without(output, part, stale)
             removed += int(stale.sum())
     return removed
+
+
+def upgrade_encoding(output: RunOutput) -> int:
+    """Rewrite ``latents/`` parts written before issue 12 (Arrow fixed-shape tensors, flat bucket lists) in
+    today's encoding; return how many. Parts of one output must share column types to read as one
+    table, so a rerun into an older output converts its parts before adding new ones."""
+    if not io.exists(output.results_uri):
+        return 0
+    try:
+        uris = io.list_parquet_files(output.results_uri)
+    except ValueError:  # no part yet
+        return 0
+    upgraded = 0
+    for uri in uris:
+        schema = io.parquet_schema(uri)
+        if SHAPE_RUNS_METADATA_KEY in (schema.metadata or {}):
+            continue  # written by this version
+        table = io.read_parquet_file(uri)
+        new = _in_current_encoding(table)
+        output.commit(new, None, stats_of_latents(latents_of(new)))
+        if not _same_rows_order(table, new):
+            io.remove_tree(uri)  # the rows' new order named a new part
+        upgraded += 1
+    return upgraded
+
+
+def _same_rows_order(old: pa.Table, new: pa.Table) -> bool:
+    return old.column("id").to_pylist() == new.column("id").to_pylist()
+
+
+def _in_current_encoding(table: pa.Table) -> pa.Table:
+    """A latents/ table with every tensor column as nested lists and rows grouped by latent shape."""
+    latents = latents_of(table)
+    order = np.argsort(_shape_order([latent.shape for latent in latents]), kind="stable")
+    fixed = len({latent.shape for latent in latents}) == 1
+    fields, columns = [], []
+    for field in table.schema:
+        column = table.column(field.name)
+        if is_tensor_type(field.type):
+            arrays = latents_of(table, field.name)
+            dtype = str(arrays[0].dtype)
+            shape = arrays[0].shape if fixed or not field.name.startswith("latent") else None
+            field = pa.field(field.name, tensor_type(shape, dtype, dimensions=arrays[0].ndim))
+            column = tensor_column([arrays[index] for index in order], field.type)
+        else:
+            column = column.take(pa.array(order))
+        fields.append(field)
+        columns.append(column)
+    metadata = {key: value for key, value in (table.schema.metadata or {}).items() if key != b"ARROW:schema"}
+    return with_shape_runs(pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=metadata)))
 
 
 def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> None:

@@ -136,3 +136,48 @@ def test_cpu_tasks_import_no_model_code():
 
     code = "import sys, pipelines.encode_rows, pipelines.latent_output; print(sorted(m for m in ('torch', 'diffusers', 'workers.runtime.base') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_a_rerun_rewrites_parts_of_the_older_encoding(tmp_path):
+    """Outputs written before issue 12 (Arrow fixed-shape tensors; flat lists for buckets) are converted, so new parts join them as one table."""
+    from pipelines.latent_output import upgrade_encoding
+
+    output = RunOutput(str(tmp_path), "latents")
+    os.makedirs(tmp_path / "latents")
+    values = [np.full((4, 4, 12), 1, np.float16), np.full((4, 8, 8), 2, np.float16), np.full((4, 4, 12), 3, np.float16)]
+    embeddings = np.ones((3, 5, 3), np.float16)
+    old = pa.table({
+        "id": ["c", "d", "e"], "latent": pa.array([value.ravel() for value in values], pa.list_(pa.float16())),
+        "latent_shape": pa.array([list(value.shape) for value in values], pa.list_(pa.int32(), 3)),
+        "prompt_embeds": pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [5, 3]),
+                                                         pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()), 15)),
+        "row": pa.array([0, 1, 2], pa.int64()), "run": pa.array([1, 1, 1], pa.int32()), "cache_key": ["k"] * 3,
+    })
+    pq.write_table(old, tmp_path / "latents" / "part-old.parquet")
+    assert drop_superseded(output) == 0  # a rerun's plan converts before anything else
+    assert os.listdir(tmp_path / "latents") != ["part-old.parquet"] and len(os.listdir(tmp_path / "latents")) == 1
+    table = pq.read_table(tmp_path / "latents")
+    assert table.column("id").to_pylist() == ["c", "e", "d"]
+    assert table.schema.field("latent").type == pa.list_(pa.list_(pa.list_(pa.float16())))
+    assert table.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float16(), 3), 5)
+    assert [latent.flatten()[0] for latent in latents_of(table)] == [1, 3, 2]
+    assert output.latent_stats().count.tolist() == [48 + 48 + 64] * 4
+    assert upgrade_encoding(output) == 0
+
+
+def test_a_rerun_rewrites_fixed_shape_tensor_parts_in_place(tmp_path):
+    from pipelines.latent_output import upgrade_encoding
+
+    output = RunOutput(str(tmp_path), "latents")
+    latents = np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    commit_latents(encoded_batch(["a", "b"], latents), output=output, layout=LAYOUT, run=1)
+    part = os.listdir(tmp_path / "latents")[0]
+    current = pq.read_table(tmp_path / "latents" / part)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(latents.astype(np.float16).ravel()), 256)
+    old = current.set_column(1, pa.field("latent", pa.fixed_shape_tensor(pa.float16(), [4, 8, 8])),
+                             pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [4, 8, 8]), storage))
+    pq.write_table(old.replace_schema_metadata({}), tmp_path / "latents" / part)
+    assert upgrade_encoding(output) == 1 and os.listdir(tmp_path / "latents") == [part]  # same rows, same order: same part
+    table = pq.read_table(tmp_path / "latents")
+    assert table.schema.field("latent").type == pa.list_(pa.list_(pa.list_(pa.float16(), 8), 8), 4)
+    np.testing.assert_array_equal(tensor_values(table.column("latent")), latents.astype(np.float16))
