@@ -70,11 +70,11 @@ class ModelDirectory:
         wanted = {name for name in components if self.has(name)}
         if self._pipeline is not None and wanted <= self._loaded:
             return self._pipeline
+        _quiet_libraries()
         pipeline_class = getattr(importlib.import_module("diffusers"), self.family.pipeline_class)
         expected_components, _ = pipeline_class._get_signature_keys(pipeline_class)
         arguments: dict[str, Any] = {name: None for name in expected_components if name not in wanted}
         arguments.update({name: self._config_only(name) for name in config_only if self.has(name) and name not in wanted})
-        _quiet_libraries()
         # use_safetensors=True refuses pickled .bin weights: loading them can run code
         pipe = pipeline_class.from_pretrained(self.path, **arguments, use_safetensors=True, local_files_only=True, dtype=dtype)
         for name in wanted:
