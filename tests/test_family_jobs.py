@@ -191,6 +191,7 @@ def test_sd3_without_t5_runs_as_diffusers_allows(tmp_path, model_cache):
     ("tiny-zimage", ["--scheduler", "flow-heun"], "scheduler: 'flow-heun' does not fit zimage models; choose one of flow-euler"),
     ("tiny-sdxl", ["--true-cfg-scale", "2"], "true_cfg_scale: only FLUX models take it"),
     ("tiny", ["--max-sequence-length", "64"], "max_sequence_length: sd models have no long text encoder"),
+    ("tiny-flux", ["--max-sequence-length", "600"], "max_sequence_length: flux models take at most 512 tokens, got 600"),
     ("tiny-flux", ["--width", "72"], "width: flux models need a multiple of 16, got 72"),
 ])
 def test_options_that_do_not_fit_the_family_stop_the_run(tmp_path, capsys, model_cache, model, flags, message):

@@ -69,6 +69,8 @@ class ModelFamily:
     schedulers: ClassVar[tuple[str, ...]] = CLASSIC_SCHEDULERS
     # default token budget of the long text encoder (T5, Qwen); None: the family has no such option
     default_max_sequence_length: ClassVar[int | None] = None
+    max_sequence_length_limit: ClassVar[int | None] = None  # the pipeline's own upper bound (T5: 512)
+    takes_true_cfg_scale: ClassVar[bool] = False  # diffusers' true_cfg_scale (FLUX)
     # per-row columns beyond the common ones (name -> what it holds), passed to the denoiser
     conditioning_columns: ClassVar[dict[str, str]] = {}
     # split placement on GPUs: each stage's share of one GPU per actor set (Ray's fractional GPUs).
@@ -114,7 +116,9 @@ class ModelFamily:
             raise ValueError(f"scheduler: {scheduler!r} does not fit {self.name} models; choose one of {', '.join(self.schedulers)}")
         if max_sequence_length is not None and self.default_max_sequence_length is None:
             raise ValueError(f"max_sequence_length: {self.name} models have no long text encoder to limit (CLIP's 77 tokens are fixed)")
-        if true_cfg_scale != 1.0:
+        if max_sequence_length is not None and self.max_sequence_length_limit and max_sequence_length > self.max_sequence_length_limit:
+            raise ValueError(f"max_sequence_length: {self.name} models take at most {self.max_sequence_length_limit} tokens, got {max_sequence_length}")
+        if true_cfg_scale != 1.0 and not self.takes_true_cfg_scale:
             raise ValueError(f"true_cfg_scale: only FLUX models take it; {self.name} models use guidance_scale for classifier-free guidance")
 
     # -- the text stage ----------------------------------------------------------------------

@@ -25,6 +25,8 @@ class Flux(ModelFamily):
     schedulers = FLOW_SCHEDULERS
     split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
     default_max_sequence_length = 512
+    max_sequence_length_limit = 512
+    takes_true_cfg_scale = True
 
     def describe(self, read_config) -> ModelShape:
         shape = super().describe(read_config)
@@ -38,11 +40,6 @@ class Flux(ModelFamily):
 
     def size_multiple(self, denoiser_config: dict, vae_scale_factor: int) -> int:
         return vae_scale_factor * 2  # 2x2 latent patches per token
-
-    def check_options(self, *, scheduler: str | None, max_sequence_length: int | None, true_cfg_scale: float) -> None:
-        super().check_options(scheduler=scheduler, max_sequence_length=max_sequence_length, true_cfg_scale=1.0)
-        if max_sequence_length is not None and not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length: FLUX takes at most 512 T5 tokens, got {max_sequence_length}")
 
     def encode_texts(self, pipe: Any, texts: list[str], device: Any, max_sequence_length: int | None) -> dict[str, list[np.ndarray]]:
         prompt_embeds, pooled, _ = pipe.encode_prompt(

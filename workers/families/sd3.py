@@ -26,6 +26,7 @@ class StableDiffusion3(ModelFamily):
     schedulers = FLOW_SCHEDULERS + ("flow-heun",)
     split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
     default_max_sequence_length = 256
+    max_sequence_length_limit = 512
 
     def size_multiple(self, denoiser_config: dict, vae_scale_factor: int) -> int:
         # latents are cut into patch_size x patch_size tokens
