@@ -10,7 +10,8 @@ import sys
 
 from jobs import encode as encode_job
 from jobs import generate as generate_job
-from jobs.options import add_ray_options, encode_config, generate_config
+from jobs.options import add_ray_options
+from jobs.running import fail, run_encode, run_generate
 from jobs.submit import add_submit_parsers
 
 DEMO_PROMPTS = [
@@ -23,51 +24,6 @@ DEMO_PROMPTS = [
     "an orange circle on a purple background",
     "a black triangle on an orange background",
 ]
-
-
-def fail(message: str) -> int:
-    print(f"latentray: error: {message}", file=sys.stderr)
-    return 2
-
-
-def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:
-    """Plan (bad input fails here, before Ray starts), connect to Ray, run, print the summary."""
-    from jobs.ray_runtime import RayConnectionError, connect
-
-    try:
-        plan = plan_job(config_from_args(args))
-    except ValueError as error:
-        return fail(str(error))
-    try:
-        where = connect(args.address, timeout=args.connect_timeout)
-    except RayConnectionError as error:
-        status = fail(str(error))
-        if error.init_still_running:
-            # Ray's atexit handlers would wait for the stuck ray.init: leave now, the message is out
-            sys.stderr.flush()
-            os._exit(status)
-        return status
-    print(f"latentray: {verb} {plan.input_rows} rows on {where} -> {plan.config.output}", file=sys.stderr)
-    try:
-        record = run_job(plan)
-    except ValueError as error:
-        return fail(str(error))
-    print(json.dumps({key: record[key] for key in summary_keys}, indent=2))
-    return 0 if record["status"] == "complete" else 1
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    from pipelines.generate import plan_generation, run_generation
-
-    keys = ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")
-    return run_planned_job("generating", plan_generation, run_generation, generate_config, args, keys)
-
-
-def run_encode(args: argparse.Namespace) -> int:
-    from pipelines.encode import plan_encoding, run_encoding
-
-    keys = ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds")
-    return run_planned_job("encoding", plan_encoding, run_encoding, encode_config, args, keys)
 
 
 def run_submit(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jobs.options import add_encode_options
+from jobs.running import run_encode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import run_encode
-
     return run_encode(build_parser().parse_args(argv))
 
 

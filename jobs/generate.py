@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jobs.options import add_generate_options
+from jobs.running import run_generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import run_generate
-
     return run_generate(build_parser().parse_args(argv))
 
 
