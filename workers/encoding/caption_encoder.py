@@ -7,6 +7,7 @@ import numpy as np
 from workers.families import ModelFamily
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.runtime.base import Batch, embedding_columns, stack_column
+from workers.runtime.devices import on_compute_thread
 
 
 class CaptionEncoderWorker(TextEncoderWorker):
@@ -22,6 +23,7 @@ class CaptionEncoderWorker(TextEncoderWorker):
     def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
         return (*embedding_columns(family, negative=False), "caption_truncated")
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             captions = ["" if text is None else str(text) for text in batch["caption"]]

@@ -11,6 +11,7 @@ from workers.encoding.vae_encoder import VaeEncoderWorker
 from workers.families import ModelFamily
 from workers.runtime.base import Batch, embedding_columns
 from workers.runtime.models import ModelDirectory
+from workers.runtime.devices import on_compute_thread
 
 
 class FusedEncodingWorker:
@@ -26,6 +27,7 @@ class FusedEncodingWorker:
     def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
         return (*embedding_columns(family, negative=False), "caption_truncated", *VaeEncoderWorker.OUTPUT_COLUMNS)
 
+    @on_compute_thread
     def __init__(self, model, *, sample: str = "mean", flip: bool = False, max_sequence_length: int | None = None,
                  dtype: str = "auto", **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
@@ -34,6 +36,7 @@ class FusedEncodingWorker:
         self.caption_encoder = CaptionEncoderWorker(directory, max_sequence_length=max_sequence_length, dtype=dtype, **options)
         self.vae_encoder = VaeEncoderWorker(directory, sample=sample, flip=flip, dtype=dtype, **options)
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         # 1. encode captions; 2. encode images
         return self.vae_encoder(self.caption_encoder(batch))

@@ -13,6 +13,7 @@ import torch
 
 from workers.runtime.base import Batch, ModelWorker, group_rows, stack_column
 from workers.runtime.devices import upcast_vae
+from workers.runtime.devices import on_compute_thread
 
 SAMPLE_MODES = ("mean", "sample")
 
@@ -26,6 +27,7 @@ class VaeEncoderWorker(ModelWorker):
     OUTPUT_COLUMNS = ("latent", "latent_flipped")  # latent_flipped only with flip=True
     DROPPED_COLUMNS = ("pixels",)
 
+    @on_compute_thread
     def __init__(self, model, *, sample: str = "mean", flip: bool = False, **options):
         if sample not in SAMPLE_MODES:
             raise ValueError(f"sample: must be one of {', '.join(SAMPLE_MODES)}, got {sample!r}")
@@ -36,6 +38,7 @@ class VaeEncoderWorker(ModelWorker):
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.sample, self.flip = sample, flip
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             # 1. rows of one crop size share a forward pass

@@ -15,6 +15,7 @@ import torch
 from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows, stack_column
 from workers.families import ModelFamily
 from workers.runtime.schedulers import make_scheduler
+from workers.runtime.devices import on_compute_thread
 
 
 class DenoiserWorker(ModelWorker):
@@ -34,6 +35,7 @@ class DenoiserWorker(ModelWorker):
         embeddings = {column: "text stage output" for column in embedding_columns(family)}
         return {**embeddings, **cls.REQUIRED_COLUMNS}
 
+    @on_compute_thread
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float = 1.0, **options):
         super().__init__(model, **options)
         self.pipe = self.load_pipeline(self.family.denoiser_components)
@@ -41,6 +43,7 @@ class DenoiserWorker(ModelWorker):
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.options = {"true_cfg_scale": true_cfg_scale}
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             # 1. rows share a denoising call only with rows of the same size, steps, guidance and conditioning

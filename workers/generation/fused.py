@@ -13,6 +13,7 @@ from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.base import Batch
 from workers.runtime.models import ModelDirectory
+from workers.runtime.devices import on_compute_thread
 
 
 class FusedGenerationWorker:
@@ -28,6 +29,7 @@ class FusedGenerationWorker:
     def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
         return ("prompt_truncated", "latents", "image")
 
+    @on_compute_thread
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float = 1.0,
                  max_sequence_length: int | None = None, dtype: str = "auto", **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
@@ -39,6 +41,7 @@ class FusedGenerationWorker:
         self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, **options)
         self.vae_decoder = VaeDecoderWorker(directory, dtype=dtype, **options)
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         # 1. encode prompts; 2. denoise; 3. decode
         return self.vae_decoder(self.denoiser(self.text_encoder(batch)))

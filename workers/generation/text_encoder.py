@@ -12,6 +12,7 @@ import torch
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns, stack_column
 from workers.families import ModelFamily
+from workers.runtime.devices import on_compute_thread
 
 # embeddings kept per actor for repeated texts; T5 embeddings are megabytes each, so the
 # cache is bounded by bytes, not entries
@@ -26,6 +27,7 @@ class TextEncoderWorker(ModelWorker):
     def output_columns(cls, family: ModelFamily) -> tuple[str, ...]:
         return (*embedding_columns(family), "prompt_truncated")
 
+    @on_compute_thread
     def __init__(self, model, *, max_sequence_length: int | None = None, true_cfg_scale: float = 1.0, **options):
         super().__init__(model, **options)
         self.max_sequence_length = max_sequence_length
@@ -38,6 +40,7 @@ class TextEncoderWorker(ModelWorker):
         self._empty = self._encode([""])[0]
         self._no_negative = self.family.empty_negative(self.pipe, self._empty)
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             prompts = [str(text) for text in batch["prompt"]]

@@ -11,6 +11,7 @@ import torch
 
 from workers.runtime.base import Batch, ModelWorker, group_rows, stack_column
 from workers.runtime.devices import upcast_vae
+from workers.runtime.devices import on_compute_thread
 
 
 class VaeDecoderWorker(ModelWorker):
@@ -18,6 +19,7 @@ class VaeDecoderWorker(ModelWorker):
     REQUIRED_COLUMNS = {"latents": "final latents from the denoiser (unpacked, scaled as the denoiser sees them)"}
     OUTPUT_COLUMNS = ("image",)
 
+    @on_compute_thread
     def __init__(self, model, **options):
         from diffusers.image_processor import VaeImageProcessor  # in the actor: the driver only names this class
 
@@ -28,6 +30,7 @@ class VaeDecoderWorker(ModelWorker):
         self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor)
 
+    @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             # 1. decode rows of one latent shape together
