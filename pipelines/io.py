@@ -409,16 +409,3 @@ def _download_tree(uri: str, target: str) -> None:
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(target))
-    try:
-        fs, root = filesystem(uri)
-        fs.get(root.rstrip("/") + "/", staging + "/", recursive=True)
-        open(os.path.join(staging, ".complete"), "w").close()
-        os.rename(staging, target)
-    except OSError:
-        if not os.path.isfile(os.path.join(target, ".complete")):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
