@@ -231,11 +231,13 @@ def error_summary(output: str) -> list[dict]:
     groups: dict[tuple[str, str], dict] = {}
     for uri in parts:
         for batch in io.iter_parquet_batches(uri, list(dict.fromkeys(["id", "stage", "reason", key])), NARROW_READ_ROWS):
-            for row in batch.to_pylist():
-                group = groups.setdefault((row["stage"], row[key]), {"stage": row["stage"], "reason": row["reason"], "rows": 0, "examples": []})
-                group["rows"] += 1
-                if len(group["examples"]) < 3:
-                    group["examples"].append(row["id"])
+            # ordered aggregation (no threads): a group's first reason and ids are those of its first rows
+            grouped = pa.Table.from_batches([batch]).group_by(["stage", key], use_threads=False).aggregate(
+                [("id", "count"), ("reason", "first"), ("id", "list")])
+            for row in grouped.to_pylist():
+                group = groups.setdefault((row["stage"], row[key]), {"stage": row["stage"], "reason": row["reason_first"], "rows": 0, "examples": []})
+                group["rows"] += row["id_count"]
+                group["examples"] += row["id_list"][:3 - len(group["examples"])]
     return sorted(groups.values(), key=lambda group: -group["rows"])
 
 

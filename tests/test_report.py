@@ -232,3 +232,19 @@ def test_samples_are_the_smallest_ids_read_from_their_row_groups(large_manifest)
     assert table.column("id").to_pylist() == [row["id"] for row in smallest] == [f"id{index:05d}" for index in range(5)]
     assert table.column("prompt").to_pylist() == [row["prompt"] for row in smallest]
     assert table.column("latent_shape").to_pylist() == [row["latent_shape"] for row in smallest]
+
+
+def test_histograms_of_a_real_run_count_every_saved_latent_value(finished_run):
+    import pandas as pd
+
+    from pipelines.report import channel_histograms
+
+    # edges from the run's own latent_stats.json: its min and max are those of the saved latents, exactly
+    stats = json.loads((finished_run / "latent_stats.json").read_text())
+    histograms = channel_histograms(str(finished_run), "manifest", stats)
+    frame = pd.read_parquet(finished_run / "manifest")
+    latents = [np.asarray(flat, np.float32).reshape(shape) for flat, shape in zip(frame["latent"], frame["latent_shape"])]
+    expected_counts, expected_edges = full_table_histograms(latents)
+    np.testing.assert_array_equal(histograms.counts, expected_counts)
+    np.testing.assert_array_equal(histograms.edges, expected_edges)
+    assert histograms.counts.sum() == 6 * 4 * 4 * 6  # 6 rows of 4 x (32/8) x (48/8) values
