@@ -1,6 +1,7 @@
 """Latent datasets: a Parquet table of images -> latents (and caption embeddings) for training.
 
-    read row groups -> prepare (CPU task: source bytes, cache key, decode, resize, crop)
+    read row groups -> blocks sized from their work -> prepare (CPU task per block: source
+    bytes, cache key, decode, resize, crop)
     -> caption encoder and VAE encoder (actors: one pool each with ``split``, one actor
     with ``fused``) -> commit latents parts (CPU task) -> the driver drops superseded rows
     -> latent_stats.json, run.json
@@ -31,7 +32,7 @@ from pipelines.latent_output import (
 )
 from pipelines.model_source import ModelDescription, component_fingerprint, describe_model
 from pipelines.outputs import RunOutput
-from pipelines.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
 from pipelines.progress import ProgressReporter
 from pipelines.prompt_rows import position_id
 from pipelines.run_record import library_versions, utc_now
@@ -42,11 +43,6 @@ from workers.encoding.caption_encoder import CaptionEncoderWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
 
 logger = logging.getLogger(__name__)
-
-# rows per block read from the input: tables that hold image bytes make large blocks
-READ_ROWS_PER_BLOCK = 256
-# rows per prepare task: decoding is the heavy CPU work of the job, spread over many tasks
-PREPARE_BATCH_ROWS = 32
 
 # Share of the cluster per stage. Without caption embeddings the VAE encoder is the only
 # model: fused and split are the same single stage. The VAE encoder is the heavy one.
@@ -197,17 +193,18 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
     placement = resolve_placement(config.placement, config.text_embeddings)
     stages = build_model_stages(config, model, placement, cluster)
     check_wiring(stages, set(PREPARED_COLUMNS) | ({"caption"} if plan.layout.caption else set()))
+    block_rows = encoding_block_rows(plan, stages)
     record = {
         "status": "running", "run": plan.run, "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
         "model": model.identity(), "placement": placement, "stages": {stage.name: vars(stage.options) for stage in stages},
-        "versions": library_versions(),
+        "rows_per_block": block_rows, "versions": library_versions(),
     }
     output.write_json("run.json", record)
 
     # 6. the dataset: read -> prepare -> encoders -> commit parts; the driver receives summaries only
     busy: dict[str, float] = {}
     progress = ProgressReporter(label="encode", total=plan.input_rows, done=sum(row_id in plan.done for row_id in plan.input_ids))
-    for summary in _build_dataset(plan, stages).iter_batches(batch_size=None, batch_format="numpy"):
+    for summary in _build_dataset(plan, stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
         progress.advance(int(summary["encoded"].sum() + summary["failed"].sum()))
         for text in summary["busy"]:
             for stage, seconds in json.loads(text).items():
@@ -235,16 +232,28 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
     return record
 
 
-def _build_dataset(plan: EncodingPlan, stages: list[Stage]) -> ray.data.Dataset:
+def encoding_block_rows(plan: EncodingPlan, stages: list[Stage]) -> int:
+    """Rows per block: from the rows left to encode, the largest target size (one VAE pass each) and the model pools."""
+    return rows_per_block(BlockWork.of_stages(
+        [stage.options for stage in stages], rows=max(0, plan.input_rows - len(plan.done)),
+        pixels_per_row=max(height * width for height, width in plan.settings.preprocessing.targets), passes_per_row=1,
+    ))
+
+
+def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
     # batches form identically on every run: same parts, same names, on a rerun of the same rows
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = ray.data.from_items([vars(f) for f in plan.fragments], override_num_blocks=max(1, len(plan.fragments)))
     dataset = dataset.map_batches(
         io.read_fragments_batch, batch_size=1, num_cpus=TASK_CPUS,
-        fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": READ_ROWS_PER_BLOCK},
+        fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": block_rows},
     )
+    # A task's results leave it as one block, whatever its UDF yields: cut the row groups
+    # into blocks sized from their work here, before decoding, so that decoding runs as one
+    # task per block and every encoder actor receives blocks from the start
+    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
     dataset = dataset.map_batches(
-        prepare_images, batch_format="pyarrow", batch_size=PREPARE_BATCH_ROWS, num_cpus=TASK_CPUS,
+        prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"settings": plan.settings, "done": plan.done, "duplicate_rows": plan.duplicate_rows,
                    "errors_uri": plan.output.errors_uri},
     )

@@ -1,6 +1,7 @@
 """Bulk generation: a Parquet table of prompts -> images, manifest, errors and latent statistics.
 
-    read row groups -> validate rows (CPU task) -> text encoder -> denoiser -> VAE decoder
+    read row groups -> validate rows (CPU task) -> blocks sized from their work
+    -> text encoder -> denoiser -> VAE decoder
     (actors: separate pools with ``split``, one actor with ``fused``) -> write images (CPU task)
     -> the driver commits manifest and error parts -> latent_stats.json, run.json
 """
@@ -22,7 +23,7 @@ from pipelines.config import GenerateConfig
 from pipelines.images import write_generated_images
 from pipelines.model_source import ModelDescription, describe_model
 from pipelines.outputs import RunOutput
-from pipelines.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
 from pipelines.progress import ProgressReporter
 from pipelines.prompt_rows import PromptDefaults, duplicate_positions, normalize_prompts
 from pipelines.run_record import library_versions, utc_now
@@ -199,15 +200,17 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     stages = build_model_stages(config, model, placement, cluster)
     check_wiring(stages, {"id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"}
                  | set(model.family.conditioning_columns))
+    block_rows = generation_block_rows(plan, stages)
     record = {
         "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
         "model": model.identity(), "placement": placement,
-        "stages": {stage.name: vars(stage.options) for stage in stages}, "versions": library_versions(),
+        "stages": {stage.name: vars(stage.options) for stage in stages}, "rows_per_block": block_rows,
+        "versions": library_versions(),
     }
     output.write_json("run.json", record)
 
     # 4. the dataset: read -> validate -> model stages -> write images
-    dataset = _build_dataset(plan, stages)
+    dataset = _build_dataset(plan, stages, block_rows)
 
     # 5. commit results in the driver as they stream in
     label = scheduler_label(config.scheduler, {"_class_name": model.scheduler_class})
@@ -238,22 +241,40 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     return record
 
 
-def _build_dataset(plan: GenerationPlan, stages: list[Stage]) -> ray.data.Dataset:
-    config, model = plan.config, plan.model
-    defaults = PromptDefaults(
+def prompt_defaults(config: GenerateConfig, model: ModelDescription) -> PromptDefaults:
+    return PromptDefaults(
         negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
         height=config.height or model.shape.default_height, width=config.width or model.shape.default_width,
         seed=config.seed, max_image_size=config.max_image_size, size_multiple=model.shape.size_multiple,
     )
+
+
+def generation_block_rows(plan: GenerationPlan, stages: list[Stage]) -> int:
+    """Rows per block: from the rows left to generate, the run's image size and steps, and the model pools."""
+    defaults = prompt_defaults(plan.config, plan.model)
+    return rows_per_block(BlockWork.of_stages(
+        [stage.options for stage in stages], rows=max(0, plan.input_rows - len(plan.done_ids)),
+        pixels_per_row=defaults.height * defaults.width, passes_per_row=defaults.steps,
+    ))
+
+
+def _build_dataset(plan: GenerationPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
+    config = plan.config
     # batches form identically on every run, so reruns produce byte-identical images
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = ray.data.from_items([vars(f) for f in plan.fragments], override_num_blocks=max(1, len(plan.fragments)))
-    dataset = dataset.map_batches(io.read_fragments_batch, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns})
+    dataset = dataset.map_batches(
+        io.read_fragments_batch, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+    )
     dataset = dataset.map_batches(
         normalize_prompts, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-        fn_kwargs={"defaults": defaults, "duplicate_rows": plan.duplicate_rows, "done_ids": plan.done_ids,
-                   "errors_uri": plan.output.errors_uri},
+        fn_kwargs={"defaults": prompt_defaults(config, plan.model), "duplicate_rows": plan.duplicate_rows,
+                   "done_ids": plan.done_ids, "errors_uri": plan.output.errors_uri},
     )
+    # A task's results leave it as one block, whatever its UDF yields: without this cut a
+    # row group of prompts would reach a single actor as one block, and its images would
+    # all appear when that block is done. Cut after validation, so blocks count real work.
+    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
     for stage in stages:
         dataset = stage.apply(dataset)
     return dataset.map_batches(

@@ -15,9 +15,10 @@ import posixpath
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -185,13 +186,11 @@ def read_fragment(fragment: ParquetFragment, columns: list[str] | None, rows_per
             position += len(table)
 
 
-READ_ROWS_PER_BLOCK = 1024
-
-
-def read_fragments_batch(batch: dict, columns: list[str] | None, rows_per_block: int = READ_ROWS_PER_BLOCK):
+def read_fragments_batch(batch: dict, columns: list[str] | None, rows_per_block: int):
     """Ray Data UDF: a batch of row-group descriptions -> tables of their rows (with ``row``).
 
-    ``rows_per_block`` bounds block sizes: smaller for tables that hold image bytes.
+    ``rows_per_block``: rows per table read (``placement.rows_per_block``); Ray Data may
+    still join a task's tables into one block, the job cuts blocks where it needs them.
     """
     for uri, group, first, rows in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"]):
         yield from read_fragment(ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, rows_per_block)
@@ -260,6 +259,29 @@ def read_parquet_row_groups(uri: str, row_groups: list[int], columns: list[str] 
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as handle:
         return pq.ParquetFile(handle).read_row_groups(row_groups, columns=columns, use_threads=use_threads)
+
+
+def read_parquet_rows(
+    uri: str, rows: np.ndarray, columns: list[str] | None, row_group_ends: Sequence[int] | None = None, use_threads: bool = True,
+) -> tuple[pa.Table, np.ndarray]:
+    """Some rows of a Parquet file (positions in the file), fetching only the row groups that hold them.
+
+    ``row_group_ends``: the file's cumulative row-group sizes when the caller has them (else read
+    from the footer). Returns the rows of the groups read, in file order, and the index of each
+    asked row in that table (the caller takes them, or converts columns first and then takes).
+    """
+    rows = np.asarray(rows, np.int64)
+    if row_group_ends is None:
+        footer = parquet_footer(uri)
+        row_group_ends = np.cumsum([footer.row_group(group).num_rows for group in range(footer.num_row_groups)])
+    ends = np.asarray(row_group_ends, np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    group_of = np.searchsorted(ends, rows, side="right")
+    groups = np.unique(group_of)
+    table = read_parquet_row_groups(uri, groups.tolist(), columns, use_threads=use_threads)
+    # the groups read sit one after another in ``table``: a row's index is its group's offset there plus its place in the group
+    offsets = np.concatenate([[0], np.cumsum(ends[groups] - starts[groups])])
+    return table, offsets[np.searchsorted(groups, group_of)] + (rows - starts[group_of])
 
 
 PARQUET_ROW_GROUP_ROWS = 128
@@ -387,16 +409,3 @@ def _download_tree(uri: str, target: str) -> None:
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(target))
-    try:
-        fs, root = filesystem(uri)
-        fs.get(root.rstrip("/") + "/", staging + "/", recursive=True)
-        open(os.path.join(staging, ".complete"), "w").close()
-        os.rename(staging, target)
-    except OSError:
-        if not os.path.isfile(os.path.join(target, ".complete")):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -415,17 +415,9 @@ class RowReader:
         """The needed rows of one part: only the row groups that hold them, only the wanted columns."""
         part = self.parts[index]
         positions = self.rows_of[index]
-        local = positions - part.first_row
-        ends = np.asarray(part.row_group_ends, np.int64)
-        groups = np.unique(np.searchsorted(ends, local, side="right"))
-        starts = np.concatenate([[0], ends[:-1]])
         # in DataLoader workers the workers are the parallelism: more threads would only contend
-        table = io.read_parquet_row_groups(part.uri, groups.tolist(), self._read_columns(), use_threads=get_worker_info() is None)
-        # rows of the groups read, in file order: map each needed row to its index in ``table``
-        group_sizes = ends[groups] - starts[groups]
-        offsets = np.concatenate([[0], np.cumsum(group_sizes)])
-        group_of = np.searchsorted(ends, local, side="right")
-        in_table = offsets[np.searchsorted(groups, group_of)] + (local - starts[group_of])
+        table, in_table = io.read_parquet_rows(part.uri, positions - part.first_row, self._read_columns(), part.row_group_ends,
+                                               use_threads=get_worker_info() is None)
         shapes = table.column("latent_shape").to_pylist() if "latent_shape" in table.column_names else None
         values = {name: _column_values(table.column(name), self.schema.field(name).type, name, shapes) for name in self.columns}
         if len(in_table) < table.num_rows:  # keep only the needed rows, not every row of a group read for a few

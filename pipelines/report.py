@@ -6,6 +6,10 @@ by reason, and per-stage busy time and throughput from run.json. Images are inli
 as data URIs and histograms drawn as inline SVG, so the file can be mailed or opened
 from object storage with nothing beside it. Every read and write goes through
 ``pipelines.io``: any fsspec output works.
+
+Memory does not grow with the output: tables are streamed a row group at a time.
+Histograms count every value into fixed bins (edges from latent_stats.json, or from a
+first pass), samples are chosen from the id column alone and only their row groups read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipelines import io
@@ -27,7 +32,10 @@ CELL = 128  # contact sheet: each sample fits a CELL x CELL square
 LABEL_HEIGHT = 18  # with its id written below it
 COLUMNS = 4
 HISTOGRAM_BINS = 30
-HISTOGRAM_ROWS = 256  # rows whose full latents feed the histograms (bounded memory)
+# Rows per read while streaming: a written row group for wide columns (latents), many for
+# narrow ones (ids, per-row channel means: a few MB per read, whatever the number of rows)
+WIDE_READ_ROWS = io.PARQUET_ROW_GROUP_ROWS
+NARROW_READ_ROWS = 65536
 RESULTS_FOLDERS = {"manifest": "generate", "latents": "encode"}
 
 
@@ -41,7 +49,8 @@ class Sample:
 @dataclass(frozen=True)
 class Histograms:
     source: str  # what the values are, said on the page
-    values: list[np.ndarray]  # one array of values per channel
+    edges: np.ndarray  # (channels, HISTOGRAM_BINS + 1): fixed bin edges per channel
+    counts: np.ndarray  # (channels, HISTOGRAM_BINS): values per bin, over every row
 
 
 @dataclass(frozen=True)
@@ -84,13 +93,38 @@ def latent_arrays(table: pa.Table) -> list[np.ndarray]:
     return [np.asarray(latent, np.float32) for latent in latents_of(table)]
 
 
-def first_rows(table: pa.Table, count: int) -> pa.Table:
-    """The ``count`` rows with the smallest ids: the same samples on every report of an output."""
-    return table.take(np.argsort(np.asarray(table.column("id").to_pylist(), dtype=object))[:count])
+def first_rows(folder: str, columns: list[str], count: int) -> pa.Table:
+    """The ``count`` rows with the smallest ids, in id order: the same samples on every report of an output.
+
+    Only the id column is read whole, streamed; then, for the chosen rows, the row groups that hold them.
+    """
+    # 1. the smallest ids so far, with where they are (part, row in the part)
+    parts = io.list_parquet_files(folder)
+    chosen = pa.table({"id": pa.array([], pa.string()), "part": pa.array([], pa.int32()), "row": pa.array([], pa.int64())})
+    for part, uri in enumerate(parts):
+        position = 0
+        for batch in io.iter_parquet_batches(uri, ["id"], NARROW_READ_ROWS):
+            candidates = pa.table({
+                "id": batch.column(0).cast(pa.string()), "part": pa.array(np.full(len(batch), part, np.int32)),
+                "row": pa.array(np.arange(position, position + len(batch), dtype=np.int64)),
+            })
+            position += len(batch)
+            merged = pa.concat_tables([chosen, candidates])
+            chosen = merged.take(pc.select_k_unstable(merged, k=min(count, len(merged)), sort_keys=[("id", "ascending")]))
+    # 2. their rows, reading only the row groups that hold them
+    where = chosen.column("part").to_numpy()
+    pieces = []
+    for part in np.unique(where):
+        table, in_table = io.read_parquet_rows(parts[part], chosen.column("row").to_numpy()[where == part], list(dict.fromkeys(["id", *columns])))
+        pieces.append(table.take(in_table))
+    if not pieces:
+        return pa.table({name: pa.array([], pa.string()) for name in columns})
+    found = pa.concat_tables(pieces, promote_options="permissive")
+    return found.take(pc.sort_indices(found, sort_keys=[("id", "ascending")])).select(columns)
 
 
 def generated_samples(output: str, count: int) -> list[Sample]:
-    table = first_rows(io.read_parquet_folder(io.join(output, "manifest"), ["id", "prompt", "image_path"]), count)
+    table = first_rows(io.join(output, "manifest"), ["id", "prompt", "image_path"], count)
     return [Sample(row_id, prompt, Image.open(bytes_io.BytesIO(io.read_bytes(io.join(output, path)))).convert("RGB"))
             for row_id, prompt, path in zip(*(table.column(name).to_pylist() for name in ("id", "prompt", "image_path")))]
 
@@ -101,8 +135,9 @@ def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
     from workers.generation.vae_decoder import VaeDecoderWorker
 
     folder = io.join(output, "latents")
-    caption = next((name for name in ("caption", "source") if name in schema_names(folder)), None)
-    table = first_rows(io.read_parquet_folder(folder, ["id", "latent", "latent_shape", *([caption] if caption else [])]), count)
+    names = schema_names(folder)
+    caption = next((name for name in ("caption", "source") if name in names), None)
+    table = first_rows(folder, ["id", "latent", *(["latent_shape"] if "latent_shape" in names else []), *([caption] if caption else [])], count)
     decoder = VaeDecoderWorker(describe_model(record["config"]["model"]).location, dtype="float32")
     images = decoder({"latents": latent_arrays(table)})["image"]
     captions = table.column(caption).to_pylist() if caption else [""] * len(table)
@@ -111,42 +146,98 @@ def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
 
 
 def schema_names(folder: str) -> list[str]:
-    """Column names of an output table, from a Parquet footer (no data read)."""
-    return io.parquet_fragments(folder)[0].names
+    """Column names of an output table, from one part's footer (no data read)."""
+    return io.parquet_schema(io.list_parquet_files(folder)[0]).names
 
 
-def channel_histograms(output: str, folder: str) -> Histograms | None:
-    """Per-channel values: full latents where the output stores them, else the manifest's per-row channel means."""
-    names = schema_names(io.join(output, folder))
-    if "latent" in names:
-        table = first_rows(io.read_parquet_folder(io.join(output, folder), ["id", "latent", "latent_shape"]), HISTOGRAM_ROWS)
-        latents = latent_arrays(table)
-        if not latents:
-            return None
-        values = [np.concatenate([latent[channel].ravel() for latent in latents]) for channel in range(latents[0].shape[0])]
+def channel_values(table: pa.Table | pa.RecordBatch, column: str) -> np.ndarray:
+    """(channels, values) of a batch: every value of each row's latent, or each row's per-channel ``latent_mean``."""
+    if column == "latent_mean":
+        return table.column(column).flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(table), -1).T
+    latents = latents_of(table)
+    if isinstance(latents, np.ndarray):  # one (rows, channels, ...) array: the type fixes the shape
+        return np.moveaxis(latents, 1, 0).reshape(latents.shape[1], -1)
+    return np.concatenate([latent.reshape(latent.shape[0], -1) for latent in latents], axis=1)
+
+
+def stream_channel_values(folder: str, column: str):
+    """``channel_values`` of every row of ``folder``, a row group's worth at a time."""
+    columns = [column, "latent_shape"] if column == "latent" and "latent_shape" in schema_names(folder) else [column]
+    rows_per_read = WIDE_READ_ROWS if column == "latent" else NARROW_READ_ROWS
+    for uri in io.list_parquet_files(folder):
+        for batch in io.iter_parquet_batches(uri, columns, rows_per_read):
+            if len(batch):
+                yield channel_values(batch, column)
+
+
+def value_ranges(folder: str, column: str, stats: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (min, max) of ``column``: latent_stats.json's for latents, else a first streamed pass."""
+    if column == "latent" and stats.get("min") and stats.get("max"):
+        low, high = np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64)
+        if np.isfinite(low).all() and np.isfinite(high).all():
+            return low, high
+    low = high = None
+    for values in stream_channel_values(folder, column):
+        finite = np.where(np.isfinite(values), values, np.nan)
+        if np.isnan(finite).all():
+            continue
+        batch_low, batch_high = np.nanmin(finite, axis=1), np.nanmax(finite, axis=1)
+        low = batch_low if low is None else np.fmin(low, batch_low)
+        high = batch_high if high is None else np.fmax(high, batch_high)
+    return None if low is None else (low.astype(np.float64), high.astype(np.float64))
+
+
+def channel_histograms(output: str, folder: str, stats: dict | None = None) -> Histograms | None:
+    """Per-channel histograms over every row: full latents where the output stores them, else the manifest's per-row channel means.
+
+    Counts accumulate a row group at a time into fixed bins (HISTOGRAM_BINS between each
+    channel's min and max), so they equal ``numpy.histogram`` over the whole column while
+    memory holds one row group. Non-finite values are left out; values outside the edges
+    (a latent_stats.json older than the parts) count in the end bins.
+    """
+    folder_uri = io.join(output, folder)
+    names = schema_names(folder_uri)
+    column = "latent" if "latent" in names else "latent_mean" if "latent_mean" in names else None
+    ranges = value_ranges(folder_uri, column, stats or {}) if column else None
+    if ranges is None:
+        return None
+    low, high = ranges
+    high = np.where(high > low, high, low + 1.0)  # one value everywhere: a bin of width 1/BINS around it
+    counts = np.zeros((len(low), HISTOGRAM_BINS), np.int64)
+    for values in stream_channel_values(folder_uri, column):
+        for channel, row in enumerate(values):
+            finite = row[np.isfinite(row)]
+            counts[channel] += np.histogram(np.clip(finite, low[channel], high[channel]), HISTOGRAM_BINS, (low[channel], high[channel]))[0]
+    edges = np.stack([np.linspace(a, b, HISTOGRAM_BINS + 1) for a, b in zip(low, high)])
+    total_rows = sum(io.parquet_footer(uri).num_rows for uri in io.list_parquet_files(folder_uri))
+    if column == "latent":
         what = "the final latents of {} rows, from the saved latents (--save-latents)" if folder == "manifest" else "the stored latents of {} rows (latents/)"
-        return Histograms("every value of " + what.format(len(latents)), values)
-    if "latent_mean" in names:
-        means = np.asarray(io.read_parquet_folder(io.join(output, folder), ["latent_mean"]).column("latent_mean").to_pylist(), np.float64)
-        if means.size == 0:
-            return None
-        return Histograms(f"the per-row channel means (manifest latent_mean) of all {len(means)} rows; "
-                          "rerun with --save-latents for the distribution of every latent value", list(means.T))
-    return None
+        return Histograms("every value of " + what.format(total_rows), edges, counts)
+    return Histograms(f"the per-row channel means (manifest latent_mean) of all {total_rows} rows; "
+                      "rerun with --save-latents for the distribution of every latent value", edges, counts)
 
 
 def error_summary(output: str) -> list[dict]:
-    """Errors grouped by stage and reason (by code where the errors table has one), most frequent first."""
-    errors = io.read_parquet_folder(io.join(output, "errors"))
-    if errors is None or not len(errors):
+    """Errors grouped by stage and reason (by code where the errors table has one), most frequent first.
+
+    Streamed: memory holds one read of rows and a count per group, not the errors table.
+    """
+    folder = io.join(output, "errors")
+    try:
+        parts = io.list_parquet_files(folder)
+    except ValueError:  # no errors/ folder, or no part in it
         return []
-    key = "code" if "code" in errors.schema.names else "reason"
+    key = "code" if "code" in schema_names(folder) else "reason"
     groups: dict[tuple[str, str], dict] = {}
-    for row in errors.select(["id", "stage", "reason", *([key] if key == "code" else [])]).to_pylist():
-        group = groups.setdefault((row["stage"], row[key]), {"stage": row["stage"], "reason": row["reason"], "rows": 0, "examples": []})
-        group["rows"] += 1
-        if len(group["examples"]) < 3:
-            group["examples"].append(row["id"])
+    for uri in parts:
+        for batch in io.iter_parquet_batches(uri, list(dict.fromkeys(["id", "stage", "reason", key])), NARROW_READ_ROWS):
+            # ordered aggregation (no threads): a group's first reason and ids are those of its first rows
+            grouped = pa.Table.from_batches([batch]).group_by(["stage", key], use_threads=False).aggregate(
+                [("id", "count"), ("reason", "first"), ("id", "list")])
+            for row in grouped.to_pylist():
+                group = groups.setdefault((row["stage"], row[key]), {"stage": row["stage"], "reason": row["reason_first"], "rows": 0, "examples": []})
+                group["rows"] += row["id_count"]
+                group["examples"] += row["id_list"][:3 - len(group["examples"])]
     return sorted(groups.values(), key=lambda group: -group["rows"])
 
 
@@ -204,10 +295,8 @@ def data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def histogram_svg(values: np.ndarray, title: str, width: int = 280, height: int = 120) -> str:
-    finite = values[np.isfinite(values)]
-    counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS) if finite.size else (np.zeros(HISTOGRAM_BINS), np.linspace(0, 1, HISTOGRAM_BINS + 1))
-    top, bar = max(int(counts.max()), 1), width / HISTOGRAM_BINS
+def histogram_svg(counts: np.ndarray, edges: np.ndarray, title: str, width: int = 280, height: int = 120) -> str:
+    top, bar = max(int(counts.max()), 1), width / len(counts)
     bars = "".join(
         f'<rect x="{i * bar:.1f}" y="{height - 20 - (height - 40) * c / top:.1f}" width="{bar - 1:.1f}" '
         f'height="{(height - 40) * c / top:.1f}" fill="#4a78b5"/>' for i, c in enumerate(counts)
@@ -235,8 +324,8 @@ def write_report(output: str, samples: int = 16) -> WrittenReport:
         shown = []
         notes.append(f"samples could not be shown: {type(error).__name__}: {error}")
     sheet = contact_sheet(shown)
-    page = render_page(output, kind, record, shown, channel_histograms(output, folder), error_summary(output),
-                       io.read_json(io.join(output, "latent_stats.json")) or {}, notes)
+    stats = io.read_json(io.join(output, "latent_stats.json")) or {}
+    page = render_page(output, kind, record, shown, channel_histograms(output, folder, stats), error_summary(output), stats, notes)
     written = WrittenReport(io.join(output, "report.html"), io.join(output, "contact_sheet.png"))
     io.write_bytes(written.contact_sheet, png_bytes(sheet))
     io.write_bytes(written.html, page.encode())
@@ -287,9 +376,9 @@ def _histogram_section(histograms: Histograms | None, stats: dict) -> str:
         return "<p>No latents or latent statistics in this output.</p>"
     means, stds = stats.get("mean") or [], stats.get("std") or []
     charts = []
-    for channel, values in enumerate(histograms.values):
+    for channel, (counts, edges) in enumerate(zip(histograms.counts, histograms.edges)):
         exact = f": mean {means[channel]:.3f}, std {stds[channel]:.3f} (all rows)" if channel < min(len(means), len(stds)) else ""
-        charts.append(histogram_svg(np.asarray(values, np.float64), f"channel {channel}{exact}"))
+        charts.append(histogram_svg(counts, edges, f"channel {channel}{exact}"))
     return f"<p>Histograms of {html.escape(histograms.source)}.</p><div class=\"histograms\">{''.join(charts)}</div>"
 
 

@@ -37,7 +37,10 @@ class Stage:
         return dataset.map_batches(
             self.worker,
             batch_size=options.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=options.concurrency),
+            # One block at a time per actor: a block is at least a model batch (seconds of work)
+            # and the next one is fetched in milliseconds, while a second block queued at a busy
+            # actor is work an idle or just-started actor could have taken (see rows_per_block)
+            compute=ray.data.ActorPoolStrategy(size=options.concurrency, max_tasks_in_flight_per_actor=1),
             num_cpus=options.num_cpus,
             num_gpus=options.num_gpus or None,
             fn_constructor_kwargs={**self.constructor_kwargs, "threads": options.threads},

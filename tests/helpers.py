@@ -60,3 +60,26 @@ def assert_images_match(actual: np.ndarray, expected: np.ndarray) -> None:
 
 def read_image(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def recording_actor(worker: type, seconds_per_batch: float = 0.0) -> type:
+    """``worker`` that also records, per row, the process id of the actor that ran the row.
+
+    ``seconds_per_batch`` stands for the model work a real batch costs (seconds on a GPU):
+    a tiny model's batch takes milliseconds, so one actor could finish a small job before
+    a second one has started, and the test would measure actor start-up, not the blocks.
+    Defined in a function, the class travels to the actors by value: tests/ need not be
+    importable there.
+    """
+
+    class Recording(worker):
+        def __call__(self, batch):
+            import time
+
+            time.sleep(seconds_per_batch)
+            batch = super().__call__(batch)
+            batch["actor_pid"] = np.full(len(batch["id"]), os.getpid())
+            return batch
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{worker.__name__}"
+    return Recording

@@ -266,3 +266,22 @@ def test_s3_round_trip_and_random_crop_identical_on_rerun(first_run, s3_endpoint
         np.testing.assert_allclose(row["latent"].float().numpy(), local.loc[row_id, "latent"].astype(np.float32), atol=2e-3)
     assert ray.data.read_parquet("s3://corpus-bucket/latents/latents").count() == len(remote)
     assert io.read_json("s3://corpus-bucket/latents/latent_stats.json")["count"] == [64 * len(remote)] * 4
+
+
+def test_encode_blocks_are_sized_from_the_largest_target_and_the_encoder_pool(tmp_path, model_cache):
+    from pipelines.config import StageOptions
+    from pipelines.encode import build_model_stages, encoding_block_rows
+    from pipelines.placement import MAX_BLOCK_PIXELS, ClusterShape
+
+    table = write_table(tmp_path / "images.parquet", [{"id": f"img{n}", "image": png(picture(n, 48, 48))} for n in range(32)])
+
+    def block_rows(**options) -> int:
+        plan = plan_encoding(EncodeConfig(images=table, output=str(tmp_path / "out"), model="tiny", overwrite=True, **options))
+        return encoding_block_rows(plan, build_model_stages(plan.config, plan.model, "vae_only", ClusterShape(cpus=8, gpus=0)))
+
+    # 32 rows, 2 encoder actors: 4 blocks each, whole batches of 4 -> 4 rows per block (8 blocks)
+    assert block_rows(resolution=32, batch_size=4, stages={"vae_encoder": StageOptions(concurrency=2)}) == 4
+    # one actor, batches of 8: 32 / 4 = 8 rows
+    assert block_rows(resolution=32, batch_size=8) == 8
+    # buckets: the largest target sets the pixels: MAX_BLOCK_PIXELS / 4096**2 = 4 rows (the other bucket would allow 8)
+    assert block_rows(resolution=4096, buckets="4096x4096,2048x4096", batch_size=2) == MAX_BLOCK_PIXELS // 4096**2 == 4

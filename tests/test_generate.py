@@ -3,14 +3,16 @@
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
+from helpers import assert_images_match, diffusers_reference, read_image, recording_actor, write_prompts
 from pipelines.config import GenerateConfig, StageOptions
-from pipelines.generate import run_generation
+from pipelines.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
+from pipelines.placement import ClusterShape
 
 STEPS = 4
 GOOD_ROWS = [
@@ -189,3 +191,30 @@ def test_long_and_odd_ids_get_bounded_names_and_a_failed_write_becomes_an_error_
     assert errors[["id", "row", "stage"]].values.tolist() == [["blocked", 5, "write"]]
     assert "cannot write the image after 3 attempts: IsADirectoryError" in errors["reason"][0]
     assert not [name for name in os.listdir(output / "images") if name.startswith(".tmp-")]  # no orphan temporary files
+
+
+def test_a_small_job_reaches_every_actor_block_by_block(ray_session, tmp_path):
+    # 48 rows, 2 actors, batches of 4: 4-row blocks, so both actors work and results stream back
+    ids = [f"row{index:02d}" for index in range(48)]
+    prompts = write_prompts(tmp_path / "prompts.parquet", [{"id": row_id, "prompt": f"shape {row_id}"} for row_id in ids])
+    config = GenerateConfig(prompts=prompts, output=str(tmp_path / "out"), model="tiny", steps=2, height=32, width=32,
+                            batch_size=4, stages={"fused": StageOptions(concurrency=2, threads=1)})
+    plan = plan_generation(config)
+    stages = build_model_stages(plan.config, plan.model, "fused", ClusterShape.current())
+    stages = [replace(stage, worker=recording_actor(stage.worker, seconds_per_batch=0.5)) for stage in stages]
+    block_rows = generation_block_rows(plan, stages)
+    assert block_rows == 4
+
+    actor_of: dict[str, int] = {}
+    arrivals = 0
+    for batch in _build_dataset(plan, stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
+        arrivals += 1
+        for row_id, pid in zip(batch["id"], batch["actor_pid"]):
+            assert row_id not in actor_of, f"{row_id} generated twice"
+            actor_of[str(row_id)] = int(pid)
+    assert sorted(actor_of) == ids
+    rows_per_actor = {pid: list(actor_of.values()).count(pid) for pid in set(actor_of.values())}
+    assert len(rows_per_actor) == 2, rows_per_actor
+    # results leave the actors block by block, not as one block at the end of the job
+    assert arrivals >= 48 // block_rows // 2, arrivals
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 48

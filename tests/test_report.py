@@ -139,3 +139,112 @@ def test_progress_lines_only_off_a_terminal(tmp_path):
     quiet.advance(5)
     quiet.finish()
     assert os.path.getsize(tmp_path / "log") == log.tell()
+
+
+# -- streaming over row groups ---------------------------------------------------------------------
+
+
+def write_manifest_parts(output, parts: int, rows_per_part: int, seed: int = 0) -> list[dict]:
+    """A --save-latents manifest of several parts of several row groups each, latents of two shapes (buckets)."""
+    import pyarrow as pa
+
+    from pipelines import io
+    from pipelines.schemas import manifest_schema
+
+    generator = np.random.default_rng(seed)
+    rows, ids = [], [f"id{index:05d}" for index in generator.permutation(parts * rows_per_part)]
+    for part in range(parts):
+        chunk = []
+        for row_id in ids[part * rows_per_part:(part + 1) * rows_per_part]:
+            shape = (4, 4, 4) if int(row_id[2:]) % 3 else (4, 2, 6)
+            latent = generator.normal(loc=[[[-1.0]], [[0.0]], [[0.5]], [[2.0]]], scale=1.0 + int(row_id[2:]) % 5, size=shape).astype(np.float32)
+            chunk.append({
+                "id": row_id, "prompt": f"prompt of {row_id}", "negative_prompt": "", "seed": 1, "num_inference_steps": 2,
+                "guidance_scale": 1.0, "height": 8 * shape[1], "width": 8 * shape[2], "scheduler": "ddim", "image_path": "",
+                "prompt_truncated": False, "latent_mean": latent.reshape(4, -1).mean(1).tolist(),
+                "latent_std": latent.reshape(4, -1).std(1).tolist(), "latent": latent.ravel().tolist(), "latent_shape": list(shape),
+            })
+        io.write_parquet_part(pa.Table.from_pylist(chunk, schema=manifest_schema(True)), os.path.join(output, "manifest"), [r["id"] for r in chunk])
+        rows += chunk
+    return rows
+
+
+@pytest.fixture(scope="module")
+def large_manifest(tmp_path_factory):
+    from pipelines import io
+
+    output = tmp_path_factory.mktemp("streamed")
+    rows = write_manifest_parts(output, parts=3, rows_per_part=300)  # 128-row groups: 3 per part
+    assert [io.parquet_footer(uri).num_row_groups for uri in io.list_parquet_files(str(output / "manifest"))] == [3, 3, 3]
+    return str(output), rows
+
+
+def full_table_histograms(values_per_row: list[np.ndarray], low=None, high=None) -> tuple[np.ndarray, np.ndarray]:
+    """numpy.histogram over the whole column at once, per channel: what the streamed counts must equal."""
+    from pipelines.report import HISTOGRAM_BINS
+
+    values = np.concatenate([np.asarray(v, np.float64).reshape(4, -1) for v in values_per_row], axis=1)
+    low = values.min(axis=1) if low is None else low
+    high = values.max(axis=1) if high is None else high
+    counts = np.stack([np.histogram(values[c], HISTOGRAM_BINS, (low[c], high[c]))[0] for c in range(4)])
+    return counts, np.stack([np.histogram_bin_edges(values[c], HISTOGRAM_BINS, (low[c], high[c])) for c in range(4)])
+
+
+def test_streamed_histograms_equal_numpy_over_the_whole_table(large_manifest):
+    from pipelines.report import channel_histograms
+    from pipelines.stats import stats_of_latents
+
+    output, rows = large_manifest
+    latents = [np.asarray(row["latent"], np.float32).reshape(row["latent_shape"]) for row in rows]
+    expected_counts, expected_edges = full_table_histograms(latents)
+    # edges from latent_stats.json (exact min/max of the stored latents), then from a first pass without it
+    stats = stats_of_latents(latents).to_dict()
+    for given in (stats, {}):
+        histograms = channel_histograms(output, "manifest", given)
+        np.testing.assert_array_equal(histograms.counts, expected_counts)
+        np.testing.assert_array_equal(histograms.edges, expected_edges)
+        assert histograms.counts.sum() == sum(latent.size for latent in latents) == 600 * 64 + 300 * 48  # every value, both shapes
+        assert "every value of the final latents of 900 rows" in histograms.source
+
+
+def test_without_saved_latents_the_means_of_every_row_are_counted(large_manifest, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.report import channel_histograms
+
+    output, rows = large_manifest
+    for part in os.listdir(os.path.join(output, "manifest")):  # the same manifest without the latent columns
+        table = pq.read_table(os.path.join(output, "manifest", part)).drop_columns(["latent", "latent_shape"])
+        os.makedirs(tmp_path / "manifest", exist_ok=True)
+        pq.write_table(table, tmp_path / "manifest" / part, row_group_size=128)
+    histograms = channel_histograms(str(tmp_path), "manifest", {})
+    expected_counts, _ = full_table_histograms([np.asarray(row["latent_mean"], np.float32) for row in rows])
+    np.testing.assert_array_equal(histograms.counts, expected_counts)
+    assert histograms.counts.sum() == 4 * 900 and "of all 900 rows" in histograms.source
+
+
+def test_samples_are_the_smallest_ids_read_from_their_row_groups(large_manifest):
+    from pipelines.report import first_rows
+
+    output, rows = large_manifest
+    table = first_rows(os.path.join(output, "manifest"), ["id", "prompt", "latent_shape"], 5)
+    smallest = sorted(rows, key=lambda row: row["id"])[:5]
+    assert table.column("id").to_pylist() == [row["id"] for row in smallest] == [f"id{index:05d}" for index in range(5)]
+    assert table.column("prompt").to_pylist() == [row["prompt"] for row in smallest]
+    assert table.column("latent_shape").to_pylist() == [row["latent_shape"] for row in smallest]
+
+
+def test_histograms_of_a_real_run_count_every_saved_latent_value(finished_run):
+    import pandas as pd
+
+    from pipelines.report import channel_histograms
+
+    # edges from the run's own latent_stats.json: its min and max are those of the saved latents, exactly
+    stats = json.loads((finished_run / "latent_stats.json").read_text())
+    histograms = channel_histograms(str(finished_run), "manifest", stats)
+    frame = pd.read_parquet(finished_run / "manifest")
+    latents = [np.asarray(flat, np.float32).reshape(shape) for flat, shape in zip(frame["latent"], frame["latent_shape"])]
+    expected_counts, expected_edges = full_table_histograms(latents)
+    np.testing.assert_array_equal(histograms.counts, expected_counts)
+    np.testing.assert_array_equal(histograms.edges, expected_edges)
+    assert histograms.counts.sum() == 6 * 4 * 4 * 6  # 6 rows of 4 x (32/8) x (48/8) values

@@ -72,12 +72,22 @@ LOCALIZE_SCRIPT = """
 import sys
 from pipelines import io
 
+def record(event):
+    with open(sys.argv[3], "a") as log:
+        log.write(event + "\\n")
+
 original = io._download_tree
 def recorded(uri, target):
-    with open(sys.argv[3], "a") as log:
-        log.write("download\\n")
+    record("download")
     original(uri, target)
 io._download_tree = recorded
+# fsspec keeps one filesystem instance per settings: wrapping its get counts every transfer
+fs = io.filesystem(sys.argv[1])[0]
+transfer = fs.get
+def counted(*args, **kwargs):
+    record("transfer")
+    return transfer(*args, **kwargs)
+fs.get = counted
 print(io.localize_tree(sys.argv[1], "fingerprint", sys.argv[2]))
 """
 
@@ -92,7 +102,8 @@ def test_actors_of_one_node_download_a_remote_model_once(bucket, tmp_path):
                                   stdout=subprocess.PIPE, text=True) for _ in range(4)]
     targets = {process.communicate(timeout=120)[0].strip() for process in processes}
     assert all(process.returncode == 0 for process in processes)
-    assert len(targets) == 1 and log.read_text().splitlines() == ["download"]
+    # one download of the model directory, in one transfer
+    assert len(targets) == 1 and log.read_text().splitlines() == ["download", "transfer"]
     target = targets.pop()
     assert json.load(open(f"{target}/model_index.json"))["_class_name"] == "StableDiffusionPipeline"
     assert [path.name for path in cache.joinpath("models").iterdir() if path.name.startswith(".download-")] == []
