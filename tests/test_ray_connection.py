@@ -113,3 +113,16 @@ def test_auto_joins_the_cluster_that_ray_start_made(ray_temp, model_cache):
     where, gcs_address = result.stdout.strip().splitlines()[-2:]
     assert where == f"the Ray cluster at {recorded} (from 'auto')"
     assert gcs_address.rsplit(":", 1)[1] == recorded.rsplit(":", 1)[1]
+
+
+def test_a_one_core_machine_gets_an_embedded_ray_its_stages_fit_in(monkeypatch):
+    """Ray's CPUs are scheduling slots: one core still runs the model actor beside the light tasks."""
+    from jobs.ray_runtime import embedded_cpus
+    from pipelines.generate import SHARES
+    from pipelines.placement import ClusterShape, stage_options
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert embedded_cpus() == 2
+    for placement in ("fused", "split"):
+        options = stage_options(SHARES[placement], ClusterShape(cpus=embedded_cpus(), gpus=0), 8, {}, placement)
+        assert sum(option.num_cpus * option.concurrency for option in options.values()) <= 1.0
