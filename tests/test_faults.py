@@ -1,0 +1,136 @@
+"""Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice.
+
+The job runs as a user runs it (``python -m jobs.cli generate``, embedded Ray, in its own
+process group); the test finds the model actor among the job's processes by the title
+Ray gives it, kills it with SIGKILL once some images are written, kills its replacement
+the same way, and checks what the run committed against a clean run of the same input.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import read_image, write_prompts
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACTOR_TITLE = "ray::MapWorker(MapBatches(FusedGenerationWorker))"
+ROWS = 32
+STEPS = 8
+
+
+def job_command(prompts: str, output: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--prompts", prompts, "--output", output,
+            "--steps", str(STEPS), "--batch-size", "4", "--height", "64", "--width", "64", "--overwrite"]
+
+
+def start_job(prompts: str, output: str) -> subprocess.Popen:
+    return subprocess.Popen(job_command(prompts, output), cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def process_titles() -> dict[int, str]:
+    titles = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    titles[int(entry)] = cmdline.read().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+    return titles
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def model_actor(job: subprocess.Popen, not_pid: int | None = None) -> int | None:
+    """The job's live model actor (Ray's workers stay in the driver's session)."""
+    for pid, title in process_titles().items():
+        if title.startswith(ACTOR_TITLE) and pid != not_pid and session_of(pid) == job.pid:
+            return pid
+    return None
+
+
+def images_written(output: str) -> int:
+    folder = os.path.join(output, "images")
+    return len([name for name in os.listdir(folder) if not name.startswith(".")]) if os.path.isdir(folder) else 0
+
+
+def wait_for(condition, job: subprocess.Popen, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if job.poll() is not None:
+            pytest.fail(f"the job ended (exit {job.returncode}) while waiting for {what}:\n{job.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def manifest_ids(output: str) -> list[str]:
+    return pq.read_table(os.path.join(output, "manifest"), columns=["id"]).column("id").to_pylist()
+
+
+def images_by_id(output: str) -> dict[str, np.ndarray]:
+    rows = pq.read_table(os.path.join(output, "manifest"), columns=["id", "image_path"]).to_pylist()
+    return {row["id"]: read_image(os.path.join(output, row["image_path"])) for row in rows}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory, model_cache) -> str:
+    folder = tmp_path_factory.mktemp("fault-prompts")
+    return write_prompts(folder / "prompts.parquet", {
+        "id": [f"row-{index:03d}" for index in range(ROWS)],
+        "prompt": [f"a red circle number {index}" for index in range(ROWS)],
+        "seed": list(range(ROWS)),
+    })
+
+
+def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(prompts, tmp_path):
+    # 1. a clean run of the same input
+    clean_output = str(tmp_path / "clean")
+    started = time.monotonic()
+    clean = subprocess.run(job_command(prompts, clean_output), cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    clean_seconds = time.monotonic() - started
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    # 2. the same run, its model actor SIGKILLed once some images exist, then its replacement too
+    output = str(tmp_path / "killed")
+    started = time.monotonic()
+    job = start_job(prompts, output)
+    try:
+        killed = []
+        for images_before_kill in (4, 12):
+            wait_for(lambda: images_written(output) >= images_before_kill, job, 300, f"{images_before_kill} images")
+            actor = wait_for(lambda: model_actor(job, not_pid=killed[-1] if killed else None), job, 120, "a model actor")
+            os.kill(actor, signal.SIGKILL)
+            killed.append(actor)
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    killed_seconds = time.monotonic() - started
+    print(f"clean run {clean_seconds:.1f} s; with two actor kills {killed_seconds:.1f} s "
+          f"({killed_seconds / clean_seconds:.2f}x)")
+
+    # 3. it finished by itself, every row exactly once, the same images as the clean run
+    assert job.returncode == 0, stderr[-3000:]
+    assert len(killed) == 2 and killed[0] != killed[1]
+    ids = manifest_ids(output)
+    assert sorted(ids) == sorted(manifest_ids(clean_output)) and len(ids) == len(set(ids)) == ROWS
+    clean_images = images_by_id(clean_output)
+    for row_id, image in images_by_id(output).items():
+        assert np.array_equal(image, clean_images[row_id]), row_id
