@@ -5,7 +5,7 @@ decoded sample latents (encoding), per-channel latent histograms, the errors gro
 by reason, and per-stage busy time and throughput from run.json. Images are inlined
 as data URIs and histograms drawn as inline SVG, so the file can be mailed or opened
 from object storage with nothing beside it. Every read and write goes through
-``pipelines.io``: any fsspec output works.
+``pipelines.runtime.io``: any fsspec output works.
 
 Memory does not grow with the output: tables are streamed a row group at a time.
 Histograms count every value into fixed bins (edges from latent_stats.json, or from a
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from pipelines import io
-from pipelines.latent_output import latents_of
+from pipelines.runtime import io
+from pipelines.encoding.latent_output import latents_of
 
 CELL = 128  # contact sheet: each sample fits a CELL x CELL square
 LABEL_HEIGHT = 18  # with its id written below it
@@ -131,7 +131,7 @@ def generated_samples(output: str, count: int) -> list[Sample]:
 
 def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
     """Encoded latents decoded back to pixels by the run's own VAE: what training will see."""
-    from pipelines.model_source import describe_model
+    from pipelines.runtime.model_source import describe_model
     from workers.generation.vae_decoder import VaeDecoderWorker
 
     folder = io.join(output, "latents")

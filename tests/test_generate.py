@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from helpers import assert_images_match, diffusers_reference, read_image, recording_actor, write_prompts
-from pipelines.config import GenerateConfig, StageOptions
-from pipelines.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
-from pipelines.placement import ClusterShape
+from pipelines.runtime.config import GenerateConfig, StageOptions
+from pipelines.generation.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
+from pipelines.runtime.placement import ClusterShape
 
 STEPS = 4
 GOOD_ROWS = [
@@ -169,7 +169,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(first_run, prompt
 
 
 def test_long_and_odd_ids_get_bounded_names_and_a_failed_write_becomes_an_error_row(ray_session, tmp_path):
-    from pipelines.images import image_path
+    from pipelines.generation.images import image_path
 
     odd_ids = ["x" * 300, "a/b c", "ünï code", "..", "%41", "blocked"]
     prompts = write_prompts(tmp_path / "odd.parquet", {"id": odd_ids, "prompt": [f"prompt {i}" for i in range(len(odd_ids))]})

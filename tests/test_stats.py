@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipelines.stats import ChannelStats, merge_all, stats_of_rows
+from pipelines.runtime.stats import ChannelStats, merge_all, stats_of_rows
 
 
 def test_merged_partials_equal_numpy_over_all_latents():

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines import io
-from pipelines.image_decode import ImageRejected, Preprocessing, preprocess
-from pipelines.prompt_rows import derived_seed, position_id
-from pipelines.schemas import ENCODE_ERRORS_SCHEMA
+from pipelines.runtime import io
+from pipelines.encoding.image_decode import ImageRejected, Preprocessing, preprocess
+from pipelines.runtime.row_ids import derived_seed, position_id
+from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
 
 PREPARE_STAGE = "prepare"  # the ``stage`` of errors found here
 # what a prepared row carries to the encoders (and ``caption`` when the table has captions)

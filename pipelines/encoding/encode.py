@@ -22,22 +22,21 @@ from typing import Any
 import ray
 import ray.data
 
-from pipelines import io
-from pipelines.config import EncodeConfig, parse_bucket_list
-from pipelines.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
-from pipelines.prompt_rows import duplicate_positions
-from pipelines.image_decode import Preprocessing, aspect_buckets
-from pipelines.latent_output import (
+from pipelines.runtime import io
+from pipelines.runtime.config import EncodeConfig, parse_bucket_list
+from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
+from pipelines.runtime.row_ids import duplicate_positions, position_id
+from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
+from pipelines.encoding.latent_output import (
     LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts, stats_report,
 )
-from pipelines.model_source import ModelDescription, component_fingerprint, describe_model
-from pipelines.outputs import RunOutput
-from pipelines.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
-from pipelines.progress import ProgressReporter
-from pipelines.prompt_rows import position_id
-from pipelines.run_record import library_versions, utc_now
-from pipelines.schemas import check_image_schema
-from pipelines.stages import Stage, check_wiring
+from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
+from pipelines.runtime.progress import ProgressReporter
+from pipelines.runtime.run_record import library_versions, utc_now
+from pipelines.runtime.schemas import check_image_schema
+from pipelines.runtime.stages import Stage, check_wiring
 from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.caption_encoder import CaptionEncoderWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker

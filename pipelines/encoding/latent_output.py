@@ -2,7 +2,7 @@
 
 ``commit_latents`` runs as a CPU task in Ray Data after the encoders and imports no
 model code: it writes each batch as one ``latents/`` part (exact partial statistics in
-its footer, see ``pipelines.outputs``) and hands the driver a one-row summary, so
+its footer, see ``pipelines.runtime.outputs``) and hands the driver a one-row summary, so
 latents never travel through the driver.
 
 A row is never held twice. Every row records the ``run`` that wrote it; when a rerun
@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import io
-from pipelines.outputs import RunOutput
-from pipelines.schemas import (
+from pipelines.runtime import io
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.schemas import (
     EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
 )
-from pipelines.stats import ChannelStats, stats_of_latents
+from pipelines.runtime.stats import ChannelStats, stats_of_latents
 
 ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
 FACTOR_TOLERANCE = 0.10  # suggested scaling/shift factors further than this from the model's get a warning
