@@ -88,11 +88,6 @@ def run_kind(output: str) -> tuple[str, str]:
     raise ValueError(f"output: {output!r} holds neither manifest/ nor latents/ (no committed rows yet?)")
 
 
-def latent_arrays(table: pa.Table) -> list[np.ndarray]:
-    """The ``latent`` column as float32 (channels, height, width) arrays, whichever encoding the output has."""
-    return [np.asarray(latent, np.float32) for latent in latents_of(table)]
-
-
 def first_rows(folder: str, columns: list[str], count: int) -> pa.Table:
     """The ``count`` rows with the smallest ids, in id order: the same samples on every report of an output.
 
@@ -139,7 +134,7 @@ def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
     caption = next((name for name in ("caption", "source") if name in names), None)
     table = first_rows(folder, ["id", "latent", *(["latent_shape"] if "latent_shape" in names else []), *([caption] if caption else [])], count)
     decoder = VaeDecoderWorker(describe_model(record["config"]["model"]).location, dtype="float32")
-    images = decoder({"latents": latent_arrays(table)})["image"]
+    images = decoder({"latents": [np.asarray(latent, np.float32) for latent in latents_of(table)]})["image"]
     captions = table.column(caption).to_pylist() if caption else [""] * len(table)
     return [Sample(row_id, str(text or ""), Image.fromarray(np.asarray(image, np.uint8)))
             for row_id, text, image in zip(table.column("id").to_pylist(), captions, images)]

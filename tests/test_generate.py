@@ -107,6 +107,8 @@ def test_latent_stats_equal_numpy_over_the_latents(first_run):
     np.testing.assert_allclose(stats["std"], values.std(axis=1), rtol=1e-6)
     np.testing.assert_allclose(stats["min"], values.min(axis=1), rtol=1e-6)
     assert stats["count"] == [values.shape[1]] * 4
+    # the format of encode's latent_stats.json (pipelines.runtime.stats.latent_stats_report)
+    assert {"latent_channels", "over", "scaling_factor", "shift_factor", "all_channels", "suggested", "warnings"} <= set(stats)
 
 
 def test_images_equal_what_diffusers_draws_for_each_row(first_run, tiny_model_dir):
