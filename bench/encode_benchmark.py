@@ -285,8 +285,8 @@ class RayDataStats(logging.Handler):
 
 def read_latentray_latents(output_directory: str) -> dict[str, np.ndarray]:
     """Latents by row id, from the output's latents/ table (its contract), in their stored dtype."""
-    from pipelines.runtime import io
     from pipelines.encoding.latent_output import latents_of
+    from pipelines.runtime import io
     from pipelines.runtime.outputs import RunOutput
 
     latents = {}

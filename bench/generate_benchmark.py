@@ -211,8 +211,8 @@ def read_latentray_images(output_directory: str) -> dict[str, np.ndarray]:
 def run_latentray_variant(
     key: str, label: str, placement: str, prompts_path: str, output_directory: str, settings: BenchmarkSettings,
 ) -> tuple[VariantResult, dict[str, np.ndarray]]:
-    from pipelines.runtime.config import GenerateConfig
     from pipelines.generation.generate import run_generation
+    from pipelines.runtime.config import GenerateConfig
 
     config = GenerateConfig(
         prompts=prompts_path, output=output_directory, model=settings.model, steps=settings.steps,

@@ -59,8 +59,8 @@ class Settings:
 
 def write_dataset(settings: Settings, uri: str) -> int:
     """A latents/ output written by latentray's commit task; returns its size in bytes."""
-    from pipelines.runtime import io
     from pipelines.encoding.latent_output import LatentLayout, commit_latents
+    from pipelines.runtime import io
     from pipelines.runtime.outputs import RunOutput
 
     output = RunOutput(uri, "latents")

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from pipelines.runtime import io
 from pipelines.encoding.latent_output import latents_of
+from pipelines.runtime import io
 
 CELL = 128  # contact sheet: each sample fits a CELL x CELL square
 LABEL_HEIGHT = 18  # with its id written below it

@@ -8,9 +8,9 @@ import pytest
 
 from helpers import write_prompts
 from pipelines.demo.adherence import score_generation
-from pipelines.runtime.config import GenerateConfig
-from pipelines.generation.generate import run_generation
 from pipelines.demo.procedural import caption_for
+from pipelines.generation.generate import run_generation
+from pipelines.runtime.config import GenerateConfig
 from workers.runtime.presets import shipped_model_dir
 
 # seen combinations, every colour and shape at least once

@@ -16,10 +16,10 @@ from image_helpers import (
     alpha_png, cmyk_jpeg, decompression_bomb_png, encoded, exif_rotated_jpeg, gray16_png, jpeg,
     palette_png_with_transparency, picture, png, truncated, upright_of_exif_jpeg, write_table,
 )
-from pipelines.runtime.config import EncodeConfig
 from pipelines.encoding.encode import plan_encoding, run_encoding
 from pipelines.encoding.image_decode import aspect_buckets, nearest_target
 from pipelines.encoding.latent_output import latents_of
+from pipelines.runtime.config import EncodeConfig
 
 RESOLUTION = 64
 
@@ -246,8 +246,8 @@ def test_s3_round_trip_and_random_crop_identical_on_rerun(first_run, s3_endpoint
     import boto3
     import ray.data
 
-    from pipelines.runtime import io
     from pipelines.encoding.latent_dataset import LatentDataset
+    from pipelines.runtime import io
 
     boto3.client("s3").create_bucket(Bucket="corpus-bucket")
     images = {row_id: data for row_id, data in odd_and_plain_images().items() if row_id.startswith(("plain", "exif", "alpha", "bomb"))}
@@ -269,8 +269,8 @@ def test_s3_round_trip_and_random_crop_identical_on_rerun(first_run, s3_endpoint
 
 
 def test_encode_blocks_are_sized_from_the_largest_target_and_the_encoder_pool(tmp_path, model_cache):
-    from pipelines.runtime.config import StageOptions
     from pipelines.encoding.encode import build_model_stages, encoding_block_rows
+    from pipelines.runtime.config import StageOptions
     from pipelines.runtime.placement import MAX_BLOCK_PIXELS, ClusterShape
 
     table = write_table(tmp_path / "images.parquet", [{"id": f"img{n}", "image": png(picture(n, 48, 48))} for n in range(32)])

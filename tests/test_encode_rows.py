@@ -11,10 +11,10 @@ import pytest
 
 from image_helpers import picture, png
 from pipelines.encoding.encode_rows import RowSettings, SourceColumns, prepare_images
-from pipelines.runtime.row_ids import duplicate_positions
 from pipelines.encoding.image_decode import Preprocessing
 from pipelines.encoding.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts, tensor_values
 from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.row_ids import duplicate_positions
 from pipelines.runtime.schemas import SHAPE_RUNS_METADATA_KEY
 
 PREPROCESSING = Preprocessing(targets=((64, 64),), crop="center", max_pixels=10**7, min_size=None, background=(255, 255, 255))

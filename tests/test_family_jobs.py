@@ -16,11 +16,11 @@ import torch
 from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
 from image_helpers import picture, png, write_table
 from jobs.cli import main
+from pipelines.encoding.encode import run_encoding
+from pipelines.encoding.latent_output import latents_of
+from pipelines.generation.generate import run_generation
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, GenerateConfig
-from pipelines.encoding.encode import run_encoding
-from pipelines.generation.generate import run_generation
-from pipelines.encoding.latent_output import latents_of
 from workers.runtime.presets import export_preset, materialize_preset
 
 

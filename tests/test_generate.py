@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from helpers import assert_images_match, diffusers_reference, read_image, recording_actor, write_prompts
-from pipelines.runtime.config import GenerateConfig, StageOptions
 from pipelines.generation.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
+from pipelines.runtime.config import GenerateConfig, StageOptions
 from pipelines.runtime.placement import ClusterShape
 
 STEPS = 4

@@ -18,10 +18,10 @@ import torch
 from image_helpers import picture, png, write_table
 from latent_helpers import BUCKET_SHAPES, row_value, write_latent_dataset
 from pipelines import LatentDataset
-from pipelines.runtime.config import EncodeConfig
 from pipelines.encoding.encode import run_encoding
 from pipelines.encoding.latent_dataset import collate_nested_arrays, plan_epoch
 from pipelines.encoding.latent_output import latents_of
+from pipelines.runtime.config import EncodeConfig
 
 # -- part 1: every reader on real encode outputs --------------------------------------------------
 

@@ -11,10 +11,10 @@ from helpers import write_prompts
 from PIL import Image
 
 from jobs.cli import main
-from pipelines.runtime.config import GenerateConfig
 from pipelines.generation.generate import run_generation
-from pipelines.runtime.progress import ProgressReporter
 from pipelines.report import CELL, check_run_record, contact_sheet_size, thumbnail
+from pipelines.runtime.config import GenerateConfig
+from pipelines.runtime.progress import ProgressReporter
 
 ROWS = [{"id": f"r{i}", "prompt": f"shape number {i}"} for i in range(6)] + [{"id": "bad", "prompt": ""}]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,8 +72,8 @@ def encoded_run(ray_session, tmp_path_factory):
     import pyarrow.parquet as pq
     from image_helpers import picture, png
 
-    from pipelines.runtime.config import EncodeConfig
     from pipelines.encoding.encode import run_encoding
+    from pipelines.runtime.config import EncodeConfig
 
     root = tmp_path_factory.mktemp("encoded")
     rows = [{"id": f"img{i}", "image": png(picture(i, 40, 40)), "caption": f"picture {i}"} for i in range(3)]

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.runtime.config import GenerateConfig
 from pipelines.generation.generate import run_generation
+from pipelines.runtime.config import GenerateConfig
 from workers.runtime.presets import export_preset
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipelines.runtime import io
 from pipelines.demo.procedural import DEFAULT_HELD_OUT, PALETTE, parse_caption
+from pipelines.runtime import io
 from pipelines.runtime.schemas import ADHERENCE_SCHEMA
 
 PALETTE_NAMES = list(PALETTE)

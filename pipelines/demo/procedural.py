@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from pipelines.runtime import io
 from pipelines.generation.images import encode_image
+from pipelines.runtime import io
 from pipelines.runtime.schemas import SHAPES_CORPUS_SCHEMA
 
 # Named colours (sRGB). Hues are far enough apart that the nearest palette colour names

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 
-from pipelines.runtime import io
 from pipelines.demo.procedural import DEFAULT_HELD_OUT, ShapesCorpusConfig
+from pipelines.runtime import io
 from workers.demo.architecture import DemoArchitecture
 from workers.runtime.presets import RECOMMENDED_GUIDANCE
 
@@ -210,8 +210,8 @@ RaySession = Callable[[TrainDemoConfig], AbstractContextManager]
 
 
 def stage_encode(config: TrainDemoConfig, ray_session: RaySession) -> dict:
-    from pipelines.runtime.config import EncodeConfig
     from pipelines.encoding.encode import run_encoding
+    from pipelines.runtime.config import EncodeConfig
 
     encode_config = EncodeConfig(
         images=config.path("corpus", "train"), output=config.path("latents"), model=config.path("vae"),
@@ -323,9 +323,9 @@ def write_table(table, uri: str) -> None:
 
 def stage_evaluate(config: TrainDemoConfig, ray_session: RaySession) -> dict:
     from pipelines.demo.adherence import score_generation
-    from pipelines.runtime.config import GenerateConfig
-    from pipelines.generation.generate import run_generation
     from pipelines.demo.procedural import evaluation_prompts
+    from pipelines.generation.generate import run_generation
+    from pipelines.runtime.config import GenerateConfig
 
     prompts_uri = config.path("evaluation", "prompts.parquet")
     write_table(evaluation_prompts(config.held_out, config.sizes.evaluation_prompts_per_combination), prompts_uri)

@@ -22,11 +22,11 @@ from typing import Any
 import ray
 import ray.data
 
+from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
+from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, parse_bucket_list
-from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
 from pipelines.runtime.row_ids import duplicate_positions, position_id
-from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.encoding.latent_output import (
     LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts,
 )
@@ -38,8 +38,8 @@ from pipelines.runtime.run_record import library_versions, utc_now
 from pipelines.runtime.schemas import check_image_schema
 from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report
-from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.caption_encoder import CaptionEncoderWorker
+from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
 
 logger = logging.getLogger(__name__)

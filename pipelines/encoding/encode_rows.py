@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.runtime import io
 from pipelines.encoding.image_decode import ImageRejected, Preprocessing, preprocess
+from pipelines.runtime import io
 from pipelines.runtime.row_ids import derived_seed, position_id
 from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
 from workers.runtime.columns import stack_column  # numpy only: this task loads no torch

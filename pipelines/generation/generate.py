@@ -18,24 +18,24 @@ import pyarrow as pa
 import ray
 import ray.data
 
+from pipelines.generation.images import write_generated_images
+from pipelines.generation.prompt_rows import PromptDefaults, normalize_prompts
 from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig
-from pipelines.generation.images import write_generated_images
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
 from pipelines.runtime.progress import ProgressReporter
 from pipelines.runtime.row_ids import duplicate_positions
-from pipelines.generation.prompt_rows import PromptDefaults, normalize_prompts
 from pipelines.runtime.run_record import library_versions, utc_now
 from pipelines.runtime.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
 from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report, stats_of_rows
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
-from workers.runtime.schedulers import scheduler_label
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
+from workers.runtime.schedulers import scheduler_label
 
 logger = logging.getLogger(__name__)
 
