@@ -6,7 +6,7 @@ One run, one machine, one model, one corpus of JPEGs in a Parquet table, three v
     (b) plain loop, batched               decode + resize/crop --batch-size images, then one vae.encode
     (c) latentray                         run_encoding (default placement) on embedded Ray
 
-(a) and (b) decode and crop with latentray's own functions (pipelines.image_decode, the
+(a) and (b) decode and crop with latentray's own functions (pipelines.encoding.image_decode, the
 same Preprocessing latentray builds), and encode as latentray's VAE worker does:
 pixels / 127.5 - 1, latent_dist.mean * scaling_factor, float32, torch on every core.
 
@@ -151,7 +151,7 @@ def read_corpus(path: str) -> tuple[list[str], list[bytes]]:
 
 def encode_config(settings: BenchmarkSettings, images_path: str, output_directory: str):
     """The latentray run of (c); (a) and (b) take their preprocessing from the same config."""
-    from pipelines.config import EncodeConfig
+    from pipelines.runtime.config import EncodeConfig
 
     return EncodeConfig(
         images=images_path, output=output_directory, model=settings.model, resolution=settings.size,
@@ -161,8 +161,8 @@ def encode_config(settings: BenchmarkSettings, images_path: str, output_director
 
 def latentray_preprocessing(config):
     """The Preprocessing latentray builds for ``config`` (the same function plan_encoding calls)."""
-    from pipelines.encode import _preprocessing
-    from pipelines.model_source import describe_model
+    from pipelines.encoding.encode import _preprocessing
+    from pipelines.runtime.model_source import describe_model
 
     return _preprocessing(config, describe_model(config.model), config.resolution)
 
@@ -183,8 +183,8 @@ class PlainEncoder:
         self.decode_seconds = self.encode_seconds = 0.0
 
     def crop(self, row_id: str, data: bytes) -> np.ndarray:
-        from pipelines.image_decode import preprocess
-        from pipelines.prompt_rows import derived_seed
+        from pipelines.encoding.image_decode import preprocess
+        from pipelines.runtime.row_ids import derived_seed
 
         started = time.perf_counter()
         # the row's seed as latentray derives it (a centre crop does not use it)
@@ -285,9 +285,9 @@ class RayDataStats(logging.Handler):
 
 def read_latentray_latents(output_directory: str) -> dict[str, np.ndarray]:
     """Latents by row id, from the output's latents/ table (its contract), in their stored dtype."""
-    from pipelines import io
-    from pipelines.latent_output import latents_of
-    from pipelines.outputs import RunOutput
+    from pipelines.encoding.latent_output import latents_of
+    from pipelines.runtime import io
+    from pipelines.runtime.outputs import RunOutput
 
     latents = {}
     for uri in io.list_parquet_files(RunOutput(output_directory, "latents").results_uri):
@@ -299,7 +299,7 @@ def read_latentray_latents(output_directory: str) -> dict[str, np.ndarray]:
 def run_latentray_variant(
     key: str, label: str, config, settings: BenchmarkSettings,
 ) -> tuple[VariantResult, dict[str, np.ndarray], dict]:
-    from pipelines.encode import run_encoding
+    from pipelines.encoding.encode import run_encoding
 
     wait_for_actors_to_exit(timeout=30.0)
     release_freed_memory()

@@ -47,7 +47,7 @@ import ray.data
 import torch
 from PIL import Image
 
-from pipelines.model_source import describe_model
+from pipelines.runtime.model_source import describe_model
 from workers.runtime.presets import PRESETS, materialize_preset
 
 # shared with the other benchmarks; `python bench/generate_benchmark.py` puts bench/ first on sys.path
@@ -211,8 +211,8 @@ def read_latentray_images(output_directory: str) -> dict[str, np.ndarray]:
 def run_latentray_variant(
     key: str, label: str, placement: str, prompts_path: str, output_directory: str, settings: BenchmarkSettings,
 ) -> tuple[VariantResult, dict[str, np.ndarray]]:
-    from pipelines.config import GenerateConfig
-    from pipelines.generate import run_generation
+    from pipelines.generation.generate import run_generation
+    from pipelines.runtime.config import GenerateConfig
 
     config = GenerateConfig(
         prompts=prompts_path, output=output_directory, model=settings.model, steps=settings.steps,

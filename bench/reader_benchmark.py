@@ -59,9 +59,9 @@ class Settings:
 
 def write_dataset(settings: Settings, uri: str) -> int:
     """A latents/ output written by latentray's commit task; returns its size in bytes."""
-    from pipelines import io
-    from pipelines.latent_output import LatentLayout, commit_latents
-    from pipelines.outputs import RunOutput
+    from pipelines.encoding.latent_output import LatentLayout, commit_latents
+    from pipelines.runtime import io
+    from pipelines.runtime.outputs import RunOutput
 
     output = RunOutput(uri, "latents")
     layout = LatentLayout(dtype="float16", fixed_shape=True, flip=False, caption=True, text_embeddings=True)
@@ -85,7 +85,7 @@ def write_dataset(settings: Settings, uri: str) -> int:
 
 
 def copy_to_s3(local: str, remote: str) -> None:
-    from pipelines import io
+    from pipelines.runtime import io
 
     for part in io.list_parquet_files(io.join(local, "latents")):
         io.write_bytes(io.join(remote, "latents", os.path.basename(part)), io.read_bytes(part))
@@ -130,7 +130,7 @@ def nested_tensor(column):
 def plain_scan(uri: str, settings: Settings) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    from pipelines import io
+    from pipelines.runtime import io
 
     for part in io.list_parquet_files(io.join(uri, "latents")):
         fs, path = io.filesystem(part)
@@ -151,7 +151,7 @@ def latent_dataset(uri: str, settings: Settings) -> Iterator[dict]:
 def hugging_face(uri: str, cache: str):
     import datasets
 
-    from pipelines import io
+    from pipelines.runtime import io
 
     datasets.disable_progress_bars()
     files = io.list_parquet_files(io.join(uri, "latents"))

@@ -47,7 +47,7 @@ with DAG(
 
     @task(retries=0)  # a wrong option or a missing input does not fix itself
     def check_input(params=None) -> str:
-        from pipelines import io
+        from pipelines.runtime import io
 
         request = request_from_params(params)  # validates every option, like the CLI
         if not io.exists(params["input"]):
@@ -66,8 +66,8 @@ with DAG(
 
     @task(retries=0)  # the outputs are what they are; a rerun of the DAG resumes the job if needed
     def verify_run(params=None) -> dict:
-        from pipelines import io
         from pipelines.report import check_run_record
+        from pipelines.runtime import io
 
         return check_run_record(io.read_json(io.join(params["output"], "run.json")), float(params["max_error_rate"]))
 

@@ -72,8 +72,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def report_adherence(output: str) -> dict:
     """Print and store how many images show the colour and shape their prompt asks for."""
-    from pipelines import io
-    from pipelines.adherence import score_generation
+    from pipelines.demo.adherence import score_generation
+    from pipelines.runtime import io
 
     summary, _ = score_generation(output)
     io.write_json(io.join(output, "adherence.json"), summary)

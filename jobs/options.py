@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.config import (
+from pipelines.runtime.config import (
     CROPS, DEFAULT_MAX_IMAGE_PIXELS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
 )
 from workers.runtime.presets import PRESETS

@@ -46,14 +46,14 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from pipelines.generate import plan_generation, run_generation
+    from pipelines.generation.generate import plan_generation, run_generation
 
     keys = ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")
     return run_planned_job("generating", plan_generation, run_generation, generate_config, args, keys)
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from pipelines.encode import plan_encoding, run_encoding
+    from pipelines.encoding.encode import plan_encoding, run_encoding
 
     keys = ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds")
     return run_planned_job("encoding", plan_encoding, run_encoding, encode_config, args, keys)

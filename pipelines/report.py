@@ -5,7 +5,7 @@ decoded sample latents (encoding), per-channel latent histograms, the errors gro
 by reason, and per-stage busy time and throughput from run.json. Images are inlined
 as data URIs and histograms drawn as inline SVG, so the file can be mailed or opened
 from object storage with nothing beside it. Every read and write goes through
-``pipelines.io``: any fsspec output works.
+``pipelines.runtime.io``: any fsspec output works.
 
 Memory does not grow with the output: tables are streamed a row group at a time.
 Histograms count every value into fixed bins (edges from latent_stats.json, or from a
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from pipelines import io
-from pipelines.latent_output import latents_of
+from pipelines.encoding.latent_output import latents_of
+from pipelines.runtime import io
 
 CELL = 128  # contact sheet: each sample fits a CELL x CELL square
 LABEL_HEIGHT = 18  # with its id written below it
@@ -88,11 +88,6 @@ def run_kind(output: str) -> tuple[str, str]:
     raise ValueError(f"output: {output!r} holds neither manifest/ nor latents/ (no committed rows yet?)")
 
 
-def latent_arrays(table: pa.Table) -> list[np.ndarray]:
-    """The ``latent`` column as float32 (channels, height, width) arrays, whichever encoding the output has."""
-    return [np.asarray(latent, np.float32) for latent in latents_of(table)]
-
-
 def first_rows(folder: str, columns: list[str], count: int) -> pa.Table:
     """The ``count`` rows with the smallest ids, in id order: the same samples on every report of an output.
 
@@ -131,7 +126,7 @@ def generated_samples(output: str, count: int) -> list[Sample]:
 
 def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
     """Encoded latents decoded back to pixels by the run's own VAE: what training will see."""
-    from pipelines.model_source import describe_model
+    from pipelines.runtime.model_source import describe_model
     from workers.generation.vae_decoder import VaeDecoderWorker
 
     folder = io.join(output, "latents")
@@ -139,7 +134,7 @@ def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
     caption = next((name for name in ("caption", "source") if name in names), None)
     table = first_rows(folder, ["id", "latent", *(["latent_shape"] if "latent_shape" in names else []), *([caption] if caption else [])], count)
     decoder = VaeDecoderWorker(describe_model(record["config"]["model"]).location, dtype="float32")
-    images = decoder({"latents": latent_arrays(table)})["image"]
+    images = decoder({"latents": [np.asarray(latent, np.float32) for latent in latents_of(table)]})["image"]
     captions = table.column(caption).to_pylist() if caption else [""] * len(table)
     return [Sample(row_id, str(text or ""), Image.fromarray(np.asarray(image, np.uint8)))
             for row_id, text, image in zip(table.column("id").to_pylist(), captions, images)]

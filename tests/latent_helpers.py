@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.latent_output import LatentLayout, commit_latents
-from pipelines.outputs import RunOutput
+from pipelines.encoding.latent_output import LatentLayout, commit_latents
+from pipelines.runtime.outputs import RunOutput
 
 BUCKET_SHAPES = ((4, 8, 8), (4, 6, 10), (4, 10, 6))
 

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.adherence import analyse_image, score_generation, score_rows, summarize
-from pipelines.procedural import PALETTE, SHAPES, Scene, ShapesCorpusConfig, draw_scene, sample_scene
+from pipelines.demo.adherence import analyse_image, score_generation, score_rows, summarize
+from pipelines.demo.procedural import PALETTE, SHAPES, Scene, ShapesCorpusConfig, draw_scene, sample_scene
 
 
 def corpus_scenes(count: int, seed: int) -> list[Scene]:

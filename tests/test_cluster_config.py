@@ -36,7 +36,7 @@ INSTANCE_TYPES = {
     "p4d.24xlarge": (96, 8),
 }
 
-# Resource requests of latentray's model actors, as pipelines.generate.default_stage_options
+# Resource requests of latentray's model actors, as pipelines.generation.generate.default_stage_options
 # builds them on a GPU cluster (copied: importing that module loads torch and diffusers, ~10 s).
 FUSED_GPU_ACTOR = {"CPU": 1, "GPU": 1}
 SPLIT_GPU_ACTORS = [{"CPU": 0.5, "GPU": 0.1}, {"CPU": 0.5, "GPU": 0.7}, {"CPU": 0.5, "GPU": 0.2}]

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import write_prompts
-from pipelines.adherence import score_generation
-from pipelines.config import GenerateConfig
-from pipelines.generate import run_generation
-from pipelines.procedural import caption_for
+from pipelines.demo.adherence import score_generation
+from pipelines.demo.procedural import caption_for
+from pipelines.generation.generate import run_generation
+from pipelines.runtime.config import GenerateConfig
 from workers.runtime.presets import shipped_model_dir
 
 # seen combinations, every colour and shape at least once
@@ -70,7 +70,7 @@ def test_latentray_demo_writes_images_and_their_adherence(ray_session, tmp_path,
 
 
 def test_guidance_defaults_to_the_models_recommended_scale(model_cache):
-    from pipelines.model_source import describe_model
+    from pipelines.runtime.model_source import describe_model
 
     def guidance(model: str = "demo", **overrides):
         config = GenerateConfig(prompts="p.parquet", output="out", model=model, **overrides)

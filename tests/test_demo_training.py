@@ -6,9 +6,9 @@ import json
 import pytest
 from PIL import Image
 
-from jobs.train_demo import TrainDemoConfig
-from pipelines.loss_curves import render_loss_curves
-from pipelines.procedural import all_combinations, caption_for, caption_words
+from pipelines.demo.loss_curves import render_loss_curves
+from pipelines.demo.procedural import all_combinations, caption_for, caption_words
+from pipelines.demo.train import TrainDemoConfig
 from workers.demo.architecture import DemoArchitecture, caption_tokenizer, learn_word_merges, write_vocab_and_merges
 
 

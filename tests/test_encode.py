@@ -16,10 +16,10 @@ from image_helpers import (
     alpha_png, cmyk_jpeg, decompression_bomb_png, encoded, exif_rotated_jpeg, gray16_png, jpeg,
     palette_png_with_transparency, picture, png, truncated, upright_of_exif_jpeg, write_table,
 )
-from pipelines.config import EncodeConfig
-from pipelines.encode import plan_encoding, run_encoding
-from pipelines.image_decode import aspect_buckets, nearest_target
-from pipelines.latent_output import latents_of
+from pipelines.encoding.encode import plan_encoding, run_encoding
+from pipelines.encoding.image_decode import aspect_buckets, nearest_target
+from pipelines.encoding.latent_output import latents_of
+from pipelines.runtime.config import EncodeConfig
 
 RESOLUTION = 64
 
@@ -148,7 +148,7 @@ def test_shards_load_unchanged_in_pyarrow_pandas_ray_and_duckdb(first_run, ray_s
     import duckdb
     import ray.data
 
-    from pipelines.latent_dataset import collate_nested_arrays
+    from pipelines.encoding.latent_dataset import collate_nested_arrays
 
     folder = str(first_run[0] / "latents")
     rows = first_run[1]["counts"]["ok_rows"]
@@ -164,7 +164,7 @@ def test_shards_load_unchanged_in_pyarrow_pandas_ray_and_duckdb(first_run, ray_s
 def test_dataset_reader_yields_tensors_for_training(first_run):
     import torch
 
-    from pipelines.latent_dataset import LatentDataset
+    from pipelines.encoding.latent_dataset import LatentDataset
 
     dataset = LatentDataset(str(first_run[0]))
     row = next(iter(dataset))
@@ -219,7 +219,7 @@ def test_buckets_read_as_one_table_and_split_placement(ray_session, tmp_path):
     """HF datasets' image structs, no id column, aspect buckets, caption and VAE encoders in separate pools."""
     import ray.data
 
-    from pipelines.latent_dataset import LatentDataset
+    from pipelines.encoding.latent_dataset import LatentDataset
 
     sizes = [(64, 64), (150, 50), (50, 150), (96, 64), (64, 112)]
     rows = [{"image": {"bytes": png(picture(i, w, h)), "path": f"{i}.png"}, "text": f"picture {i}"} for i, (w, h) in enumerate(sizes)]
@@ -246,8 +246,8 @@ def test_s3_round_trip_and_random_crop_identical_on_rerun(first_run, s3_endpoint
     import boto3
     import ray.data
 
-    from pipelines import io
-    from pipelines.latent_dataset import LatentDataset
+    from pipelines.encoding.latent_dataset import LatentDataset
+    from pipelines.runtime import io
 
     boto3.client("s3").create_bucket(Bucket="corpus-bucket")
     images = {row_id: data for row_id, data in odd_and_plain_images().items() if row_id.startswith(("plain", "exif", "alpha", "bomb"))}
@@ -269,9 +269,9 @@ def test_s3_round_trip_and_random_crop_identical_on_rerun(first_run, s3_endpoint
 
 
 def test_encode_blocks_are_sized_from_the_largest_target_and_the_encoder_pool(tmp_path, model_cache):
-    from pipelines.config import StageOptions
-    from pipelines.encode import build_model_stages, encoding_block_rows
-    from pipelines.placement import MAX_BLOCK_PIXELS, ClusterShape
+    from pipelines.encoding.encode import build_model_stages, encoding_block_rows
+    from pipelines.runtime.config import StageOptions
+    from pipelines.runtime.placement import MAX_BLOCK_PIXELS, ClusterShape
 
     table = write_table(tmp_path / "images.parquet", [{"id": f"img{n}", "image": png(picture(n, 48, 48))} for n in range(32)])
 

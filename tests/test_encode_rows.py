@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from image_helpers import picture, png
-from pipelines.encode_rows import RowSettings, SourceColumns, prepare_images
-from pipelines.prompt_rows import duplicate_positions
-from pipelines.image_decode import Preprocessing
-from pipelines.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts, tensor_values
-from pipelines.outputs import RunOutput
-from pipelines.schemas import SHAPE_RUNS_METADATA_KEY
+from pipelines.encoding.encode_rows import RowSettings, SourceColumns, prepare_images
+from pipelines.encoding.image_decode import Preprocessing
+from pipelines.encoding.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts, tensor_values
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.row_ids import duplicate_positions
+from pipelines.runtime.schemas import SHAPE_RUNS_METADATA_KEY
 
 PREPROCESSING = Preprocessing(targets=((64, 64),), crop="center", max_pixels=10**7, min_size=None, background=(255, 255, 255))
 
@@ -124,7 +124,7 @@ def test_bucketed_latents_are_nested_lists_sorted_by_shape_with_runs_in_the_foot
     ("s3://bucket/t.parquet", "gs://elsewhere/d.png", "gs://elsewhere/d.png"),
 ])
 def test_relative_references_resolve_against_the_table_file(base, reference, expected):
-    from pipelines.io import resolve_reference
+    from pipelines.runtime.io import resolve_reference
 
     assert resolve_reference(base, reference) == expected
 
@@ -134,13 +134,13 @@ def test_cpu_tasks_import_no_model_code():
     import subprocess
     import sys
 
-    code = "import sys, pipelines.encode_rows, pipelines.latent_output; print(sorted(m for m in ('torch', 'diffusers', 'workers.runtime.base') if m in sys.modules))"
+    code = "import sys, pipelines.encoding.encode_rows, pipelines.encoding.latent_output; print(sorted(m for m in ('torch', 'diffusers', 'workers.runtime.base') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_a_rerun_rewrites_parts_of_the_older_encoding(tmp_path):
     """Outputs written before issue 12 (Arrow fixed-shape tensors; flat lists for buckets) are converted, so new parts join them as one table."""
-    from pipelines.latent_output import upgrade_encoding
+    from pipelines.encoding.latent_output import upgrade_encoding
 
     output = RunOutput(str(tmp_path), "latents")
     os.makedirs(tmp_path / "latents")
@@ -166,7 +166,7 @@ def test_a_rerun_rewrites_parts_of_the_older_encoding(tmp_path):
 
 
 def test_a_rerun_rewrites_fixed_shape_tensor_parts_in_place(tmp_path):
-    from pipelines.latent_output import upgrade_encoding
+    from pipelines.encoding.latent_output import upgrade_encoding
 
     output = RunOutput(str(tmp_path), "latents")
     latents = np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)

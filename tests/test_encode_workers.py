@@ -6,8 +6,8 @@ import torch
 
 from image_helpers import picture
 from workers.encoding.caption_encoder import CaptionEncoderWorker
-from workers.generation.text_encoder import TextEncoderWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
+from workers.generation.text_encoder import TextEncoderWorker
 
 SEEDS = [3, 4, 5]
 

@@ -9,9 +9,9 @@ import pytest
 from helpers import assert_images_match, diffusers_reference
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
-from workers.runtime.presets import materialize_preset
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
+from workers.runtime.presets import materialize_preset
 
 FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"]
 LONG_PROMPT = "word " * 40  # 200 byte-level tokens: past CLIP's 77

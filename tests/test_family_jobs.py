@@ -16,11 +16,11 @@ import torch
 from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
 from image_helpers import picture, png, write_table
 from jobs.cli import main
-from pipelines import io
-from pipelines.config import EncodeConfig, GenerateConfig
-from pipelines.encode import run_encoding
-from pipelines.generate import run_generation
-from pipelines.latent_output import latents_of
+from pipelines.encoding.encode import run_encoding
+from pipelines.encoding.latent_output import latents_of
+from pipelines.generation.generate import run_generation
+from pipelines.runtime import io
+from pipelines.runtime.config import EncodeConfig, GenerateConfig
 from workers.runtime.presets import export_preset, materialize_preset
 
 
@@ -230,7 +230,7 @@ def test_zimage_encodes_latents_and_says_why_not_embeddings(ray_session, tmp_pat
 
 
 def test_flux_schnell_defaults_to_its_few_steps_and_no_guidance(tmp_path, model_cache):
-    from pipelines.model_source import describe_model
+    from pipelines.runtime.model_source import describe_model
 
     model = tmp_path / "schnell"
     export_preset("tiny-flux", str(model))

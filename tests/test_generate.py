@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from helpers import assert_images_match, diffusers_reference, read_image, recording_actor, write_prompts
-from pipelines.config import GenerateConfig, StageOptions
-from pipelines.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
-from pipelines.placement import ClusterShape
+from pipelines.generation.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
+from pipelines.runtime.config import GenerateConfig, StageOptions
+from pipelines.runtime.placement import ClusterShape
 
 STEPS = 4
 GOOD_ROWS = [
@@ -107,6 +107,8 @@ def test_latent_stats_equal_numpy_over_the_latents(first_run):
     np.testing.assert_allclose(stats["std"], values.std(axis=1), rtol=1e-6)
     np.testing.assert_allclose(stats["min"], values.min(axis=1), rtol=1e-6)
     assert stats["count"] == [values.shape[1]] * 4
+    # the format of encode's latent_stats.json (pipelines.runtime.stats.latent_stats_report)
+    assert {"latent_channels", "over", "scaling_factor", "shift_factor", "all_channels", "suggested", "warnings"} <= set(stats)
 
 
 def test_images_equal_what_diffusers_draws_for_each_row(first_run, tiny_model_dir):
@@ -169,7 +171,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(first_run, prompt
 
 
 def test_long_and_odd_ids_get_bounded_names_and_a_failed_write_becomes_an_error_row(ray_session, tmp_path):
-    from pipelines.images import image_path
+    from pipelines.generation.images import image_path
 
     odd_ids = ["x" * 300, "a/b c", "ünï code", "..", "%41", "blocked"]
     prompts = write_prompts(tmp_path / "odd.parquet", {"id": odd_ids, "prompt": [f"prompt {i}" for i in range(len(odd_ids))]})

@@ -9,7 +9,7 @@ from image_helpers import (
     BACKGROUND, alpha_png, cmyk_jpeg, decompression_bomb_png, encoded, exif_rotated_jpeg, gray16_png, jpeg,
     palette_png_with_transparency, picture, png, truncated, upright_of_exif_jpeg,
 )
-from pipelines.image_decode import ImageRejected, Preprocessing, aspect_buckets, decode_image, fit_to_target, nearest_target, to_rgb
+from pipelines.encoding.image_decode import ImageRejected, Preprocessing, aspect_buckets, decode_image, fit_to_target, nearest_target, to_rgb
 
 LIMIT = 10_000_000
 

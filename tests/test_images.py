@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import encode_image, image_path, write_generated_images
+from pipelines.generation.images import encode_image, image_path, write_generated_images
 
 
 @pytest.mark.parametrize("image_format, pillow_name", [("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")])

@@ -18,10 +18,10 @@ import torch
 from image_helpers import picture, png, write_table
 from latent_helpers import BUCKET_SHAPES, row_value, write_latent_dataset
 from pipelines import LatentDataset
-from pipelines.config import EncodeConfig
-from pipelines.encode import run_encoding
-from pipelines.latent_dataset import collate_nested_arrays, plan_epoch
-from pipelines.latent_output import latents_of
+from pipelines.encoding.encode import run_encoding
+from pipelines.encoding.latent_dataset import collate_nested_arrays, plan_epoch
+from pipelines.encoding.latent_output import latents_of
+from pipelines.runtime.config import EncodeConfig
 
 # -- part 1: every reader on real encode outputs --------------------------------------------------
 
@@ -338,7 +338,7 @@ def test_older_encodings_still_read(tmp_path):
 def test_reads_from_s3_with_prefetch(s3_endpoint, buckets):
     import boto3
 
-    from pipelines import io
+    from pipelines.runtime import io
 
     boto3.client("s3").create_bucket(Bucket="reader-bucket")
     uri, ids = buckets

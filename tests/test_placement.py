@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from pipelines.config import StageOptions
-from pipelines.generate import SHARES
-from pipelines.placement import (
+from pipelines.generation.generate import SHARES
+from pipelines.runtime.config import StageOptions
+from pipelines.runtime.placement import (
     BLOCKS_PER_ACTOR, MAX_BLOCK_PIXELS, MAX_ROWS_PER_BLOCK, FREE_CPUS, BlockWork, ClusterShape, rows_per_block, stage_options,
 )
 

@@ -3,12 +3,12 @@
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.adherence import analyse_png
-from pipelines.procedural import (
+from pipelines.demo.adherence import analyse_png
+from pipelines.demo.procedural import (
     DEFAULT_HELD_OUT, PALETTE, SHAPES, ShapesCorpusConfig, all_combinations, caption_for, corpus_rows,
     evaluation_prompts, parse_caption, write_corpus,
 )
-from pipelines.schemas import SHAPES_CORPUS_SCHEMA, check_image_schema
+from pipelines.runtime.schemas import SHAPES_CORPUS_SCHEMA, check_image_schema
 
 
 def test_same_seed_same_bytes_other_seed_other_images():

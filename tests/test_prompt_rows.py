@@ -2,8 +2,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.prompt_rows import PromptDefaults, derived_seed, normalize_prompts, resolve_row
-from pipelines.schemas import check_prompt_schema
+from pipelines.generation.prompt_rows import PromptDefaults, normalize_prompts, resolve_row
+from pipelines.runtime.row_ids import derived_seed
+from pipelines.runtime.schemas import check_prompt_schema
 
 DEFAULTS = PromptDefaults(negative_prompt="", steps=10, guidance=7.5, height=64, width=64, seed=3, max_image_size=512, size_multiple=8)
 

@@ -118,8 +118,8 @@ def test_auto_joins_the_cluster_that_ray_start_made(ray_temp, model_cache):
 def test_a_one_core_machine_gets_an_embedded_ray_its_stages_fit_in(monkeypatch):
     """Ray's CPUs are scheduling slots: one core still runs the model actor beside the light tasks."""
     from jobs.ray_runtime import embedded_cpus
-    from pipelines.generate import SHARES
-    from pipelines.placement import ClusterShape, stage_options
+    from pipelines.generation.generate import SHARES
+    from pipelines.runtime.placement import ClusterShape, stage_options
 
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert embedded_cpus() == 2

@@ -11,10 +11,10 @@ from helpers import write_prompts
 from PIL import Image
 
 from jobs.cli import main
-from pipelines.config import GenerateConfig
-from pipelines.generate import run_generation
-from pipelines.progress import ProgressReporter
+from pipelines.generation.generate import run_generation
 from pipelines.report import CELL, check_run_record, contact_sheet_size, thumbnail
+from pipelines.runtime.config import GenerateConfig
+from pipelines.runtime.progress import ProgressReporter
 
 ROWS = [{"id": f"r{i}", "prompt": f"shape number {i}"} for i in range(6)] + [{"id": "bad", "prompt": ""}]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,8 +72,8 @@ def encoded_run(ray_session, tmp_path_factory):
     import pyarrow.parquet as pq
     from image_helpers import picture, png
 
-    from pipelines.config import EncodeConfig
-    from pipelines.encode import run_encoding
+    from pipelines.encoding.encode import run_encoding
+    from pipelines.runtime.config import EncodeConfig
 
     root = tmp_path_factory.mktemp("encoded")
     rows = [{"id": f"img{i}", "image": png(picture(i, 40, 40)), "caption": f"picture {i}"} for i in range(3)]
@@ -148,8 +148,8 @@ def write_manifest_parts(output, parts: int, rows_per_part: int, seed: int = 0) 
     """A --save-latents manifest of several parts of several row groups each, latents of two shapes (buckets)."""
     import pyarrow as pa
 
-    from pipelines import io
-    from pipelines.schemas import manifest_schema
+    from pipelines.runtime import io
+    from pipelines.runtime.schemas import manifest_schema
 
     generator = np.random.default_rng(seed)
     rows, ids = [], [f"id{index:05d}" for index in generator.permutation(parts * rows_per_part)]
@@ -171,7 +171,7 @@ def write_manifest_parts(output, parts: int, rows_per_part: int, seed: int = 0) 
 
 @pytest.fixture(scope="module")
 def large_manifest(tmp_path_factory):
-    from pipelines import io
+    from pipelines.runtime import io
 
     output = tmp_path_factory.mktemp("streamed")
     rows = write_manifest_parts(output, parts=3, rows_per_part=300)  # 128-row groups: 3 per part
@@ -192,7 +192,7 @@ def full_table_histograms(values_per_row: list[np.ndarray], low=None, high=None)
 
 def test_streamed_histograms_equal_numpy_over_the_whole_table(large_manifest):
     from pipelines.report import channel_histograms
-    from pipelines.stats import stats_of_latents
+    from pipelines.runtime.stats import stats_of_latents
 
     output, rows = large_manifest
     latents = [np.asarray(row["latent"], np.float32).reshape(row["latent_shape"]) for row in rows]

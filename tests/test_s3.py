@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.config import GenerateConfig
-from pipelines.generate import run_generation
+from pipelines.generation.generate import run_generation
+from pipelines.runtime.config import GenerateConfig
 from workers.runtime.presets import export_preset
 
 
@@ -57,7 +57,7 @@ def test_generation_reads_and_writes_object_storage(ray_session, bucket):
 
 
 def test_model_copied_from_object_storage_draws_like_the_local_preset(ray_session, bucket, tiny_model_dir):
-    from pipelines.model_source import describe_model
+    from pipelines.runtime.model_source import describe_model
 
     remote = describe_model("s3://latentray-test/models/tiny")
     local_dir = remote.location()  # copies into the node's cache once
@@ -70,7 +70,7 @@ def test_model_copied_from_object_storage_draws_like_the_local_preset(ray_sessio
 
 LOCALIZE_SCRIPT = """
 import sys
-from pipelines import io
+from pipelines.runtime import io
 
 def record(event):
     with open(sys.argv[3], "a") as log:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipelines.stats import ChannelStats, merge_all, stats_of_rows
+from pipelines.runtime.stats import ChannelStats, latent_stats_report, merge_all, stats_of_latents, stats_of_rows
 
 
 def test_merged_partials_equal_numpy_over_all_latents():
@@ -34,3 +34,19 @@ def test_round_trip_through_json_keeps_the_aggregate():
     again = ChannelStats.from_dict(stats.to_dict())
     np.testing.assert_array_equal(again.m2, stats.m2)
     np.testing.assert_array_equal(again.count, stats.count)
+
+
+def test_latent_stats_json_has_one_format_for_generate_and_encode():
+    latents = list(np.random.default_rng(2).normal(0.5, 2.0, size=(6, 4, 4, 4)))
+    encode = latent_stats_report(stats_of_latents(latents), latent_channels=4, scaling_factor=0.5, shift_factor=0.0, over="the latent column")
+    generate = latent_stats_report(stats_of_latents(latents), latent_channels=4, scaling_factor=0.5, shift_factor=0.0,
+                                   over="the final latents", suggests="the generated latents suggest")
+    assert set(encode) == set(generate) == {
+        "latent_channels", "over", "scaling_factor", "shift_factor", "count", "mean", "std", "min", "max", "m2",
+        "all_channels", "suggested", "warnings",
+    }
+    assert encode["warnings"][0].startswith("WARNING: the corpus suggests scaling_factor")
+    assert generate["warnings"][0].startswith("WARNING: the generated latents suggest scaling_factor")
+    # nothing committed yet: the same keys but the statistics
+    empty = latent_stats_report(None, latent_channels=4, scaling_factor=0.5, shift_factor=0.0, over="the latent column")
+    assert empty == {"latent_channels": 4, "over": "the latent column", "scaling_factor": 0.5, "shift_factor": 0.0, "warnings": []}

@@ -4,7 +4,7 @@ Plain single-process PyTorch, seeded, so the same inputs and config give the sam
 on the same machine and thread count. The VAE trains on images in memory; the U-Net reads
 its batches through latentray's latent-dataset reader (shuffled, resumable) and can
 checkpoint and resume mid-epoch. Each loop returns its loss history and step timings;
-``jobs.train_demo`` owns the data, the stages and the files.
+``pipelines.demo.train`` (run by ``python -m jobs.train_demo``) owns the data, the stages and the files.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ import numpy as np
 
 from workers.families import ModelFamily
 from workers.generation.text_encoder import TextEncoderWorker
-from workers.runtime.base import Batch, embedding_columns, stack_column
+from workers.runtime.base import Batch, embedding_columns
+from workers.runtime.columns import stack_column
 from workers.runtime.devices import on_compute_thread
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.runtime.base import Batch, ModelWorker, group_rows, stack_column
+from workers.runtime.base import Batch, ModelWorker, group_rows
+from workers.runtime.columns import stack_column
 from workers.runtime.devices import upcast_vae
 from workers.runtime.devices import on_compute_thread
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows, stack_column
+from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows
+from workers.runtime.columns import stack_column
 from workers.families import ModelFamily
 from workers.runtime.schedulers import make_scheduler
 from workers.runtime.devices import on_compute_thread

@@ -68,19 +68,6 @@ def embedding_columns(family: ModelFamily, *, negative: bool = True) -> tuple[st
     return names + tuple(f"negative_{name}" for name in names) if negative else names
 
 
-def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
-    """One batch column from per-row arrays: stacked when shapes agree, else an object array.
-
-    Rows of different sizes can share a batch; Ray Data stores the object form as a
-    variable-shaped tensor column.
-    """
-    if len({array.shape for array in arrays}) <= 1:
-        return np.stack(arrays) if arrays else np.empty((0,))
-    column = np.empty(len(arrays), dtype=object)
-    column[:] = arrays
-    return column
-
-
 def group_rows(keys: list[tuple]) -> dict[tuple, list[int]]:
     """Row indices per distinct key, in first-seen order (rows batched only with compatible rows)."""
     groups: dict[tuple, list[int]] = {}

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from pipelines import io
-from pipelines.images import encode_image
-from pipelines.schemas import SHAPES_CORPUS_SCHEMA
+from pipelines.generation.images import encode_image
+from pipelines.runtime import io
+from pipelines.runtime.schemas import SHAPES_CORPUS_SCHEMA
 
 # Named colours (sRGB). Hues are far enough apart that the nearest palette colour names
 # a jittered or slightly blurred pixel unambiguously (the closest pair is ~80 apart,

@@ -22,24 +22,24 @@ from typing import Any
 import ray
 import ray.data
 
-from pipelines import io
-from pipelines.config import EncodeConfig, parse_bucket_list
-from pipelines.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
-from pipelines.prompt_rows import duplicate_positions
-from pipelines.image_decode import Preprocessing, aspect_buckets
-from pipelines.latent_output import (
-    LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts, stats_report,
+from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
+from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
+from pipelines.runtime import io
+from pipelines.runtime.config import EncodeConfig, parse_bucket_list
+from pipelines.runtime.row_ids import duplicate_positions, position_id
+from pipelines.encoding.latent_output import (
+    LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts,
 )
-from pipelines.model_source import ModelDescription, component_fingerprint, describe_model
-from pipelines.outputs import RunOutput
-from pipelines.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
-from pipelines.progress import ProgressReporter
-from pipelines.prompt_rows import position_id
-from pipelines.run_record import library_versions, utc_now
-from pipelines.schemas import check_image_schema
-from pipelines.stages import Stage, check_wiring
-from workers.encoding.fused import FusedEncodingWorker
+from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
+from pipelines.runtime.progress import ProgressReporter
+from pipelines.runtime.run_record import library_versions, utc_now
+from pipelines.runtime.schemas import check_image_schema
+from pipelines.runtime.stages import Stage, check_wiring
+from pipelines.runtime.stats import latent_stats_report
 from workers.encoding.caption_encoder import CaptionEncoderWorker
+from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ SHARES = {
     "fused": {"fused": StageShare(cpu=1.0, gpu=1.0, heavy=True)},
     "split": {"text_encoder": StageShare(cpu=0.25, gpu=0.2, heavy=False), "vae_encoder": StageShare(cpu=0.75, gpu=0.8, heavy=True)},
 }
+# what latent_stats.json covers
+LATENT_STATS_OVER = "the latent column (flipped latents excluded)"
 WORKERS = {"vae_encoder": VaeEncoderWorker, "text_encoder": CaptionEncoderWorker, "fused": FusedEncodingWorker}
 
 
@@ -214,7 +216,8 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
     superseded = drop_superseded(output, current_run=plan.run)
     counts = account(read_output_parts(output), plan.input_ids, plan.duplicate_rows, plan.run)
     progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
-    report = stats_report(output.latent_stats(), model.shape.latent_channels, model.shape.scaling_factor, model.shape.shift_factor)
+    report = latent_stats_report(output.latent_stats(), latent_channels=model.shape.latent_channels, scaling_factor=model.shape.scaling_factor,
+                                 shift_factor=model.shape.shift_factor, over=LATENT_STATS_OVER)
     output.write_json("latent_stats.json", report)
     for warning in report["warnings"]:
         logger.warning("%s", warning)

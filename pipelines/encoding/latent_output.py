@@ -2,7 +2,7 @@
 
 ``commit_latents`` runs as a CPU task in Ray Data after the encoders and imports no
 model code: it writes each batch as one ``latents/`` part (exact partial statistics in
-its footer, see ``pipelines.outputs``) and hands the driver a one-row summary, so
+its footer, see ``pipelines.runtime.outputs``) and hands the driver a one-row summary, so
 latents never travel through the driver.
 
 A row is never held twice. Every row records the ``run`` that wrote it; when a rerun
@@ -21,15 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import io
-from pipelines.outputs import RunOutput
-from pipelines.schemas import (
+from pipelines.runtime import io
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.schemas import (
     EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
 )
-from pipelines.stats import ChannelStats, stats_of_latents
+from pipelines.runtime.stats import stats_of_latents
 
 ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
-FACTOR_TOLERANCE = 0.10  # suggested scaling/shift factors further than this from the model's get a warning
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,43 +384,3 @@ def account(parts: list[OutputPart], input_ids: list[str | None], duplicate_rows
     return {"input_rows": len(input_ids), "ok_rows": ok, "error_rows": errors, **written,
             "cached_rows": len(input_ids) - written["encoded_this_run"] - written["errors_this_run"],
             "rows_not_in_input": held_elsewhere}
-
-
-# -- statistics -----------------------------------------------------------------------------------
-
-
-def stats_report(stats: ChannelStats | None, latent_channels: int, scaling_factor: float, shift_factor: float) -> dict:
-    """latent_stats.json: per-channel statistics of the stored latents and the factors they suggest.
-
-    Stored latents are ``(z - shift) * scaling``. A corpus whose raw latents z have
-    mean m and std s suggests ``scaling = 1 / s`` and ``shift = m`` (the factors that
-    would give stored latents mean 0, std 1). Both are compared with the model's on
-    the scale of the stored latents: the scaling factor is off by more than 10% when
-    their std is outside [1/1.1, 1/0.9], the shift when their mean is more than 0.1 std
-    from zero (a relative test against a shift of 0 would always fail).
-    """
-    report = {"latent_channels": latent_channels, "over": "the latent column (flipped latents excluded)",
-              "scaling_factor": scaling_factor, "shift_factor": shift_factor}
-    if stats is None:
-        return {**report, "warnings": []}
-    pooled = stats.pooled()
-    stored_mean, stored_std = float(pooled.mean[0]), float(pooled.std[0])
-    suggested_scaling = scaling_factor / stored_std if stored_std > 0 else None
-    suggested_shift = shift_factor + stored_mean / scaling_factor
-    warnings = []
-    if suggested_scaling is None or abs(suggested_scaling / scaling_factor - 1) > FACTOR_TOLERANCE:
-        warnings.append(
-            f"WARNING: the corpus suggests scaling_factor {suggested_scaling} (1/std of the raw latents), the model uses "
-            f"{scaling_factor}: more than {FACTOR_TOLERANCE:.0%} apart (stored latents have std {stored_std:.4g}, not 1)"
-        )
-    if stored_std == 0 or abs(stored_mean) > FACTOR_TOLERANCE * stored_std:
-        warnings.append(
-            f"WARNING: the corpus suggests shift_factor {suggested_shift:.6g} (mean of the raw latents), the model uses "
-            f"{shift_factor}: stored latents have mean {stored_mean:.4g}, more than {FACTOR_TOLERANCE:g} std from 0"
-        )
-    return {
-        **report, **stats.to_dict(),
-        "all_channels": {"count": int(pooled.count[0]), "mean": stored_mean, "std": stored_std},
-        "suggested": {"scaling_factor": suggested_scaling, "shift_factor": suggested_shift},
-        "warnings": warnings,
-    }

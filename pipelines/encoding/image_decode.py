@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from pipelines.schemas import ENCODE_ERROR_CODES
+from pipelines.runtime.schemas import ENCODE_ERROR_CODES
 
 # downscaling filter: Lanczos keeps detail and does not alias (its support widens with the scale)
 RESAMPLING = Image.Resampling.LANCZOS

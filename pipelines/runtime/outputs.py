@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import io
-from pipelines.stats import ChannelStats, merge_all
+from pipelines.runtime import io
+from pipelines.runtime.stats import ChannelStats, merge_all
 
 STATS_METADATA_KEY = b"latentray.latent_stats"
 ERRORS_FOLDER = "errors"

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from pipelines import io
+from pipelines.runtime import io
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray.data
 
-from pipelines.config import StageOptions
+from pipelines.runtime.config import StageOptions
 from workers.families import ModelFamily
 
 

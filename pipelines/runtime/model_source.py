@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from pipelines import io
+from pipelines.runtime import io
 from workers.families import ModelFamily, ModelShape, family_for_class
 from workers.runtime.presets import BUILT_IN_MODELS, cache_root, materialize_preset, preset_image_size
 

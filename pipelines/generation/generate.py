@@ -18,26 +18,29 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from pipelines import io
-from pipelines.config import GenerateConfig
-from pipelines.images import write_generated_images
-from pipelines.model_source import ModelDescription, describe_model
-from pipelines.outputs import RunOutput
-from pipelines.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
-from pipelines.progress import ProgressReporter
-from pipelines.prompt_rows import PromptDefaults, duplicate_positions, normalize_prompts
-from pipelines.run_record import library_versions, utc_now
-from pipelines.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
-from pipelines.stages import Stage, check_wiring
-from pipelines.stats import stats_of_rows
+from pipelines.generation.images import write_generated_images
+from pipelines.generation.prompt_rows import PromptDefaults, normalize_prompts
+from pipelines.runtime import io
+from pipelines.runtime.config import GenerateConfig
+from pipelines.runtime.model_source import ModelDescription, describe_model
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
+from pipelines.runtime.progress import ProgressReporter
+from pipelines.runtime.row_ids import duplicate_positions
+from pipelines.runtime.run_record import library_versions, utc_now
+from pipelines.runtime.schemas import ERRORS_SCHEMA, PROMPT_OPTIONAL_COLUMNS, check_prompt_schema, manifest_schema
+from pipelines.runtime.stages import Stage, check_wiring
+from pipelines.runtime.stats import latent_stats_report, stats_of_rows
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
-from workers.runtime.schedulers import scheduler_label
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
+from workers.runtime.schedulers import scheduler_label
 
 logger = logging.getLogger(__name__)
 
+# what latent_stats.json covers (the same format as encode's)
+LATENT_STATS_OVER = "the final latents of the manifest rows (what the VAE decoder received)"
 SPLIT_WORKERS = {"text_encoder": TextEncoderWorker, "denoiser": DenoiserWorker, "vae_decoder": VaeDecoderWorker}
 # What each stage gets of the cluster: the denoiser does nearly all the work
 SHARES = {
@@ -225,7 +228,9 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     ok_rows, error_rows = output.counts()
     progress.finish(accounted=ok_rows + error_rows)
     stats = output.latent_stats()
-    output.write_json("latent_stats.json", {"latent_channels": model.shape.latent_channels, **(stats.to_dict() if stats else {})})
+    output.write_json("latent_stats.json", latent_stats_report(
+        stats, latent_channels=model.shape.latent_channels, scaling_factor=model.shape.scaling_factor,
+        shift_factor=model.shape.shift_factor, over=LATENT_STATS_OVER, suggests="the generated latents suggest"))
     wall = time.time() - started
     record.update(
         status="complete" if ok_rows + error_rows == plan.input_rows else "incomplete", finished_at=utc_now(),

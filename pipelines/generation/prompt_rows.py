@@ -7,17 +7,15 @@ missing value.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
 
-from pipelines import io
-from pipelines.schemas import ERRORS_SCHEMA, PAIR_COLUMNS
-
-MAX_SEED = 2**63 - 1
+from pipelines.runtime import io
+from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
+from pipelines.runtime.schemas import ERRORS_SCHEMA, PAIR_COLUMNS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,31 +30,6 @@ class PromptDefaults:
     seed: int
     max_image_size: int
     size_multiple: int  # the VAE's downsampling factor
-
-
-def position_id(row: int) -> str:
-    """The id of a row without one: its position in the input (files in sorted order)."""
-    return f"{row:09d}"
-
-
-def derived_seed(run_seed: int, row_id: str) -> int:
-    """A row's seed from the run's seed and its id: stable, and independent of batching."""
-    return int.from_bytes(hashlib.sha256(f"{run_seed}:{row_id}".encode()).digest()[:8], "big") & MAX_SEED
-
-
-def duplicate_positions(ids: list) -> dict[int, int]:
-    """Position of every repeat of an id -> position of the id's first row (null ids are not repeats)."""
-    first_seen: dict[str, int] = {}
-    repeats: dict[int, int] = {}
-    for position, value in enumerate(ids):
-        if value is None:
-            continue
-        key = str(value)
-        if key in first_seen:
-            repeats[position] = first_seen[key]
-        else:
-            first_seen[key] = position
-    return repeats
 
 
 def _missing(value) -> bool:

@@ -111,3 +111,48 @@ def stats_of_latents(latents: list[np.ndarray]) -> ChannelStats | None:
     for latent in latents:
         by_shape.setdefault(latent.shape, []).append(latent)
     return merge_all([ChannelStats.of(np.stack(group)) for group in by_shape.values()])
+
+
+# -- latent_stats.json (one format for generate and encode) ---------------------------------------
+
+FACTOR_TOLERANCE = 0.10  # suggested scaling/shift factors further than this from the model's get a warning
+
+
+def latent_stats_report(
+    stats: ChannelStats | None, *, latent_channels: int, scaling_factor: float, shift_factor: float, over: str,
+    suggests: str = "the corpus suggests",
+) -> dict:
+    """latent_stats.json: per-channel statistics of the latents (``over`` says which) and the factors they suggest.
+
+    Stored latents (and generation's final latents, what the VAE decoder receives) are
+    ``(z - shift) * scaling``. Latents whose raw values z have mean m and std s suggest
+    ``scaling = 1 / s`` and ``shift = m`` (the factors that would give scaled latents mean
+    0, std 1). Both are compared with the model's on the scale of the scaled latents: the
+    scaling factor is off by more than 10% when their std is outside [1/1.1, 1/0.9], the
+    shift when their mean is more than 0.1 std from zero (a relative test against a shift
+    of 0 would always fail). ``suggests`` opens each warning ("the corpus suggests").
+    """
+    report = {"latent_channels": latent_channels, "over": over, "scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    if stats is None:
+        return {**report, "warnings": []}
+    pooled = stats.pooled()
+    stored_mean, stored_std = float(pooled.mean[0]), float(pooled.std[0])
+    suggested_scaling = scaling_factor / stored_std if stored_std > 0 else None
+    suggested_shift = shift_factor + stored_mean / scaling_factor
+    warnings = []
+    if suggested_scaling is None or abs(suggested_scaling / scaling_factor - 1) > FACTOR_TOLERANCE:
+        warnings.append(
+            f"WARNING: {suggests} scaling_factor {suggested_scaling} (1/std of the raw latents), the model uses "
+            f"{scaling_factor}: more than {FACTOR_TOLERANCE:.0%} apart (stored latents have std {stored_std:.4g}, not 1)"
+        )
+    if stored_std == 0 or abs(stored_mean) > FACTOR_TOLERANCE * stored_std:
+        warnings.append(
+            f"WARNING: {suggests} shift_factor {suggested_shift:.6g} (mean of the raw latents), the model uses "
+            f"{shift_factor}: stored latents have mean {stored_mean:.4g}, more than {FACTOR_TOLERANCE:g} std from 0"
+        )
+    return {
+        **report, **stats.to_dict(),
+        "all_channels": {"count": int(pooled.count[0]), "mean": stored_mean, "std": stored_std},
+        "suggested": {"scaling_factor": suggested_scaling, "shift_factor": suggested_shift},
+        "warnings": warnings,
+    }

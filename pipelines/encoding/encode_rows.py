@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines import io
-from pipelines.image_decode import ImageRejected, Preprocessing, preprocess
-from pipelines.prompt_rows import derived_seed, position_id
-from pipelines.schemas import ENCODE_ERRORS_SCHEMA
+from pipelines.encoding.image_decode import ImageRejected, Preprocessing, preprocess
+from pipelines.runtime import io
+from pipelines.runtime.row_ids import derived_seed, position_id
+from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
+from workers.runtime.columns import stack_column  # numpy only: this task loads no torch
 
 PREPARE_STAGE = "prepare"  # the ``stage`` of errors found here
 # what a prepared row carries to the encoders (and ``caption`` when the table has captions)
@@ -167,17 +168,8 @@ def crops_batch(rows: list[dict], with_caption: bool) -> dict[str, np.ndarray]:
         "content_hash": strings("content_hash"), "cache_key": strings("cache_key"),
         "seed": np.array([r["seed"] for r in rows], np.int64),
         "original_size": pairs("original_size"), "crop_top_left": pairs("crop_top_left"), "target_size": pairs("target_size"),
-        "pixels": _pixels_column([r["pixels"] for r in rows]),
+        "pixels": stack_column([r["pixels"] for r in rows]),
     }
     if with_caption:
         batch["caption"] = strings("caption")
     return batch
-
-
-def _pixels_column(crops: list[np.ndarray]) -> np.ndarray:
-    # as workers.runtime.base.stack_column (not imported: that module loads torch, this task must not)
-    if len({crop.shape for crop in crops}) == 1:
-        return np.stack(crops)
-    column = np.empty(len(crops), dtype=object)
-    column[:] = crops
-    return column

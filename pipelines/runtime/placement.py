@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import ray
 
-from pipelines.config import StageOptions
+from pipelines.runtime.config import StageOptions
 
 # CPU reserved by each light task (read, decode, write): fractions so that actors
 # never leave a read or write task without a CPU to run on (see ``stage_options``)

@@ -4,7 +4,7 @@
           -> largest connected blob -> colour (majority of its pixels' nearest palette names)
           -> shape (fill ratio and corner occupancy of its bounding box, nearest prototype)
 
-It reads images of the procedural corpus (``pipelines.procedural``) near perfectly and
+It reads images of the procedural corpus (``pipelines.demo.procedural``) near perfectly and
 refuses noise: a border that is not one colour, or no single compact blob, reads as
 nothing (``None``) with a reason. ``score_generation`` applies it to a generation
 output whose prompts are captions of that corpus ("a red circle on a blue background")
@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipelines import io
-from pipelines.procedural import DEFAULT_HELD_OUT, PALETTE, parse_caption
-from pipelines.schemas import ADHERENCE_SCHEMA
+from pipelines.demo.procedural import DEFAULT_HELD_OUT, PALETTE, parse_caption
+from pipelines.runtime import io
+from pipelines.runtime.schemas import ADHERENCE_SCHEMA
 
 PALETTE_NAMES = list(PALETTE)
 PALETTE_RGB = np.array([PALETTE[name] for name in PALETTE_NAMES], dtype=np.float64)

@@ -51,9 +51,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines import io
-from pipelines.latent_output import shape_runs, tensor_values
-from pipelines.schemas import SHAPE_RUNS_METADATA_KEY, is_tensor_type
+from pipelines.encoding.latent_output import shape_runs, tensor_values
+from pipelines.runtime import io
+from pipelines.runtime.schemas import SHAPE_RUNS_METADATA_KEY, is_tensor_type
 
 SIZE_COLUMNS = ("original_size", "crop_top_left", "target_size")
 TEXT_COLUMNS = ("id", "caption")

@@ -1,0 +1,18 @@
+"""Batch columns from per-row arrays: numpy only (no torch), so CPU tasks of the pipelines use it too."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One batch column from per-row arrays: stacked when shapes agree, else an object array.
+
+    Rows of different sizes can share a batch; Ray Data stores the object form as a
+    variable-shaped tensor column.
+    """
+    if len({array.shape for array in arrays}) <= 1:
+        return np.stack(arrays) if arrays else np.empty((0,))
+    column = np.empty(len(arrays), dtype=object)
+    column[:] = arrays
+    return column
