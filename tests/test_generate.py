@@ -158,6 +158,9 @@ def test_rerun_resumes_a_partial_output_without_duplicates(first_run, prompts, t
 
     again = generate(prompts, output, save_latents=True, batch_size=4)
     assert again["counts"]["generated_this_run"] == 0 and again["status"] == "complete"
+    # a finished output: no dataset, no actor, no model, and the counts still add up
+    assert again["stages"] == {} and again["stage_busy_seconds"] == {}
+    assert again["counts"]["ok_rows"] + again["counts"]["error_rows"] == again["counts"]["input_rows"]
 
 
 def test_rerun_with_another_config_is_refused_unless_overwrite(first_run, prompts, tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
@@ -164,6 +165,7 @@ class GenerationPlan:
     columns: list[str]
     done_ids: frozenset[str]
     duplicate_rows: dict[int, int]
+    finished: bool = False  # an earlier run accounted for every input row: nothing to do
 
     @property
     def input_rows(self) -> int:
@@ -183,12 +185,24 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     }
     output.prepare(identity, config.overwrite)
     # 2. rows a previous run accounted for, and repeated ids
+    ids = io.read_parquet_columns(config.prompts, ["id"]).column("id") if "id" in schema.names else None
+    done_ids = output.done_ids()
+    input_rows = sum(fragment.num_rows for fragment in fragments)
     return GenerationPlan(
         config=config, model=model, output=output, identity=identity, fragments=fragments,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
-        done_ids=output.done_ids(),
-        duplicate_rows=duplicate_positions(io.read_parquet_columns(config.prompts, ["id"]).column("id").to_pylist()) if "id" in schema.names else {},
+        done_ids=done_ids, duplicate_rows=duplicate_positions(ids.to_pylist()) if ids is not None else {},
+        finished=_every_row_accounted(ids, done_ids, input_rows, output),
     )
+
+
+def _every_row_accounted(ids: pa.ChunkedArray | None, done_ids: frozenset[str], input_rows: int, output: RunOutput) -> bool:
+    """Whether an earlier run left nothing to do: every input id committed, and the counts add up."""
+    if ids is None or not done_ids or len(done_ids) > input_rows:
+        return False
+    if not pc.all(pc.is_in(ids, value_set=pa.array(list(done_ids), pa.string()))).as_py():
+        return False
+    return sum(output.counts()) == input_rows
 
 
 def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
@@ -196,6 +210,8 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     started = time.time()
     plan = config if isinstance(config, GenerationPlan) else plan_generation(config)
     config, model, output = plan.config, plan.model, plan.output
+    if plan.finished:
+        return _record_finished_output(plan, started)
 
     # 3. stages for this cluster, wiring checked before anything runs
     cluster = ClusterShape.current()
@@ -243,6 +259,25 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     output.write_json("run.json", record)
     if record["status"] != "complete":
         logger.warning("counts do not add up: %s", record["counts"])
+    return record
+
+
+def _record_finished_output(plan: GenerationPlan, started: float) -> dict:
+    """A rerun of a finished output: no dataset, no actor, no model; the run record says so."""
+    ok_rows, error_rows = plan.output.counts()
+    ProgressReporter(label="generate", total=plan.input_rows, done=len(plan.done_ids)).finish(accounted=ok_rows + error_rows)
+    wall = time.time() - started
+    record = {
+        "status": "complete", "started_at": utc_now(), "finished_at": utc_now(), "identity": plan.identity,
+        "config": plan.config.to_dict(), "model": plan.model.identity(), "placement": None, "stages": {},
+        "note": "every input row was accounted for by an earlier run: nothing to generate, no model loaded",
+        "versions": library_versions(),
+        "counts": {"input_rows": plan.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
+                   "generated_this_run": 0, "accounted_before_this_run": len(plan.done_ids)},
+        "error_reasons": plan.output.error_reasons(), "wall_seconds": round(wall, 3), "images_per_second": 0.0,
+        "stage_busy_seconds": {},
+    }
+    plan.output.write_json("run.json", record)
     return record
 
 
