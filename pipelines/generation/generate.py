@@ -165,7 +165,7 @@ class GenerationPlan:
     columns: list[str]
     done_ids: frozenset[str]
     duplicate_rows: dict[int, int]
-    finished: bool = False  # an earlier run accounted for every input row: nothing to do
+    all_ids_done: bool = False  # an earlier run committed every input id (the run checks the counts)
 
     @property
     def input_rows(self) -> int:
@@ -192,17 +192,15 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         config=config, model=model, output=output, identity=identity, fragments=fragments,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
         done_ids=done_ids, duplicate_rows=duplicate_positions(ids.to_pylist()) if ids is not None else {},
-        finished=_every_row_accounted(ids, done_ids, input_rows, output),
+        all_ids_done=_all_ids_done(ids, done_ids, input_rows),
     )
 
 
-def _every_row_accounted(ids: pa.ChunkedArray | None, done_ids: frozenset[str], input_rows: int, output: RunOutput) -> bool:
-    """Whether an earlier run left nothing to do: every input id committed, and the counts add up."""
+def _all_ids_done(ids: pa.ChunkedArray | None, done_ids: frozenset[str], input_rows: int) -> bool:
+    """Whether an earlier run committed every input id (as a result or an error)."""
     if ids is None or not done_ids or len(done_ids) > input_rows:
         return False
-    if not pc.all(pc.is_in(ids, value_set=pa.array(list(done_ids), pa.string()))).as_py():
-        return False
-    return sum(output.counts()) == input_rows
+    return pc.all(pc.is_in(ids, value_set=pa.array(list(done_ids), pa.string()))).as_py()
 
 
 def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
@@ -210,8 +208,10 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     started = time.time()
     plan = config if isinstance(config, GenerationPlan) else plan_generation(config)
     config, model, output = plan.config, plan.model, plan.output
-    if plan.finished:
-        return _record_finished_output(plan, started)
+    if plan.all_ids_done:
+        ok_rows, error_rows = output.counts()
+        if ok_rows + error_rows == plan.input_rows:
+            return _record_finished_output(plan, started, ok_rows, error_rows)
 
     # 3. stages for this cluster, wiring checked before anything runs
     cluster = ClusterShape.current()
@@ -220,12 +220,7 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     check_wiring(stages, {"id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"}
                  | set(model.family.conditioning_columns))
     block_rows = generation_block_rows(plan, stages)
-    record = {
-        "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
-        "model": model.identity(), "placement": placement,
-        "stages": {stage.name: vars(stage.options) for stage in stages}, "rows_per_block": block_rows,
-        "versions": library_versions(),
-    }
+    record = _start_record(plan, placement, {stage.name: vars(stage.options) for stage in stages}, block_rows)
     output.write_json("run.json", record)
 
     # 4. the dataset: read -> validate -> model stages -> write images
@@ -262,21 +257,26 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     return record
 
 
-def _record_finished_output(plan: GenerationPlan, started: float) -> dict:
-    """A rerun of a finished output: no dataset, no actor, no model; the run record says so."""
-    ok_rows, error_rows = plan.output.counts()
-    ProgressReporter(label="generate", total=plan.input_rows, done=len(plan.done_ids)).finish(accounted=ok_rows + error_rows)
-    wall = time.time() - started
-    record = {
-        "status": "complete", "started_at": utc_now(), "finished_at": utc_now(), "identity": plan.identity,
-        "config": plan.config.to_dict(), "model": plan.model.identity(), "placement": None, "stages": {},
-        "note": "every input row was accounted for by an earlier run: nothing to generate, no model loaded",
+def _start_record(plan: GenerationPlan, placement: str | None, stages: dict, rows_per_block: int | None) -> dict:
+    return {
+        "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": plan.config.to_dict(),
+        "model": plan.model.identity(), "placement": placement, "stages": stages, "rows_per_block": rows_per_block,
         "versions": library_versions(),
-        "counts": {"input_rows": plan.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
-                   "generated_this_run": 0, "accounted_before_this_run": len(plan.done_ids)},
-        "error_reasons": plan.output.error_reasons(), "wall_seconds": round(wall, 3), "images_per_second": 0.0,
-        "stage_busy_seconds": {},
     }
+
+
+def _record_finished_output(plan: GenerationPlan, started: float, ok_rows: int, error_rows: int) -> dict:
+    """A rerun of a finished output: no dataset, no actor, no model; the run record says so."""
+    ProgressReporter(label="generate", total=plan.input_rows, done=len(plan.done_ids)).finish(accounted=ok_rows + error_rows)
+    record = _start_record(plan, placement=None, stages={}, rows_per_block=None)
+    record.update(
+        status="complete", finished_at=utc_now(),
+        note="every input row was accounted for by an earlier run: nothing to generate, no model loaded",
+        counts={"input_rows": plan.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
+                "generated_this_run": 0, "accounted_before_this_run": len(plan.done_ids)},
+        error_reasons=plan.output.error_reasons(), wall_seconds=round(time.time() - started, 3), images_per_second=0.0,
+        stage_busy_seconds={},
+    )
     plan.output.write_json("run.json", record)
     return record
 
