@@ -27,6 +27,8 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
         plan = plan_job(config_from_args(args))
     except ValueError as error:
         return fail(str(error))
+    if plan.finished:  # every input row is committed: no Ray, no model, only the run record
+        return _print_summary(run_job(plan), summary_keys)
     try:
         where = connect(args.address, timeout=args.connect_timeout)
     except RayConnectionError as error:
@@ -41,6 +43,10 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
         record = run_job(plan)
     except ValueError as error:
         return fail(str(error))
+    return _print_summary(record, summary_keys)
+
+
+def _print_summary(record: dict, summary_keys: tuple[str, ...]) -> int:
     print(json.dumps({key: record[key] for key in summary_keys}, indent=2))
     return 0 if record["status"] == "complete" else 1
 

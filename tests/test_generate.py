@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from helpers import assert_images_match, diffusers_reference, read_image, recording_actor, write_prompts
-from pipelines.generation.generate import _build_dataset, build_model_stages, generation_block_rows, plan_generation, run_generation
+from pipelines.generation.generate import build_model_stages, generated_rows, plan_generation, run_generation
+from pipelines.runtime.job import job_block_rows
 from pipelines.runtime.config import GenerateConfig, StageOptions
 from pipelines.runtime.placement import ClusterShape
 
@@ -207,12 +208,12 @@ def test_a_small_job_reaches_every_actor_block_by_block(ray_session, tmp_path):
     plan = plan_generation(config)
     stages = build_model_stages(plan.config, plan.model, "fused", ClusterShape.current())
     stages = [replace(stage, worker=recording_actor(stage.worker, seconds_per_batch=0.5)) for stage in stages]
-    block_rows = generation_block_rows(plan, stages)
+    block_rows = job_block_rows(plan, stages)
     assert block_rows == 4
 
     actor_of: dict[str, int] = {}
     arrivals = 0
-    for batch in _build_dataset(plan, stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in generated_rows(plan, stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
         arrivals += 1
         for row_id, pid in zip(batch["id"], batch["actor_pid"]):
             assert row_id not in actor_of, f"{row_id} generated twice"
@@ -222,4 +223,3 @@ def test_a_small_job_reaches_every_actor_block_by_block(ray_session, tmp_path):
     assert len(rows_per_actor) == 2, rows_per_actor
     # results leave the actors block by block, not as one block at the end of the job
     assert arrivals >= 48 // block_rows // 2, arrivals
-    assert len(list((tmp_path / "out" / "images").iterdir())) == 48

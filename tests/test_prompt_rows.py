@@ -1,8 +1,10 @@
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.generation.prompt_rows import PromptDefaults, normalize_prompts, resolve_row
+from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import derived_seed
 from pipelines.runtime.schemas import check_prompt_schema
 
@@ -38,7 +40,8 @@ def test_derived_seed_depends_on_run_seed_and_id_only():
 
 def test_block_writes_errors_and_returns_good_rows(tmp_path):
     table = pa.table({"id": ["a", "b", "a", None], "prompt": ["cat", "", "dog", "owl"], "row": [0, 1, 2, 3]})
-    good = normalize_prompts(table, defaults=DEFAULTS, duplicate_rows={2: 0}, done_ids=frozenset(), errors_uri=str(tmp_path / "errors"))
+    repeated = RepeatedIds.of_ids(["a", "b", "a", None])
+    good = normalize_prompts(table, defaults=DEFAULTS, repeated=repeated, errors_uri=str(tmp_path / "errors"))
     assert good["id"].tolist() == ["a"]
     errors = pq.read_table(tmp_path / "errors").to_pylist()
     assert {(e["row"], e["reason"]) for e in errors} == {
@@ -46,10 +49,11 @@ def test_block_writes_errors_and_returns_good_rows(tmp_path):
     }
 
 
-def test_rows_already_done_are_skipped(tmp_path):
-    table = pa.table({"prompt": ["cat", "dog"], "row": [0, 1]})
-    good = normalize_prompts(table, defaults=DEFAULTS, duplicate_rows={}, done_ids=frozenset({"000000000"}), errors_uri=str(tmp_path))
-    assert good["id"].tolist() == ["000000001"]
+def test_repeats_are_found_by_sorting_and_point_to_the_first_row():
+    repeated = RepeatedIds.of_ids(["b", "a", None, "b", "c", "a", "b", None])
+    assert repeated.positions.tolist() == [3, 5, 6] and repeated.first_positions.tolist() == [0, 1, 0]
+    assert repeated.first_of(np.arange(8)).tolist() == [-1, -1, -1, 0, -1, 1, 0, -1]
+    assert RepeatedIds.none().first_of(np.arange(3)).tolist() == [-1, -1, -1]
 
 
 @pytest.mark.parametrize("schema, message", [

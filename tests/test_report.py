@@ -164,7 +164,7 @@ def write_manifest_parts(output, parts: int, rows_per_part: int, seed: int = 0) 
                 "prompt_truncated": False, "latent_mean": latent.reshape(4, -1).mean(1).tolist(),
                 "latent_std": latent.reshape(4, -1).std(1).tolist(), "latent": latent.ravel().tolist(), "latent_shape": list(shape),
             })
-        io.write_parquet_part(pa.Table.from_pylist(chunk, schema=manifest_schema(True)), os.path.join(output, "manifest"), [r["id"] for r in chunk])
+        io.write_parquet_part(pa.Table.from_pylist(chunk, schema=manifest_schema(True)), os.path.join(output, "manifest"))
         rows += chunk
     return rows
 

@@ -217,13 +217,14 @@ def part_ranges(config: ShapesCorpusConfig) -> Iterator[tuple[int, int]]:
 def write_corpus(config: ShapesCorpusConfig, folder_uri: str) -> list[str]:
     """Write the corpus as Parquet parts under ``folder_uri`` (any fsspec URI); returns their URIs.
 
-    Part names derive from the ids of their rows, so writing the same corpus again
-    replaces the same objects.
+    Part names derive from the positions and ids of their rows, so writing the same corpus
+    again replaces the same objects.
     """
     uris = []
     for start, stop in part_ranges(config):
         table = corpus_rows(config, start, stop)
-        uris.append(io.write_parquet_part(table, folder_uri, table.column("id").to_pylist()))
+        uris.append(io.join(folder_uri, io.part_name(np.arange(start, stop), table.column("id").to_pylist())))
+        io.write_parquet(table, uris[-1])
     return uris
 
 

@@ -149,7 +149,7 @@ def prepare_images(
             good.append(prepared)
 
     if bad:
-        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ENCODE_ERRORS_SCHEMA), errors_uri, [f"{r['id']}@{r['row']}" for r in bad])
+        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ENCODE_ERRORS_SCHEMA), errors_uri)
     if not good:
         return {}  # Ray Data passes no empty block on to the encoders (and empty tensor columns do not convert)
     return crops_batch(good, with_caption=settings.columns.caption is not None)

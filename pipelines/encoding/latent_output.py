@@ -353,8 +353,7 @@ def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> 
         if part.is_results:
             output.commit(with_shape_runs(kept), None, stats_of_latents(latents_of(kept)))
         else:
-            names = [f"{row_id}@{row}" for row_id, row in zip(kept.column("id").to_pylist(), kept.column("row").to_pylist())]
-            io.write_parquet_part(kept, output.errors_uri, names)
+            io.write_parquet_part(kept, output.errors_uri)
     io.remove_tree(part.uri)
 
 

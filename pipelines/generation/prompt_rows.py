@@ -14,8 +14,13 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.runtime import io
+from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
 from pipelines.runtime.schemas import ERRORS_SCHEMA, PAIR_COLUMNS
+
+
+# what a validated row carries to the model stages (and the family's conditioning columns it has)
+PROMPT_ROW_COLUMNS = ("id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,34 +87,25 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
     }, None
 
 
-def normalize_prompts(
-    table: pa.Table,
-    *,
-    defaults: PromptDefaults,
-    duplicate_rows: dict[int, int],
-    done_ids: frozenset[str],
-    errors_uri: str,
-) -> pd.DataFrame:
+def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: RepeatedIds, errors_uri: str) -> pd.DataFrame:
     """Resolve a block of prompt rows; write its bad rows to ``errors/``; return the good ones.
 
-    ``duplicate_rows`` maps the position of every repeat of an id to the position of
-    its first occurrence; ``done_ids`` are rows a previous run already accounted for.
+    ``repeated`` knows the position of every repeat of an id and of the id's first row.
     """
     frame = table.to_pandas()
     if "id" in frame.columns:
         frame["id"] = [None if _missing(value) else str(value) for value in frame["id"]]
     else:
         frame["id"] = [position_id(row) for row in frame["row"]]
+    first_rows = repeated.first_of(frame["row"].to_numpy())
 
     good, bad = [], []
-    for row in frame.to_dict("records"):
+    for row, first_row in zip(frame.to_dict("records"), first_rows):
         if _missing(row["id"]):
             bad.append({"id": position_id(row["row"]), "row": row["row"], "stage": "validate", "reason": "id is null"})
             continue
-        if row["id"] in done_ids:
-            continue
-        if row["row"] in duplicate_rows:
-            reason = f"id {row['id']!r} repeats the id of input row {duplicate_rows[row['row']]}"
+        if first_row >= 0:
+            reason = f"id {row['id']!r} repeats the id of input row {first_row}"
             bad.append({"id": row["id"], "row": row["row"], "stage": "validate", "reason": reason})
             continue
         resolved, reason = resolve_row(row, defaults)
@@ -119,7 +115,6 @@ def normalize_prompts(
             good.append(resolved)
 
     if bad:
-        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri, [str(r["row"]) for r in bad])
-    columns = ["id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width"]
-    columns += [column for column in PAIR_COLUMNS if column in frame.columns]
+        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri)
+    columns = [*PROMPT_ROW_COLUMNS, *[column for column in PAIR_COLUMNS if column in frame.columns]]
     return pd.DataFrame(good, columns=columns)

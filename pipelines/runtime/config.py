@@ -72,7 +72,6 @@ class GenerateConfig:
     max_image_size: int = 2048  # rows asking for more pixels per side go to errors
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
-    manifest_rows_per_part: int = 5000
 
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
@@ -80,7 +79,7 @@ class GenerateConfig:
         for name in ("prompts", "output", "model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty path or URI")
-        for name in ("steps", "batch_size", "max_image_size", "manifest_rows_per_part", "max_sequence_length"):
+        for name in ("steps", "batch_size", "max_image_size", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("guidance", "true_cfg_scale"):

@@ -47,12 +47,15 @@ def is_local(uri: str) -> bool:
 # -- whole objects --------------------------------------------------------------------------------
 
 
+TEMPORARY_PREFIX = ".tmp-"  # local files being written; renamed into place when whole
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     if is_local(uri):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        handle, staging = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=directory)
         try:
             with os.fdopen(handle, "wb") as staged:
                 staged.write(data)
@@ -293,21 +296,61 @@ def _is_float_list(data_type: pa.DataType) -> bool:
     return pa.types.is_floating(data_type)
 
 
-def write_parquet_part(table: pa.Table, folder_uri: str, row_ids: list[str]) -> str:
-    """Write one part of an output table, named from the ids of its rows.
+def part_name(rows: np.ndarray, ids: Sequence[str]) -> str:
+    """The name of an output part holding rows at input positions ``rows`` with ``ids``.
 
-    The name depends only on the rows, never on the run: writing the same rows
-    again replaces the same object instead of adding a duplicate.
+    ``part-<first position>-<last position>-<rows>-<digest of ids and positions>.parquet``:
+    from the rows only, never the run, so writing the same rows again replaces the same
+    object; and a listing alone tells which input positions a part may hold and how many
+    rows it has (``outputs.PartSpan``), which resume and counts read without opening it.
     """
-    name = "part-" + hashlib.sha1("\n".join(row_ids).encode()).hexdigest()[:20] + ".parquet"
+    rows = np.asarray(rows, np.int64)
+    digest = hashlib.sha1("\n".join(f"{row_id}@{row}" for row_id, row in zip(ids, rows.tolist())).encode()).hexdigest()[:16]
+    return f"part-{int(rows.min()):012d}-{int(rows.max()):012d}-{len(rows)}-{digest}.parquet"
+
+
+def write_parquet_part(table: pa.Table, folder_uri: str) -> str:
+    """Write one part of an output table (which has ``id`` and ``row`` columns), named from its rows."""
+    uri = join(folder_uri, part_name(table.column("row").to_numpy(), table.column("id").to_pylist()))
+    write_parquet(table, uri)
+    return uri
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    """Write a Parquet file whole, in latentray's layout."""
     sink = pa.BufferOutputStream()
     # Small row groups: a reader that needs some rows of a part fetches only their groups. No
     # dictionary for float lists (latents, embeddings): it never pays there and decodes ~3x slower.
     dictionary = [field.name for field in table.schema if not _is_float_list(field.type)]
     pq.write_table(table, sink, row_group_size=PARQUET_ROW_GROUP_ROWS, use_dictionary=dictionary)
-    uri = join(folder_uri, name)
     write_bytes(uri, sink.getvalue().to_pybytes())
-    return uri
+
+
+def remove_temporary_files(uri: str) -> int:
+    """Remove the temporary files that writes killed mid-way left under a local folder; return how many.
+
+    Object stores have none (a PUT is whole or absent).
+    """
+    if not is_local(uri):
+        return 0
+    removed = 0
+    for directory, _, names in os.walk(filesystem(uri)[1]):
+        for name in names:
+            if name.startswith(TEMPORARY_PREFIX):
+                _remove_quietly(os.path.join(directory, name))
+                removed += 1
+    return removed
+
+
+def file_versions(uris: Sequence[str]) -> list[dict]:
+    """Size and version (ETag, else modification time) of each file: what tells a changed file from an unchanged one."""
+    versions = []
+    for uri in uris:
+        fs, path = filesystem(uri)
+        info = fs.info(path)
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        versions.append({"uri": uri, "size": int(info.get("size") or 0), "version": str(version)})
+    return versions
 
 
 # -- model directories ----------------------------------------------------------------------------

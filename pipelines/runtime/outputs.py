@@ -2,15 +2,21 @@
 
 An output folder holds a results table (``manifest/`` or ``latents/``), an
 ``errors/`` table, ``latent_stats.json`` and ``run.json``. Rows are committed in
-Parquet parts named from their ids; a part is written whole, after the files its
+Parquet parts written by the tasks that hold the rows, named from the rows' input
+positions and ids (``io.part_name``); a part is written whole, after the files its
 rows point to, so a row present in the results table is complete. Each part carries
 the partial latent statistics of its rows in its footer metadata: the corpus
 statistics are an exact merge of those partials, across reruns and resumes.
+
+What the driver reads of an output is its listing (``PartSpan``: positions and row
+count from each part's name) and footers: its memory follows the number of parts,
+not of rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,6 +27,42 @@ from pipelines.runtime.stats import ChannelStats, merge_all
 
 STATS_METADATA_KEY = b"latentray.latent_stats"
 ERRORS_FOLDER = "errors"
+PART_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)-[0-9a-f]+\.parquet$")
+# error reasons counted by name in run.json; rarer ones beyond this many are counted together
+MAX_DISTINCT_REASONS = 1000
+OTHER_REASONS = "(other reasons)"
+
+
+@dataclass(frozen=True)
+class PartSpan:
+    """One committed part: the input positions it may hold (first..last) and its row count."""
+
+    uri: str
+    first: int
+    last: int
+    rows: int
+
+    @classmethod
+    def of(cls, uri: str) -> "PartSpan":
+        """From the part's name; parts named otherwise (written by hand or by older versions) from their footer."""
+        match = PART_NAME.search(uri)
+        if match:
+            return cls(uri, int(match[1]), int(match[2]), int(match[3]))
+        footer = io.parquet_footer(uri)
+        if "row" not in footer.schema.to_arrow_schema().names:
+            raise ValueError(f"{uri!r} has no 'row' column: written by an older latentray; rerun with --overwrite or choose another --output")
+        column = footer.schema.to_arrow_schema().get_field_index("row")
+        lows, highs = [], []
+        for group in range(footer.num_row_groups):
+            statistics = footer.row_group(group).column(column).statistics
+            if statistics is None or not statistics.has_min_max:  # no statistics: the part may hold any position
+                return cls(uri, 0, 2**62, footer.num_rows)
+            lows.append(statistics.min)
+            highs.append(statistics.max)
+        return cls(uri, min(lows, default=0), max(highs, default=-1), footer.num_rows)
+
+    def overlaps(self, first: int, end: int) -> bool:
+        return self.first < end and self.last >= first
 
 
 @dataclass
@@ -48,6 +90,9 @@ class RunOutput:
             for name in (self.results_folder, ERRORS_FOLDER, "images", "run.json", "latent_stats.json"):
                 io.remove_tree(io.join(self.uri, name))
             return None
+        if previous is not None and previous.get("status") == "running":
+            # the previous run was killed: its writes in flight left temporary files
+            io.remove_temporary_files(self.uri)
         if previous is not None and previous.get("identity") != identity:
             changes = _describe_changes(previous.get("identity", {}), identity)
             raise ValueError(
@@ -56,52 +101,61 @@ class RunOutput:
             )
         return previous
 
-    def done_ids(self) -> frozenset[str]:
-        """Ids a previous run already accounted for (committed results or errors)."""
-        ids: set[str] = set()
-        for folder in (self.results_uri, self.errors_uri):
-            table = io.read_parquet_folder(folder, columns=["id"])
-            if table is not None:
-                ids.update(table.column("id").to_pylist())
-        return frozenset(ids)
+    def spans(self) -> tuple[list[PartSpan], list[PartSpan]]:
+        """(results parts, errors parts) committed so far, from the listing."""
+        return tuple([PartSpan.of(uri) for uri in _part_uris(folder)] for folder in (self.results_uri, self.errors_uri))
 
     def commit(self, results: pa.Table | None, errors: pa.Table | None, stats: ChannelStats | None) -> None:
         """Commit rows: errors first, results last (a results part marks its rows done)."""
         if errors is not None and len(errors):
-            io.write_parquet_part(errors, self.errors_uri, errors.column("id").to_pylist())
+            io.write_parquet_part(errors, self.errors_uri)
         if results is not None and len(results):
             if stats is not None:
                 metadata = dict(results.schema.metadata or {})
                 metadata[STATS_METADATA_KEY] = json.dumps(stats.to_dict()).encode()
                 results = results.replace_schema_metadata(metadata)
-            io.write_parquet_part(results, self.results_uri, results.column("id").to_pylist())
+            io.write_parquet_part(results, self.results_uri)
 
     def counts(self) -> tuple[int, int]:
-        """(result rows, error rows) committed in the output so far."""
-        return tuple(
-            0 if (table := io.read_parquet_folder(folder, columns=["id"])) is None else len(table)
-            for folder in (self.results_uri, self.errors_uri)
-        )
+        """(result rows, error rows) committed in the output so far, from the parts' names."""
+        results, errors = self.spans()
+        return sum(span.rows for span in results), sum(span.rows for span in errors)
 
     def latent_stats(self) -> ChannelStats | None:
         """Exact statistics over every committed latent, merged from the parts' footers."""
         partials = []
-        for part in io.list_parquet_files(self.results_uri) if io.exists(self.results_uri) else []:
+        for part in _part_uris(self.results_uri):
             metadata = io.parquet_metadata(part)
             if STATS_METADATA_KEY in metadata:
                 partials.append(ChannelStats.from_dict(json.loads(metadata[STATS_METADATA_KEY])))
         return merge_all(partials)
 
     def error_reasons(self, column: str = "reason") -> dict[str, int]:
-        """Error rows per value of ``column`` (the message; encoding also has a reason ``code``)."""
-        table = io.read_parquet_folder(self.errors_uri, columns=[column])
-        if table is None:
-            return {}
-        counts = pc.value_counts(table.column(column))
-        return {item["values"].as_py(): item["counts"].as_py() for item in counts}
+        """Error rows per value of ``column`` (the message; encoding also has a reason ``code``).
+
+        Read part by part (bounded memory at any size); beyond ``MAX_DISTINCT_REASONS``
+        distinct values the rest are counted under ``OTHER_REASONS``.
+        """
+        counts: dict[str, int] = {}
+        for uri in _part_uris(self.errors_uri):
+            for item in pc.value_counts(io.read_parquet_file(uri, [column]).column(column)):
+                value, number = item["values"].as_py(), item["counts"].as_py()
+                if value not in counts and len(counts) >= MAX_DISTINCT_REASONS:
+                    value = OTHER_REASONS
+                counts[value] = counts.get(value, 0) + number
+        return counts
 
     def write_json(self, name: str, value: dict) -> None:
         io.write_json(io.join(self.uri, name), value)
+
+
+def _part_uris(folder: str) -> list[str]:
+    if not io.exists(folder):
+        return []
+    try:
+        return io.list_parquet_files(folder)
+    except ValueError:  # the folder holds no part yet
+        return []
 
 
 def _describe_changes(before: dict, after: dict) -> str:

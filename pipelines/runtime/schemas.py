@@ -55,6 +55,7 @@ def check_prompt_schema(schema: pa.Schema, where: str) -> None:
 
 MANIFEST_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
+    pa.field("row", pa.int64()),  # position of the row in the input (files in sorted order)
     pa.field("prompt", pa.string()),
     pa.field("negative_prompt", pa.string()),
     pa.field("seed", pa.int64()),

@@ -1,0 +1,159 @@
+"""One run skeleton for every latentray job: plan -> resume filter -> stages -> writers -> run record.
+
+A job (generation, encoding) is a plan that answers a few questions (``PlannedJob``):
+which stages for this cluster, what each row costs, the Ray Data pipeline from its
+pending input rows to its commit task, and what the output holds at the end. ``run_job``
+does the rest the same way for both: wiring checked before anything runs, blocks sized
+from their work, ``run.json`` written at the start and the end, summaries of committed
+parts collected (never rows), progress lines, ``latent_stats.json`` from the parts'
+footers. A plan that finds nothing left to do runs no dataset and loads no model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import ray.data
+
+from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.placement import BlockWork, ClusterShape, rows_per_block
+from pipelines.runtime.progress import ProgressReporter
+from pipelines.runtime.run_record import library_versions, utc_now
+from pipelines.runtime.stages import Stage, check_wiring
+from pipelines.runtime.stats import latent_stats_report
+
+logger = logging.getLogger(__name__)
+
+BUSY_PREFIX = "busy_seconds_"  # the column each worker adds: seconds its model was busy on the batch
+
+
+class PlannedJob(Protocol):
+    label: str  # "generate", "encode"
+    log_stats_warnings: bool  # also log latent_stats.json's warnings (else in the file only)
+    config: Any
+    model: Any  # ModelDescription
+    output: RunOutput
+    identity: dict
+
+    @property
+    def input_rows(self) -> int: ...
+    @property
+    def rows_done_before(self) -> int: ...  # rows earlier runs committed
+    @property
+    def finished(self) -> bool: ...  # nothing left to do
+
+    def placement(self, cluster: ClusterShape) -> str: ...
+    def model_stages(self, placement: str, cluster: ClusterShape) -> list[Stage]: ...
+    def stage_input_columns(self) -> set[str]: ...
+    def row_work(self) -> tuple[int, int]: ...  # (pixels per row, model passes per row)
+    def dataset(self, stages: list[Stage], block_rows: int) -> ray.data.Dataset: ...
+    def record_fields(self) -> dict: ...  # what run.json holds beside the common fields
+    def final_counts(self, totals: "RunTotals | None") -> dict: ...  # input_rows, ok_rows, error_rows, ...
+    def error_reasons(self) -> dict[str, int]: ...
+    def latent_stats_text(self) -> tuple[str, str]: ...  # (what the statistics are over, how warnings open)
+
+
+# -- what a commit task returns -------------------------------------------------------------------
+
+
+def pop_busy_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """Remove the workers' busy-time columns from ``batch``; their sum per stage."""
+    return {column.removeprefix(BUSY_PREFIX): float(np.sum(batch.pop(column))) for column in list(batch) if column.startswith(BUSY_PREFIX)}
+
+
+def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float]) -> dict[str, np.ndarray]:
+    """The one row a commit task sends the driver per block: counts and busy seconds, no row data."""
+    return {"ok_rows": np.array([ok_rows]), "error_rows": np.array([error_rows]), "busy": np.array([json.dumps(busy)], dtype=object)}
+
+
+@dataclass
+class RunTotals:
+    """What this run's commit tasks reported."""
+
+    ok_rows: int = 0
+    error_rows: int = 0
+    busy_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, summary: dict[str, np.ndarray]) -> int:
+        ok, errors = int(summary["ok_rows"].sum()), int(summary["error_rows"].sum())
+        self.ok_rows += ok
+        self.error_rows += errors
+        for text in summary["busy"]:
+            for stage, seconds in json.loads(text).items():
+                self.busy_seconds[stage] = self.busy_seconds.get(stage, 0.0) + seconds
+        return ok + errors
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def run_job(plan: PlannedJob) -> dict:
+    """Run a planned job on the connected Ray cluster (none needed when it is finished); return run.json."""
+    started = time.time()
+    progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
+    if plan.finished:
+        record = _start_record(plan, placement=None, stages=[], block_rows=None)
+        record["note"] = "every input row was accounted for by an earlier run: nothing to do, no model loaded"
+        return _finish(plan, record, started, progress, totals=None)
+
+    # 1. stages for this cluster, wiring checked before anything runs
+    cluster = ClusterShape.current()
+    placement = plan.placement(cluster)
+    stages = plan.model_stages(placement, cluster)
+    check_wiring(stages, plan.stage_input_columns())
+    block_rows = job_block_rows(plan, stages)
+    record = _start_record(plan, placement, stages, block_rows)
+    plan.output.write_json("run.json", record)
+
+    # 2. pending rows -> stages -> commit tasks; the driver receives one summary per committed block
+    totals = RunTotals()
+    for summary in plan.dataset(stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
+        progress.advance(totals.add(summary))
+    return _finish(plan, record, started, progress, totals)
+
+
+def job_block_rows(plan: PlannedJob, stages: list[Stage]) -> int:
+    """Rows per block: from the rows left to do, what each costs, and the model pools."""
+    pixels_per_row, passes_per_row = plan.row_work()
+    return rows_per_block(BlockWork.of_stages(
+        [stage.options for stage in stages], rows=max(0, plan.input_rows - plan.rows_done_before),
+        pixels_per_row=pixels_per_row, passes_per_row=passes_per_row,
+    ))
+
+
+def _start_record(plan: PlannedJob, placement: str | None, stages: list[Stage], block_rows: int | None) -> dict:
+    return {
+        "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": plan.config.to_dict(),
+        "model": plan.model.identity(), "placement": placement, "stages": {stage.name: vars(stage.options) for stage in stages},
+        "rows_per_block": block_rows, "versions": library_versions(), **plan.record_fields(),
+    }
+
+
+def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressReporter, totals: RunTotals | None) -> dict:
+    # 3. counts, statistics and the run record, from what the output holds (earlier runs included)
+    counts = plan.final_counts(totals)
+    progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
+    over, suggests = plan.latent_stats_text()
+    shape = plan.model.shape
+    report = latent_stats_report(plan.output.latent_stats(), latent_channels=shape.latent_channels, scaling_factor=shape.scaling_factor,
+                                 shift_factor=shape.shift_factor, over=over, suggests=suggests)
+    plan.output.write_json("latent_stats.json", report)
+    for warning in report["warnings"] if plan.log_stats_warnings else []:
+        logger.warning("%s", warning)
+    wall = time.time() - started
+    produced = totals.ok_rows if totals else 0
+    record.update(
+        status="complete" if counts["ok_rows"] + counts["error_rows"] == counts["input_rows"] else "incomplete",
+        finished_at=utc_now(), counts=counts, error_reasons=plan.error_reasons(), wall_seconds=round(wall, 3),
+        images_per_second=round(produced / wall, 4) if wall > 0 else None,
+        stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
+    )
+    plan.output.write_json("run.json", record)
+    if record["status"] != "complete":
+        logger.warning("counts do not add up: %s", record["counts"])
+    return record

@@ -1,0 +1,111 @@
+"""Repeated ids at any input size, found by Ray tasks, not in the driver.
+
+Every input row needs its own id (outputs are named and resumed by it); a repeat goes to
+``errors/`` and the id's first row stays. Finding repeats needs every id at once; instead
+of the driver holding them all, tasks read the id column in groups of row groups and
+split it by a hash of the id into buckets (``_ids_by_bucket``), and one task per bucket
+finds the repeats in it (``_repeats_in_bucket``). Only the repeats come back to the driver:
+two integers per repeated row, none in the common case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipelines.runtime import io
+from pipelines.runtime.placement import TASK_CPUS
+
+ROWS_PER_TASK = 1_000_000  # ids per reading task and, about, per bucket
+
+
+@dataclass(frozen=True)
+class RepeatedIds:
+    """Input positions of rows whose id an earlier row has, and that first row's position."""
+
+    positions: np.ndarray  # sorted, int64
+    first_positions: np.ndarray
+
+    @classmethod
+    def none(cls) -> "RepeatedIds":
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64))
+
+    @classmethod
+    def of_ids(cls, ids: list) -> "RepeatedIds":
+        """From a list of ids in input order (tests, small tables); None ids are never repeats."""
+        table = pa.table({"id": pa.array([None if value is None else str(value) for value in ids], pa.string()),
+                          "row": pa.array(np.arange(len(ids)), pa.int64())})
+        return cls.of_pairs(*_repeats(table.filter(pc.is_valid(table.column("id")))))
+
+    @classmethod
+    def of_pairs(cls, positions: np.ndarray, first_positions: np.ndarray) -> "RepeatedIds":
+        order = np.argsort(positions, kind="stable")
+        return cls(np.asarray(positions, np.int64)[order], np.asarray(first_positions, np.int64)[order])
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def first_of(self, rows: np.ndarray) -> np.ndarray:
+        """For each input position, the position of the first row with its id, or -1 when it is not a repeat."""
+        rows = np.asarray(rows, np.int64)
+        index = np.minimum(np.searchsorted(self.positions, rows), max(len(self.positions) - 1, 0))
+        found = len(self.positions) > 0
+        hit = (self.positions[index] == rows) if found else np.zeros(len(rows), bool)
+        return np.where(hit, self.first_positions[index] if found else -1, -1)
+
+
+def find_repeated_ids(fragments: list[io.ParquetFragment], id_column: str) -> RepeatedIds:
+    """Every repeated id of the input's ``id_column`` (Ray must be connected)."""
+    rows = sum(fragment.num_rows for fragment in fragments)
+    if rows == 0:
+        return RepeatedIds.none()
+    buckets = max(1, -(-rows // ROWS_PER_TASK))
+    groups, current, current_rows = [], [], 0
+    for fragment in fragments:
+        current.append(vars(fragment))
+        current_rows += fragment.num_rows
+        if current_rows >= ROWS_PER_TASK:
+            groups.append(current)
+            current, current_rows = [], 0
+    if current:
+        groups.append(current)
+    split = _ids_by_bucket.options(num_returns=buckets) if buckets > 1 else _ids_by_bucket
+    by_group = [split.remote(group, id_column, buckets) for group in groups]
+    by_group = [refs if buckets > 1 else [refs] for refs in by_group]
+    found = ray.get([_repeats_in_bucket.remote(*[refs[bucket] for refs in by_group]) for bucket in range(buckets)])
+    return RepeatedIds.of_pairs(np.concatenate([positions for positions, _ in found]), np.concatenate([first for _, first in found]))
+
+
+@ray.remote(num_cpus=TASK_CPUS)
+def _ids_by_bucket(fragments: list[dict], id_column: str, buckets: int):
+    tables = [table for fragment in fragments for table in io.read_fragment(io.ParquetFragment(**fragment), [id_column], 1 << 20)]
+    table = pa.concat_tables(tables)
+    ids = pc.cast(table.column(id_column), pa.string())
+    keep = pc.is_valid(ids)
+    table = pa.table({"id": ids, "row": table.column("row")}).filter(keep)
+    if buckets == 1:
+        return table
+    bucket = pd.util.hash_array(table.column("id").to_numpy(zero_copy_only=False)) % np.uint64(buckets)
+    return tuple(table.filter(pa.array(bucket == index)) for index in range(buckets))
+
+
+@ray.remote(num_cpus=TASK_CPUS)
+def _repeats_in_bucket(*tables: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    return _repeats(pa.concat_tables(tables))
+
+
+def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of repeats, positions of their first rows) among rows with ids; by sorting, not a set."""
+    if len(table) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    table = table.take(pc.sort_indices(table, [("id", "ascending"), ("row", "ascending")]))
+    ids, rows = table.column("id"), table.column("row").to_numpy()
+    same = np.asarray(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False), bool)
+    repeat = np.concatenate([[False], same])
+    run_start = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(rows))))
+    return rows[repeat].astype(np.int64), rows[run_start[repeat]].astype(np.int64)
