@@ -20,6 +20,8 @@ import time
 
 import ray
 
+from jobs import reaper
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_SECONDS = 60.0
@@ -39,7 +41,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout: fl
     """Join the cluster at ``address`` (or RAY_ADDRESS); without one, start a new local Ray.
 
     Embedded Ray binds to the loopback interface and runs without the dashboard:
-    a laptop run needs neither a network-visible node nor ~500 MB of dashboard.
+    a laptop run needs neither a network-visible node nor ~500 MB of dashboard; and
+    it ends with this process, however this process ends (``jobs.reaper``).
     Returns a description of where the job runs.
     """
     # 1. a process that already joined keeps its Ray (tests, notebooks)
@@ -48,6 +51,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout: fl
     # 2. no address anywhere: a new local instance, whatever files earlier clusters left behind
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None or address == "local":
+        reaper.start()  # the local Ray goes with this driver, even if it is SIGKILLed
         ray.init(
             address="local", num_cpus=num_cpus or embedded_cpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
             logging_level=logging.WARNING, configure_logging=True,

@@ -269,7 +269,8 @@ def test_s3_round_trip_and_random_crop_identical_on_rerun(first_run, s3_endpoint
 
 
 def test_encode_blocks_are_sized_from_the_largest_target_and_the_encoder_pool(tmp_path, model_cache):
-    from pipelines.encoding.encode import build_model_stages, encoding_block_rows
+    from pipelines.encoding.encode import build_model_stages
+    from pipelines.runtime.job import job_block_rows
     from pipelines.runtime.config import StageOptions
     from pipelines.runtime.placement import MAX_BLOCK_PIXELS, ClusterShape
 
@@ -277,7 +278,7 @@ def test_encode_blocks_are_sized_from_the_largest_target_and_the_encoder_pool(tm
 
     def block_rows(**options) -> int:
         plan = plan_encoding(EncodeConfig(images=table, output=str(tmp_path / "out"), model="tiny", overwrite=True, **options))
-        return encoding_block_rows(plan, build_model_stages(plan.config, plan.model, "vae_only", ClusterShape(cpus=8, gpus=0)))
+        return job_block_rows(plan, build_model_stages(plan.config, plan.model, "vae_only", ClusterShape(cpus=8, gpus=0)))
 
     # 32 rows, 2 encoder actors: 4 blocks each, whole batches of 4 -> 4 rows per block (8 blocks)
     assert block_rows(resolution=32, batch_size=4, stages={"vae_encoder": StageOptions(concurrency=2)}) == 4

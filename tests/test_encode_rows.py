@@ -70,7 +70,7 @@ def test_commit_writes_a_tensor_part_with_exact_stats_and_sends_overflow_to_erro
     latents = np.random.default_rng(0).normal(size=(3, 4, 8, 8)).astype(np.float32)
     latents[2, 1, 0, 0] = 1e6  # beyond float16
     summary = commit_latents(encoded_batch(["a", "b", "c"], latents), output=output, layout=LAYOUT, run=1)
-    assert summary["encoded"].tolist() == [2] and summary["failed"].tolist() == [1]
+    assert summary["ok_rows"].tolist() == [2] and summary["error_rows"].tolist() == [1]
     assert json.loads(summary["busy"][0]) == {"vae_encoder": 1.5}
     table = pq.read_table(tmp_path / "latents")
     stored = tensor_values(table.column("latent"))

@@ -1,4 +1,5 @@
-"""Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice.
+"""Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice; the driver
+SIGKILLed mid-run, then the job rerun.
 
 The job runs as a user runs it (``python -m jobs.cli generate``, embedded Ray, in its own
 process group); the test finds the model actor among the job's processes by the title
@@ -8,6 +9,8 @@ the same way, and checks what the run committed against a clean run of the same 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -26,14 +29,13 @@ ROWS = 32
 STEPS = 8
 
 
-def job_command(prompts: str, output: str) -> list[str]:
+def job_command(prompts: str, output: str, *options: str, steps: int = STEPS) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--prompts", prompts, "--output", output,
-            "--steps", str(STEPS), "--batch-size", "4", "--height", "64", "--width", "64", "--overwrite"]
+            "--steps", str(steps), "--batch-size", "4", "--height", "64", "--width", "64", *options]
 
 
-def start_job(prompts: str, output: str) -> subprocess.Popen:
-    return subprocess.Popen(job_command(prompts, output), cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+def start_job(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def process_titles() -> dict[int, str]:
@@ -110,7 +112,7 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
     # 2. the same run, its model actor SIGKILLed once some images exist, then its replacement too
     output = str(tmp_path / "killed")
     started = time.monotonic()
-    job = start_job(prompts, output)
+    job = start_job(job_command(prompts, output))
     try:
         killed = []
         for images_before_kill in (4, 12):
@@ -131,6 +133,83 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
     assert len(killed) == 2 and killed[0] != killed[1]
     ids = manifest_ids(output)
     assert sorted(ids) == sorted(manifest_ids(clean_output)) and len(ids) == len(set(ids)) == ROWS
+    clean_images = images_by_id(clean_output)
+    for row_id, image in images_by_id(output).items():
+        assert np.array_equal(image, clean_images[row_id]), row_id
+
+
+# -- the driver killed, then the job rerun ---------------------------------------------------------
+
+DRIVER_KILL_ROWS = 48
+DRIVER_KILL_STEPS = 100  # model work well above the ~13 s of start-up, so 60% of the run is mid-generation
+TWO_ACTORS = ("--stage", "fused.concurrency=2")
+
+
+def committed(output: str) -> dict[str, list[str]]:
+    """Ids in manifest/ and errors/ (each folder may be absent or empty)."""
+    found = {}
+    for folder in ("manifest", "errors"):
+        path = os.path.join(output, folder)
+        parts = [name for name in os.listdir(path) if name.endswith(".parquet")] if os.path.isdir(path) else []
+        found[folder] = pq.read_table(path, columns=["id"]).column("id").to_pylist() if parts else []
+    return found
+
+
+def processes_of_session(session: int) -> dict[int, str]:
+    return {pid: title for pid, title in process_titles().items() if session_of(pid) == session}
+
+
+def temporary_files(output: str) -> list[str]:
+    return [os.path.join(folder, name) for folder, _, names in os.walk(output) for name in names if name.startswith(".tmp-")]
+
+
+def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp_path, model_cache):
+    prompts = write_prompts(tmp_path / "prompts.parquet", {
+        "id": [f"row-{index:03d}" for index in range(DRIVER_KILL_ROWS)],
+        "prompt": [f"a blue square number {index}" for index in range(DRIVER_KILL_ROWS)],
+        "seed": list(range(DRIVER_KILL_ROWS)),
+    })
+    # 1. a clean run, for its wall time and its images
+    clean_output = str(tmp_path / "clean")
+    started = time.monotonic()
+    clean = subprocess.run(job_command(prompts, clean_output, *TWO_ACTORS, steps=DRIVER_KILL_STEPS), cwd=PROJECT,
+                           capture_output=True, text=True, timeout=600)
+    clean_seconds = time.monotonic() - started
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    # 2. the same run, its driver SIGKILLed at 60% of the clean run's wall time
+    output = str(tmp_path / "killed")
+    command = job_command(prompts, output, *TWO_ACTORS, steps=DRIVER_KILL_STEPS)
+    job = start_job(command)
+    try:
+        time.sleep(0.6 * clean_seconds)
+        assert job.poll() is None, "the run ended before the kill"
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+        # every process of the killed run's Ray goes with its driver (Ray's agents would linger for a minute)
+        deadline = time.monotonic() + 20
+        while processes_of_session(job.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = processes_of_session(job.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert not left, f"processes of the killed run still running 20 s after the kill: {left}"
+    at_kill = committed(output)
+    rows_at_kill = len(at_kill["manifest"]) + len(at_kill["errors"])
+    print(f"clean run {clean_seconds:.1f} s; killed at {0.6 * clean_seconds:.1f} s with {rows_at_kill} of {DRIVER_KILL_ROWS} rows committed")
+    assert rows_at_kill >= DRIVER_KILL_ROWS // 4, f"only {rows_at_kill} of {DRIVER_KILL_ROWS} rows committed at the kill"
+    assert rows_at_kill < DRIVER_KILL_ROWS, "the run had finished: the kill came too late to test anything"
+
+    # 3. the rerun generates exactly the rows the killed run had not committed, and leaves no temporary file
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    counts = json.loads(open(os.path.join(output, "run.json")).read())["counts"]
+    assert counts["accounted_before_this_run"] == rows_at_kill
+    assert counts["generated_this_run"] + counts["accounted_before_this_run"] == counts["input_rows"] == DRIVER_KILL_ROWS
+    ids = manifest_ids(output)
+    assert len(ids) == len(set(ids)) == DRIVER_KILL_ROWS and not committed(output)["errors"]
+    assert not temporary_files(output)
     clean_images = images_by_id(clean_output)
     for row_id, image in images_by_id(output).items():
         assert np.array_equal(image, clean_images[row_id]), row_id

@@ -6,16 +6,15 @@
     with ``fused``) -> commit latents parts (CPU task) -> the driver drops superseded rows
     -> latent_stats.json, run.json
 
-The same bones as generation: model description and loading, stages and placement,
-the output protocol (``RunOutput``) and exact statistics from the parts' footers.
+The same bones as generation (``pipelines.runtime.job``): model description and loading,
+stages and placement, the run record, the output protocol (``RunOutput``) and exact
+statistics from the parts' footers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,17 +31,13 @@ from pipelines.encoding.latent_output import (
 )
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
 from pipelines.runtime.outputs import RunOutput
-from pipelines.runtime.placement import TASK_CPUS, BlockWork, ClusterShape, StageShare, rows_per_block, stage_options
-from pipelines.runtime.progress import ProgressReporter
-from pipelines.runtime.run_record import library_versions, utc_now
+from pipelines.runtime.job import RunTotals, run_job
+from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
 from pipelines.runtime.schemas import check_image_schema
-from pipelines.runtime.stages import Stage, check_wiring
-from pipelines.runtime.stats import latent_stats_report
+from pipelines.runtime.stages import Stage
 from workers.encoding.caption_encoder import CaptionEncoderWorker
 from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
-
-logger = logging.getLogger(__name__)
 
 # Share of the cluster per stage. Without caption embeddings the VAE encoder is the only
 # model: fused and split are the same single stage. The VAE encoder is the heavy one.
@@ -85,8 +80,11 @@ def build_model_stages(config: EncodeConfig, model: ModelDescription, placement:
 
 @dataclass(kw_only=True)
 class EncodingPlan:
-    """Everything checked and known before Ray starts: a bad input fails here, fast."""
+    """Everything checked and known before Ray starts: a bad input fails here, fast (``PlannedJob``)."""
 
+    label = "encode"
+    log_stats_warnings = True
+    finished = False  # rows are skipped by cache key, in the prepare tasks
     config: EncodeConfig
     model: ModelDescription
     output: RunOutput
@@ -102,6 +100,41 @@ class EncodingPlan:
     @property
     def input_rows(self) -> int:
         return sum(fragment.num_rows for fragment in self.fragments)
+
+    @property
+    def rows_done_before(self) -> int:
+        return sum(row_id in self.done for row_id in self.input_ids)
+
+    def placement(self, cluster: ClusterShape) -> str:
+        return resolve_placement(self.config.placement, self.config.text_embeddings)
+
+    def model_stages(self, placement: str, cluster: ClusterShape) -> list[Stage]:
+        return build_model_stages(self.config, self.model, placement, cluster)
+
+    def stage_input_columns(self) -> set[str]:
+        return set(PREPARED_COLUMNS) | ({"caption"} if self.layout.caption else set())
+
+    def row_work(self) -> tuple[int, int]:
+        """The largest target size, one VAE pass per row."""
+        return max(height * width for height, width in self.settings.preprocessing.targets), 1
+
+    def dataset(self, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
+        return _build_dataset(self, stages, block_rows)
+
+    def record_fields(self) -> dict:
+        return {"run": self.run}
+
+    def final_counts(self, totals: RunTotals | None) -> dict:
+        # one copy per row: rows this run wrote again supersede their older copies
+        superseded = drop_superseded(self.output, current_run=self.run)
+        counts = account(read_output_parts(self.output), self.input_ids, self.duplicate_rows, self.run)
+        return {**counts, "superseded_rows_removed": superseded}
+
+    def error_reasons(self) -> dict[str, int]:
+        return self.output.error_reasons("code")
+
+    def latent_stats_text(self) -> tuple[str, str]:
+        return LATENT_STATS_OVER, "the corpus suggests"
 
 
 def plan_encoding(config: EncodeConfig) -> EncodingPlan:
@@ -186,61 +219,7 @@ def _input_ids(images_uri: str, id_column: str | None, rows: int) -> list[str | 
 
 def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
     """Run one encoding job on the connected Ray cluster; return its run record (run.json)."""
-    started = time.time()
-    plan = config if isinstance(config, EncodingPlan) else plan_encoding(config)
-    config, model, output = plan.config, plan.model, plan.output
-
-    # 5. stages for this cluster, wiring checked before anything runs
-    cluster = ClusterShape.current()
-    placement = resolve_placement(config.placement, config.text_embeddings)
-    stages = build_model_stages(config, model, placement, cluster)
-    check_wiring(stages, set(PREPARED_COLUMNS) | ({"caption"} if plan.layout.caption else set()))
-    block_rows = encoding_block_rows(plan, stages)
-    record = {
-        "status": "running", "run": plan.run, "started_at": utc_now(), "identity": plan.identity, "config": config.to_dict(),
-        "model": model.identity(), "placement": placement, "stages": {stage.name: vars(stage.options) for stage in stages},
-        "rows_per_block": block_rows, "versions": library_versions(),
-    }
-    output.write_json("run.json", record)
-
-    # 6. the dataset: read -> prepare -> encoders -> commit parts; the driver receives summaries only
-    busy: dict[str, float] = {}
-    progress = ProgressReporter(label="encode", total=plan.input_rows, done=sum(row_id in plan.done for row_id in plan.input_ids))
-    for summary in _build_dataset(plan, stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
-        progress.advance(int(summary["encoded"].sum() + summary["failed"].sum()))
-        for text in summary["busy"]:
-            for stage, seconds in json.loads(text).items():
-                busy[stage] = busy.get(stage, 0.0) + seconds
-
-    # 7. one copy per row, then statistics and the run record from what the output holds
-    superseded = drop_superseded(output, current_run=plan.run)
-    counts = account(read_output_parts(output), plan.input_ids, plan.duplicate_rows, plan.run)
-    progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
-    report = latent_stats_report(output.latent_stats(), latent_channels=model.shape.latent_channels, scaling_factor=model.shape.scaling_factor,
-                                 shift_factor=model.shape.shift_factor, over=LATENT_STATS_OVER)
-    output.write_json("latent_stats.json", report)
-    for warning in report["warnings"]:
-        logger.warning("%s", warning)
-    wall = time.time() - started
-    record.update(
-        status="complete" if counts["ok_rows"] + counts["error_rows"] == counts["input_rows"] else "incomplete",
-        finished_at=utc_now(), counts={**counts, "superseded_rows_removed": superseded},
-        error_reasons=output.error_reasons("code"), wall_seconds=round(wall, 3),
-        images_per_second=round(counts["encoded_this_run"] / wall, 4) if wall > 0 else None,
-        stage_busy_seconds={name: round(seconds, 3) for name, seconds in busy.items()},
-    )
-    output.write_json("run.json", record)
-    if record["status"] != "complete":
-        logger.warning("counts do not add up: %s", record["counts"])
-    return record
-
-
-def encoding_block_rows(plan: EncodingPlan, stages: list[Stage]) -> int:
-    """Rows per block: from the rows left to encode, the largest target size (one VAE pass each) and the model pools."""
-    return rows_per_block(BlockWork.of_stages(
-        [stage.options for stage in stages], rows=max(0, plan.input_rows - len(plan.done)),
-        pixels_per_row=max(height * width for height, width in plan.settings.preprocessing.targets), passes_per_row=1,
-    ))
+    return run_job(config if isinstance(config, EncodingPlan) else plan_encoding(config))
 
 
 def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:

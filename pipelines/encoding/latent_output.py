@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.runtime import io
+from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.schemas import (
     EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
@@ -48,7 +49,7 @@ class LatentLayout:
 
 def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: LatentLayout, run: int) -> dict[str, np.ndarray]:
     """Ray Data task: encoded rows -> one ``latents/`` part (non-finite rows to ``errors/``) -> a summary row."""
-    busy = {column.removeprefix("busy_seconds_"): float(np.sum(batch.pop(column))) for column in list(batch) if column.startswith("busy_seconds_")}
+    busy = pop_busy_seconds(batch)
     rows = len(batch["id"])
 
     # 1. the values as stored: checks and statistics are of what readers will see
@@ -66,7 +67,7 @@ def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: L
     table = latents_table(batch, keep, latents, flipped, layout, run) if len(keep) else None
     stats = stats_of_latents([latents[i] for i in keep])
     output.commit(table, errors, stats)
-    return {"encoded": np.array([len(keep)]), "failed": np.array([rows - len(keep)]), "busy": np.array([json.dumps(busy)], dtype=object)}
+    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy)
 
 
 def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run: int) -> pa.Table | None:

@@ -1,0 +1,88 @@
+"""The embedded Ray goes when its driver goes, even when the driver is SIGKILLed.
+
+Ray ties its GCS and raylet to the driver that started them (they die with it), but
+its per-node agents (``DashboardAgent``, ``RuntimeEnvAgent``), on finding the raylet
+gone without a clean shutdown, first try to report that to the dead GCS and wait up to
+60 s for it. A killed run would leave them behind for a minute, holding ports, memory
+and its session folder while the user already reruns.
+
+The reaper is a small process (standard library only, started by the driver beside an
+embedded Ray): it notes the driver's descendants twice a second and blocks on a pipe
+only the driver holds. The pipe closes when the driver ends, however it ends; the reaper
+then SIGKILLs every process it noted that is still alive (matched by start time, never
+a reused pid) and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+
+SCAN_SECONDS = 0.5
+
+
+def start() -> None:
+    """Start a reaper for this process (the driver), once; it ends after the driver."""
+    if _keep_open:
+        return
+    read_end, write_end = os.pipe()  # both ends non-inheritable: Ray's processes never hold the write end
+    subprocess.Popen(
+        [sys.executable, "-m", "jobs.reaper", str(os.getpid()), str(read_end)],
+        pass_fds=(read_end,), stdin=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    os.close(read_end)
+    _keep_open.append(write_end)
+
+
+_keep_open: list[int] = []  # the driver's end of the pipe, open until the driver exits
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every process."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(entry)] = (int(fields[1]), fields[19])  # ppid, starttime
+    return found
+
+
+def _descendants(root: int, processes: dict[int, tuple[int, str]]) -> dict[int, str]:
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    found, stack = {}, [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found[child] = processes[child][1]
+            stack.append(child)
+    return found
+
+
+def reap(driver_pid: int, pipe: int) -> None:
+    noted: dict[int, str] = {}
+    while True:
+        noted.update(_descendants(driver_pid, _processes()))
+        noted.pop(os.getpid(), None)
+        readable, _, _ = select.select([pipe], [], [], SCAN_SECONDS)
+        if readable and not os.read(pipe, 1):  # end of file: the driver is gone
+            break
+    alive = _processes()
+    for pid, started in noted.items():
+        if pid in alive and alive[pid][1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    reap(int(sys.argv[1]), int(sys.argv[2]))
