@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from io import BytesIO
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -213,3 +214,131 @@ def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp
     clean_images = images_by_id(clean_output)
     for row_id, image in images_by_id(output).items():
         assert np.array_equal(image, clean_images[row_id]), row_id
+
+
+# -- an object store that throttles and drops connections -------------------------------------------
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FaultyS3Proxy:
+    """A small HTTP proxy in front of the S3 server: answers one request in ``slow_down_every`` with
+    503 SlowDown and cuts one connection in ``cut_every`` mid-response (after the server acted).
+    Counted, not drawn: every run injects the same share of faults."""
+
+    def __init__(self, upstream: str, slow_down_every: int, cut_every: int):
+        import http.server
+        import threading
+        import urllib.parse
+
+        upstream_host, upstream_port = urllib.parse.urlsplit(upstream).hostname, urllib.parse.urlsplit(upstream).port
+        lock = threading.Lock()
+        self.counts = {"requests": 0, "slow_down": 0, "cut": 0}
+        counts = self.counts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def forward(self) -> None:
+                import http.client
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with lock:
+                    counts["requests"] += 1
+                    number = counts["requests"]
+                if number % slow_down_every == 3:
+                    with lock:
+                        counts["slow_down"] += 1
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(SLOW_DOWN)
+                    return
+                connection = http.client.HTTPConnection(upstream_host, upstream_port, timeout=60)
+                headers = {key: value for key, value in self.headers.items() if key.lower() not in ("expect", "connection")}
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                connection.close()
+                if number % cut_every == 7:  # the server acted; the client sees half an answer
+                    with lock:
+                        counts["cut"] += 1
+                    self.send_response(response.status)
+                    for key, value in response.getheaders():
+                        if key.lower() not in ("connection", "transfer-encoding"):
+                            self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    # a HEAD answer keeps the object's length; others get the length of what is sent
+                    if key.lower() not in ("connection", "transfer-encoding") and (self.command == "HEAD" or key.lower() != "content-length"):
+                        self.send_header(key, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_object_store_throttling_and_cut_connections_lose_and_repeat_nothing(s3_endpoint, model_cache, tmp_path):
+    import boto3
+
+    from pipelines.runtime import io
+
+    rows = 24
+    table = {"id": [f"s3-row-{index:02d}" for index in range(rows)], "prompt": [f"a green triangle {index}" for index in range(rows)],
+             "seed": list(range(rows))}
+    local_prompts = write_prompts(tmp_path / "prompts.parquet", table)
+    boto3.client("s3").create_bucket(Bucket="fault-bucket")
+    io.write_bytes("s3://fault-bucket/prompts/part-0.parquet", open(local_prompts, "rb").read())
+
+    # 1. a clean run into a local folder
+    clean_output = str(tmp_path / "clean")
+    clean = subprocess.run(job_command(local_prompts, clean_output, "--save-latents"), cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    # 2. the same job from and to the object store, through a proxy that throttles 10% and cuts 2%
+    proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50)
+    try:
+        environment = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+        faulty = subprocess.run(job_command("s3://fault-bucket/prompts/", "s3://fault-bucket/out", "--save-latents"), cwd=PROJECT,
+                                capture_output=True, text=True, timeout=600, env=environment)
+    finally:
+        proxy.close()
+    print(f"proxy: {proxy.counts}")
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    assert proxy.counts["slow_down"] > 0 and proxy.counts["cut"] > 0, proxy.counts
+
+    # 3. every row once, the same images, the same exact statistics
+    frame = io.read_parquet_columns("s3://fault-bucket/out/manifest", ["id", "image_path"]).to_pylist()
+    assert sorted(row["id"] for row in frame) == sorted(table["id"]) and len(frame) == rows
+    assert io.read_parquet_folder("s3://fault-bucket/out/errors") is None
+    clean_images = images_by_id(clean_output)
+    for row in frame:
+        image = read_image(BytesIO(io.read_bytes(io.join("s3://fault-bucket/out", row["image_path"]))))
+        assert np.array_equal(image, clean_images[row["id"]]), row["id"]
+    remote_stats = io.read_json("s3://fault-bucket/out/latent_stats.json")
+    assert remote_stats == json.loads(open(os.path.join(clean_output, "latent_stats.json")).read())
