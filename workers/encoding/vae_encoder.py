@@ -8,13 +8,16 @@ row's latent does not depend on which rows share its batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from workers.runtime.base import Batch, ModelWorker, group_rows
 from workers.runtime.columns import stack_column
-from workers.runtime.devices import upcast_vae
-from workers.runtime.devices import on_compute_thread
+from workers.runtime.devices import inference_mode, on_compute_thread, upcast_vae
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 SAMPLE_MODES = ("mean", "sample")
 
@@ -41,6 +44,8 @@ class VaeEncoderWorker(ModelWorker):
 
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
+        import torch
+
         with self.busy(batch):
             # 1. rows of one crop size share a forward pass
             crops = list(batch["pixels"])
@@ -65,9 +70,11 @@ class VaeEncoderWorker(ModelWorker):
                 batch["latent_flipped"] = stack_column(flipped)
         return batch
 
-    @torch.inference_mode()
+    @inference_mode
     def _encode(self, crops: np.ndarray, generators: list[torch.Generator]) -> np.ndarray:
         # as diffusers' VaeImageProcessor.preprocess: [0, 255] -> [-1, 1], channels first
+        import torch
+
         images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
         if crops.dtype == np.uint8:
             images = images.float() / 127.5 - 1.0

@@ -10,13 +10,12 @@ image equals what the family's pipeline draws for it alone, whatever rows share 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows
 from workers.runtime.columns import stack_column
 from workers.families import ModelFamily
 from workers.runtime.schedulers import make_scheduler
-from workers.runtime.devices import on_compute_thread
+from workers.runtime.devices import inference_mode, on_compute_thread
 
 
 class DenoiserWorker(ModelWorker):
@@ -66,7 +65,7 @@ class DenoiserWorker(ModelWorker):
             batch["latents"] = stack_column(latents)
         return batch
 
-    @torch.inference_mode()
+    @inference_mode
     def _denoise(self, batch: Batch, rows: list[int], height: int, width: int, steps: int, guidance: float) -> np.ndarray:
         # 1. a fresh scheduler: schedulers keep state across steps
         self.pipe.scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
@@ -75,6 +74,8 @@ class DenoiserWorker(ModelWorker):
         arguments = self.family.denoise_arguments(self.pipe, batch, rows, self.options)
 
         # 3. diffusers' own loop, one CPU generator per row
+        import torch
+
         generators = [torch.Generator("cpu").manual_seed(int(batch["seed"][row])) for row in rows]
         latents = self.pipe(
             **arguments, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,

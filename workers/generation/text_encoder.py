@@ -8,12 +8,11 @@ them to diffusers unchanged.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns
 from workers.runtime.columns import stack_column
 from workers.families import ModelFamily
-from workers.runtime.devices import on_compute_thread
+from workers.runtime.devices import inference_mode, on_compute_thread
 
 # embeddings kept per actor for repeated texts; T5 embeddings are megabytes each, so the
 # cache is bounded by bytes, not entries
@@ -77,7 +76,7 @@ class TextEncoderWorker(ModelWorker):
     def is_truncated(self, text: str) -> bool:
         return self.family.is_truncated(self.pipe, text, self.max_sequence_length)
 
-    @torch.inference_mode()
+    @inference_mode
     def _encode(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
         columns = self.family.encode_texts(self.pipe, texts, self.device, self.max_sequence_length)
         return [{name: columns[name][index] for name in columns} for index in range(len(texts))]

@@ -7,12 +7,10 @@ Every family's pipeline decodes the same way once latents are unpacked:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from workers.runtime.base import Batch, ModelWorker, group_rows
 from workers.runtime.columns import stack_column
-from workers.runtime.devices import upcast_vae
-from workers.runtime.devices import on_compute_thread
+from workers.runtime.devices import inference_mode, on_compute_thread, upcast_vae
 
 
 class VaeDecoderWorker(ModelWorker):
@@ -44,8 +42,10 @@ class VaeDecoderWorker(ModelWorker):
             batch["image"] = stack_column(images)
         return batch
 
-    @torch.inference_mode()
+    @inference_mode
     def _decode(self, latents: np.ndarray) -> np.ndarray:
+        import torch
+
         latents_tensor = torch.from_numpy(latents).to(self.vae.device, self.vae.dtype)
         decoded = self.vae.decode(latents_tensor / self.scaling_factor + self.shift_factor, return_dict=False)[0]
         # as diffusers' postprocess + numpy_to_pil: [-1, 1] -> [0, 1] -> round to uint8

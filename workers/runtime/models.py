@@ -14,12 +14,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
-import torch
 
 from workers.families import ModelFamily, family_for_class
 from workers.runtime.presets import BUILT_IN_MODELS, materialize_preset
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 ModelSource = Union[str, Callable[[], str]]
 
@@ -67,6 +69,8 @@ class ModelDirectory:
         its stages gets that same pipeline. ``config_only`` components are built on the meta
         device (their config, no weights): what a stage reads of another stage's model.
         """
+        import torch
+
         wanted = {name for name in components if self.has(name)}
         if self._pipeline is not None and wanted <= self._loaded:
             return self._pipeline
