@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipelines.encoding.image_decode import ImageRejected, Preprocessing, preprocess
 from pipelines.runtime import io
+from pipelines.runtime.outputs import write_errors_part
 from pipelines.runtime.row_ids import derived_seed, position_id
 from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
 from workers.runtime.columns import stack_column  # numpy only: this task loads no torch
@@ -149,7 +150,7 @@ def prepare_images(
             good.append(prepared)
 
     if bad:
-        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ENCODE_ERRORS_SCHEMA), errors_uri)
+        write_errors_part(pa.Table.from_pylist(bad, schema=ENCODE_ERRORS_SCHEMA), errors_uri)
     if not good:
         return {}  # Ray Data passes no empty block on to the encoders (and empty tensor columns do not convert)
     return crops_batch(good, with_caption=settings.columns.caption is not None)

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipelines.runtime import io
 from pipelines.runtime.job import part_summary, pop_busy_seconds
-from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.outputs import RunOutput, write_errors_part
 from pipelines.runtime.schemas import (
     EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
 )
@@ -354,7 +354,7 @@ def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> 
         if part.is_results:
             output.commit(with_shape_runs(kept), None, stats_of_latents(latents_of(kept)))
         else:
-            io.write_parquet_part(kept, output.errors_uri)
+            write_errors_part(kept, output.errors_uri)
     io.remove_tree(part.uri)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.runtime import io
+from pipelines.runtime.outputs import write_errors_part
 from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
 from pipelines.runtime.schemas import ERRORS_SCHEMA, PAIR_COLUMNS
@@ -115,6 +115,6 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
             good.append(resolved)
 
     if bad:
-        io.write_parquet_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri)
+        write_errors_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri)
     columns = [*PROMPT_ROW_COLUMNS, *[column for column in PAIR_COLUMNS if column in frame.columns]]
     return pd.DataFrame(good, columns=columns)

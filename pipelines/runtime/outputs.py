@@ -26,6 +26,7 @@ from pipelines.runtime import io
 from pipelines.runtime.stats import ChannelStats, merge_all
 
 STATS_METADATA_KEY = b"latentray.latent_stats"
+REASONS_METADATA_KEY = b"latentray.error_counts"  # an errors part's rows per reason (and per code)
 ERRORS_FOLDER = "errors"
 PART_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)-[0-9a-f]+\.parquet$")
 # error reasons counted by name in run.json; rarer ones beyond this many are counted together
@@ -108,7 +109,7 @@ class RunOutput:
     def commit(self, results: pa.Table | None, errors: pa.Table | None, stats: ChannelStats | None) -> None:
         """Commit rows: errors first, results last (a results part marks its rows done)."""
         if errors is not None and len(errors):
-            io.write_parquet_part(errors, self.errors_uri)
+            write_errors_part(errors, self.errors_uri)
         if results is not None and len(results):
             if stats is not None:
                 metadata = dict(results.schema.metadata or {})
@@ -138,8 +139,7 @@ class RunOutput:
         """
         counts: dict[str, int] = {}
         for uri in _part_uris(self.errors_uri):
-            for item in pc.value_counts(io.read_parquet_file(uri, [column]).column(column)):
-                value, number = item["values"].as_py(), item["counts"].as_py()
+            for value, number in _part_reasons(uri, column).items():
                 if value not in counts and len(counts) >= MAX_DISTINCT_REASONS:
                     value = OTHER_REASONS
                 counts[value] = counts.get(value, 0) + number
@@ -147,6 +147,24 @@ class RunOutput:
 
     def write_json(self, name: str, value: dict) -> None:
         io.write_json(io.join(self.uri, name), value)
+
+
+def write_errors_part(table: pa.Table, errors_uri: str) -> str:
+    """One ``errors/`` part, with its rows per reason (and per code) in its footer: ``error_reasons``
+    then reads footers, not 10 million reasons."""
+    counts = {column: _value_counts(table.column(column)) for column in ("reason", "code") if column in table.column_names}
+    metadata = {**(table.schema.metadata or {}), REASONS_METADATA_KEY: json.dumps(counts).encode()}
+    return io.write_parquet_part(table.replace_schema_metadata(metadata), errors_uri)
+
+
+def _value_counts(column: pa.ChunkedArray | pa.Array) -> dict:
+    return {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(column)}
+
+
+def _part_reasons(uri: str, column: str) -> dict:
+    """An errors part's rows per value of ``column``: from its footer, or its column (parts written before footers had them)."""
+    counts = json.loads(io.parquet_metadata(uri).get(REASONS_METADATA_KEY, b"{}"))
+    return counts[column] if column in counts else _value_counts(io.read_parquet_file(uri, [column]).column(column))
 
 
 def _part_uris(folder: str) -> list[str]:

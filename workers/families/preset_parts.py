@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from workers.families.tokenizers import CLIP_MAX_TOKENS
 
 
@@ -34,6 +32,8 @@ PRESET_SIZES = {
 
 def seeded(seed: int):
     """Each component from its own seed: a preset is the same on every machine and run."""
+    import torch  # here: describing a preset (its sizes) must not load torch
+
     torch.manual_seed(seed)
 
 
