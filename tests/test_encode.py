@@ -280,7 +280,7 @@ def test_encode_blocks_are_sized_from_the_largest_target_and_the_encoder_pool(tm
         plan = plan_encoding(EncodeConfig(images=table, output=str(tmp_path / "out"), model="tiny", overwrite=True, **options))
         return job_block_rows(plan, build_model_stages(plan.config, plan.model, "vae_only", ClusterShape(cpus=8, gpus=0)))
 
-    # 32 rows, 2 encoder actors: 4 blocks each, whole batches of 4 -> 4 rows per block (8 blocks)
+    # 32 rows, 2 encoder actors: 8 blocks each would be 2 rows, but whole batches of 4 -> 4 rows per block (8 blocks)
     assert block_rows(resolution=32, batch_size=4, stages={"vae_encoder": StageOptions(concurrency=2)}) == 4
     # one actor, batches of 8: 32 / 4 = 8 rows
     assert block_rows(resolution=32, batch_size=8) == 8

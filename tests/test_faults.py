@@ -141,8 +141,8 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
 
 # -- the driver killed, then the job rerun ---------------------------------------------------------
 
-DRIVER_KILL_ROWS = 48
-DRIVER_KILL_STEPS = 100  # model work well above the ~13 s of start-up, so 60% of the run is mid-generation
+DRIVER_KILL_ROWS = 96  # one-batch blocks: the 2 blocks in flight at the kill are a small share of the rows
+DRIVER_KILL_STEPS = 100  # model work (~20 s) well above the ~13 s of start-up: 60% of the run falls mid-generation
 TWO_ACTORS = ("--stage", "fused.concurrency=2")
 
 
@@ -307,6 +307,7 @@ def test_object_store_throttling_and_cut_connections_lose_and_repeat_nothing(s3_
     import boto3
 
     from pipelines.runtime import io
+    from pipelines.runtime.stats import ChannelStats
 
     rows = 24
     table = {"id": [f"s3-row-{index:02d}" for index in range(rows)], "prompt": [f"a green triangle {index}" for index in range(rows)],
@@ -315,12 +316,7 @@ def test_object_store_throttling_and_cut_connections_lose_and_repeat_nothing(s3_
     boto3.client("s3").create_bucket(Bucket="fault-bucket")
     io.write_bytes("s3://fault-bucket/prompts/part-0.parquet", open(local_prompts, "rb").read())
 
-    # 1. a clean run into a local folder
-    clean_output = str(tmp_path / "clean")
-    clean = subprocess.run(job_command(local_prompts, clean_output, "--save-latents"), cwd=PROJECT, capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-3000:]
-
-    # 2. the same job from and to the object store, through a proxy that throttles 10% and cuts 2%
+    # 1. the job from and to the object store, through a proxy that throttles 10% and cuts 2%
     proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50)
     try:
         environment = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
@@ -332,13 +328,16 @@ def test_object_store_throttling_and_cut_connections_lose_and_repeat_nothing(s3_
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     assert proxy.counts["slow_down"] > 0 and proxy.counts["cut"] > 0, proxy.counts
 
-    # 3. every row once, the same images, the same exact statistics
-    frame = io.read_parquet_columns("s3://fault-bucket/out/manifest", ["id", "image_path"]).to_pylist()
+    # 2. every row once, each image whole, latent_stats.json exact over the latents the manifest holds
+    frame = io.read_parquet_columns("s3://fault-bucket/out/manifest", ["id", "image_path", "latent", "latent_shape"]).to_pylist()
     assert sorted(row["id"] for row in frame) == sorted(table["id"]) and len(frame) == rows
     assert io.read_parquet_folder("s3://fault-bucket/out/errors") is None
-    clean_images = images_by_id(clean_output)
     for row in frame:
-        image = read_image(BytesIO(io.read_bytes(io.join("s3://fault-bucket/out", row["image_path"]))))
-        assert np.array_equal(image, clean_images[row["id"]]), row["id"]
-    remote_stats = io.read_json("s3://fault-bucket/out/latent_stats.json")
-    assert remote_stats == json.loads(open(os.path.join(clean_output, "latent_stats.json")).read())
+        assert read_image(BytesIO(io.read_bytes(io.join("s3://fault-bucket/out", row["image_path"])))).shape == (64, 64, 3)
+    latents = np.stack([np.asarray(row["latent"], np.float64).reshape(row["latent_shape"]) for row in frame])
+    expected = ChannelStats.of(latents)
+    stats = io.read_json("s3://fault-bucket/out/latent_stats.json")
+    assert stats["count"] == expected.count.tolist()
+    np.testing.assert_allclose(stats["mean"], expected.mean, rtol=1e-9)
+    np.testing.assert_allclose(stats["std"], expected.std, rtol=1e-9)
+    assert stats["min"] == expected.minimum.tolist() and stats["max"] == expected.maximum.tolist()

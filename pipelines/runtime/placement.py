@@ -94,8 +94,9 @@ def stage_options(
 
 # Ray Data hands a whole block to one actor task, and a task's results leave it only when
 # the task ends: the block is the unit of spreading work, of progress and of loss.
-# Enough blocks per actor that every actor starts with work and the last ones end together
-BLOCKS_PER_ACTOR = 4
+# Enough blocks per actor that every actor starts with work, the last ones end together, and
+# a killed actor or driver loses little: each actor has one block in flight, an eighth of its share
+BLOCKS_PER_ACTOR = 8
 # Model work one block may carry, in pixels x model passes: 2**30 is 32 images of 1024x1024
 # at 32 steps, about two minutes of one GPU with SDXL: what a killed actor loses and what
 # a viewer waits for between results

@@ -1,0 +1,89 @@
+"""Resume by input position from the output's listing, the input check, and repeated ids found by tasks."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.runtime import io
+from pipelines.runtime.outputs import PartSpan, RunOutput, write_errors_part
+from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
+from pipelines.runtime.resume import check_input_unchanged, input_versions, plan_resume, read_pending_rows
+
+FRAGMENTS = [io.ParquetFragment("in.parquet", group, 100 * group, 100) for group in range(3)]  # rows 0..299
+
+
+def span(first: int, last: int, rows: int) -> PartSpan:
+    return PartSpan(f"part-{first}-{last}", first, last, rows)
+
+
+def test_listing_alone_tells_finished_skipped_and_partly_done_row_groups():
+    # nothing committed: every row group is read, with no part to check
+    plan = plan_resume(FRAGMENTS, [])
+    assert [pending.fragment.row_group for pending in plan.pending] == [0, 1, 2] and not any(p.parts for p in plan.pending)
+    # group 0 covered by two parts inside it; group 1 half done, by a part that reaches into group 2
+    spans = [span(0, 49, 50), span(50, 99, 50), span(100, 149, 50), span(190, 209, 20)]
+    plan = plan_resume(FRAGMENTS, spans)
+    assert plan.committed_rows == 170
+    assert {pending.fragment.row_group: pending.parts for pending in plan.pending} == {
+        1: ("part-100-149", "part-190-209"), 2: ("part-190-209",),
+    }
+    # every row counted: finished without a look inside any part
+    assert plan_resume(FRAGMENTS, [span(0, 299, 300)]).finished
+
+
+def test_a_task_drops_exactly_the_committed_rows_of_its_row_group(tmp_path):
+    source = str(tmp_path / "input.parquet")
+    io.write_parquet(pa.table({"id": [f"r{index}" for index in range(300)], "prompt": ["p"] * 300}), source)
+    _, fragments = io.parquet_fragments(source)
+    output = RunOutput(str(tmp_path / "out"), "manifest")
+    write_errors_part(pa.table({"id": ["r3", "r150"], "row": pa.array([3, 150], pa.int64()), "reason": ["x", "y"]}), output.errors_uri)
+    results, errors = output.spans()
+    plan = plan_resume(fragments, results + errors)
+    rows = []
+    for pending in plan.pending:
+        batch = {key: np.array([value], dtype=object) for key, value in pending.to_item().items()}
+        batch["parts"] = np.array([list(pending.parts)], dtype=object)
+        rows += [row for table in read_pending_rows(batch, ["id"], rows_per_block=64) for row in table.column("row").to_pylist()]
+    assert sorted(rows) == sorted(set(range(300)) - {3, 150})
+    assert output.error_reasons() == {"x": 1, "y": 1} and output.counts() == (0, 2)
+
+
+def test_changed_moved_or_missing_input_files_are_refused_new_files_after_them_are_not(tmp_path):
+    first, second = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    io.write_parquet(pa.table({"prompt": ["x"] * 5}), first)
+    _, fragments = io.parquet_fragments(str(tmp_path))
+    recorded = input_versions(fragments)
+    io.write_parquet(pa.table({"prompt": ["y"] * 3}), second)  # a new file that sorts after: fine
+    _, fragments = io.parquet_fragments(str(tmp_path))
+    check_input_unchanged(recorded, input_versions(fragments), fragments)
+
+    io.write_parquet(pa.table({"prompt": ["z"] * 2}), str(tmp_path / "0-first.parquet"))  # sorts before a.parquet
+    _, fragments = io.parquet_fragments(str(tmp_path))
+    with pytest.raises(ValueError, match=r"a\.parquet' now starts at input row 2, not 0 .*--overwrite"):
+        check_input_unchanged(recorded, input_versions(fragments), fragments)
+    os.remove(tmp_path / "0-first.parquet")
+
+    io.write_parquet(pa.table({"prompt": ["x"] * 6}), first)  # rewritten with other rows
+    _, fragments = io.parquet_fragments(str(tmp_path))
+    with pytest.raises(ValueError, match=r"a\.parquet' has changed since an earlier run"):
+        check_input_unchanged(recorded, input_versions(fragments), fragments)
+
+
+def test_repeated_ids_found_by_tasks_across_buckets_equal_a_sort_of_the_whole_column(ray_session, tmp_path, monkeypatch):
+    from pipelines.runtime import repeated_ids
+
+    generator = np.random.default_rng(5)
+    ids = [None if index % 97 == 0 else f"id-{value}" for index, value in enumerate(generator.integers(0, 400, size=1000))]
+    source = str(tmp_path / "ids.parquet")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ids}), source, row_group_size=100)
+    _, fragments = io.parquet_fragments(source)
+    monkeypatch.setattr(repeated_ids, "ROWS_PER_TASK", 250)  # 4 reading tasks, 4 buckets
+    found = find_repeated_ids(fragments, "id")
+    expected = RepeatedIds.of_ids(ids)
+    assert len(found) == len(expected) > 500
+    assert found.positions.tolist() == expected.positions.tolist()
+    assert found.first_positions.tolist() == expected.first_positions.tolist()
