@@ -14,7 +14,7 @@ from pipelines.encoding.encode_rows import RowSettings, SourceColumns, prepare_i
 from pipelines.encoding.image_decode import Preprocessing
 from pipelines.encoding.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts, tensor_values
 from pipelines.runtime.outputs import RunOutput
-from pipelines.runtime.row_ids import duplicate_positions
+from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.schemas import SHAPE_RUNS_METADATA_KEY
 
 PREPROCESSING = Preprocessing(targets=((64, 64),), crop="center", max_pixels=10**7, min_size=None, background=(255, 255, 255))
@@ -36,7 +36,7 @@ def test_prepare_reads_hf_struct_bytes_and_relative_paths_and_skips_what_is_done
     paths = pa.table({"id": ["a", "b", "c", None, "a"], "file": ["images/a.png", "images/nope.png", None, "images/a.png", "images/a.png"],
                       "row": pa.array([0, 1, 2, 3, 4], pa.int64())})
     settings = row_settings(SourceColumns(image=None, path="file", caption=None, id="id"), "file://" + table_uri)
-    batch = prepare_images(paths, settings=settings, done={}, duplicate_rows=duplicate_positions(["a", "b", "c", None, "a"]),
+    batch = prepare_images(paths, settings=settings, done={}, repeated=RepeatedIds.of_ids(["a", "b", "c", None, "a"]),
                            errors_uri=str(tmp_path / "out" / "errors"))
     assert batch["id"].tolist() == ["a"] and batch["pixels"].shape == (1, 64, 64, 3)
     assert batch["source"][0] == "file://" + str(tmp_path / "images" / "a.png")
@@ -47,9 +47,9 @@ def test_prepare_reads_hf_struct_bytes_and_relative_paths_and_skips_what_is_done
     # the same bytes inline, as HF datasets stores images: same content hash, and a done row is skipped
     struct = pa.table({"image": [{"bytes": image, "path": "a.png"}], "row": pa.array([0], pa.int64())})
     inline = row_settings(SourceColumns(image="image", path=None, caption=None, id=None), "s3://bucket/t.parquet")
-    again = prepare_images(struct, settings=inline, done={}, duplicate_rows={}, errors_uri=str(tmp_path / "x"))
+    again = prepare_images(struct, settings=inline, done={}, repeated=RepeatedIds.none(), errors_uri=str(tmp_path / "x"))
     assert again["content_hash"][0] == batch["content_hash"][0] and again["source"][0] == "s3://bucket/t.parquet#row=0"
-    assert prepare_images(struct, settings=inline, done={"000000000": again["cache_key"][0]}, duplicate_rows={}, errors_uri=str(tmp_path / "x")) == {}
+    assert prepare_images(struct, settings=inline, done={"000000000": again["cache_key"][0]}, repeated=RepeatedIds.none(), errors_uri=str(tmp_path / "x")) == {}
 
 
 def encoded_batch(ids: list[str], latents: np.ndarray) -> dict[str, np.ndarray]:

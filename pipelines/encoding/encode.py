@@ -25,7 +25,8 @@ from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, Source
 from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, parse_bucket_list
-from pipelines.runtime.row_ids import duplicate_positions, position_id
+from pipelines.runtime.repeated_ids import RepeatedIds
+from pipelines.runtime.row_ids import position_id
 from pipelines.encoding.latent_output import (
     LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts,
 )
@@ -94,7 +95,7 @@ class EncodingPlan:
     settings: RowSettings
     layout: LatentLayout
     input_ids: list[str | None]
-    duplicate_rows: dict[int, int]
+    repeated: RepeatedIds
     done: dict[str, str]  # id -> cache key of rows the output already holds
 
     @property
@@ -127,7 +128,7 @@ class EncodingPlan:
     def final_counts(self, totals: RunTotals | None) -> dict:
         # one copy per row: rows this run wrote again supersede their older copies
         superseded = drop_superseded(self.output, current_run=self.run)
-        counts = account(read_output_parts(self.output), self.input_ids, self.duplicate_rows, self.run)
+        counts = account(read_output_parts(self.output), self.input_ids, self.repeated, self.run)
         return {**counts, "superseded_rows_removed": superseded}
 
     def error_reasons(self) -> dict[str, int]:
@@ -184,7 +185,7 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
         layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
                             caption=config.caption_column is not None,
                             text_embeddings=family.embedding_columns if config.text_embeddings else ()),
-        input_ids=input_ids, duplicate_rows=duplicate_positions(input_ids), done=done_keys(parts),
+        input_ids=input_ids, repeated=RepeatedIds.of_ids(input_ids), done=done_keys(parts),
     )
 
 
@@ -236,7 +237,7 @@ def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> 
     dataset = dataset.repartition(target_num_rows_per_block=block_rows)
     dataset = dataset.map_batches(
         prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-        fn_kwargs={"settings": plan.settings, "done": plan.done, "duplicate_rows": plan.duplicate_rows,
+        fn_kwargs={"settings": plan.settings, "done": plan.done, "repeated": plan.repeated,
                    "errors_uri": plan.output.errors_uri},
     )
     for stage in stages:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pipelines.encoding.image_decode import ImageRejected, Preprocessing, preprocess
 from pipelines.runtime import io
 from pipelines.runtime.outputs import write_errors_part
+from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import derived_seed, position_id
 from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
 from workers.runtime.columns import stack_column  # numpy only: this task loads no torch
@@ -119,26 +120,27 @@ def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings, done
 
 
 def prepare_images(
-    table: pa.Table, *, settings: RowSettings, done: dict[str, str], duplicate_rows: dict[int, int], errors_uri: str,
+    table: pa.Table, *, settings: RowSettings, done: dict[str, str], repeated: RepeatedIds, errors_uri: str,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a block of input rows -> crops to encode; bad rows go to ``errors/`` here.
 
-    ``done`` maps the ids the output already holds to their cache keys; ``duplicate_rows``
-    maps the position of every repeated id to its first occurrence. Errors tied to a
+    ``done`` maps the ids the output already holds to their cache keys; ``repeated`` knows
+    the position of every repeated id and of its first occurrence. Errors tied to a
     position (null or repeated id) are written again on every run: they cost nothing to
     find, and a newer copy supersedes the older one.
     """
     good, bad = [], []
     id_column = settings.columns.id
-    for record in table.to_pylist():
+    first_rows = repeated.first_of(table.column("row").to_numpy())
+    for record, first_row in zip(table.to_pylist(), first_rows):
         row = int(record["row"])
         raw_id = record.get(id_column) if id_column is not None else position_id(row)
         row_id = position_id(row) if raw_id is None else str(raw_id)
         try:
             if raw_id is None:
                 raise RowError("null_id", f"column {id_column!r} is null")
-            if row in duplicate_rows:
-                raise RowError("duplicate_id", f"id {row_id!r} repeats the id of input row {duplicate_rows[row]}")
+            if first_row >= 0:
+                raise RowError("duplicate_id", f"id {row_id!r} repeats the id of input row {first_row}")
             prepared = prepare_row(record, row_id, row, settings, done)
         except RowError as error:
             bad.append({

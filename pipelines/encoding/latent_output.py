@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from pipelines.runtime import io
 from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput, write_errors_part
+from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.schemas import (
     EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
 )
@@ -358,7 +359,7 @@ def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> 
     io.remove_tree(part.uri)
 
 
-def account(parts: list[OutputPart], input_ids: list[str | None], duplicate_rows: dict[int, int], run: int) -> dict[str, int]:
+def account(parts: list[OutputPart], input_ids: list[str | None], repeated: RepeatedIds, run: int) -> dict[str, int]:
     """Where each input row ended, and what this run wrote."""
     latent_ids, error_ids, error_positions = set(), set(), set()
     written = {"encoded_this_run": 0, "errors_this_run": 0}
@@ -372,8 +373,9 @@ def account(parts: list[OutputPart], input_ids: list[str | None], duplicate_rows
                 error_ids.add(key[1])
         written["encoded_this_run" if part.is_results else "errors_this_run"] += int((part.runs == run).sum())
     ok = errors = 0
+    repeats = set(repeated.positions.tolist())
     for position, row_id in enumerate(input_ids):
-        if row_id is None or position in duplicate_rows:
+        if row_id is None or position in repeats:
             errors += position in error_positions
         elif row_id in latent_ids:
             ok += 1

@@ -37,7 +37,7 @@ class RepeatedIds:
 
     @classmethod
     def of_ids(cls, ids: list) -> "RepeatedIds":
-        """From a list of ids in input order (tests, small tables); None ids are never repeats."""
+        """From ids in input order that a process already holds (encode's plan, tests); None ids are never repeats."""
         table = pa.table({"id": pa.array([None if value is None else str(value) for value in ids], pa.string()),
                           "row": pa.array(np.arange(len(ids)), pa.int64())})
         return cls.of_pairs(*_repeats(table.filter(pc.is_valid(table.column("id")))))

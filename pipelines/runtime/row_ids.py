@@ -15,18 +15,3 @@ def position_id(row: int) -> str:
 def derived_seed(run_seed: int, row_id: str) -> int:
     """A row's seed from the run's seed and its id: stable, and independent of batching."""
     return int.from_bytes(hashlib.sha256(f"{run_seed}:{row_id}".encode()).digest()[:8], "big") & MAX_SEED
-
-
-def duplicate_positions(ids: list) -> dict[int, int]:
-    """Position of every repeat of an id -> position of the id's first row (null ids are not repeats)."""
-    first_seen: dict[str, int] = {}
-    repeats: dict[int, int] = {}
-    for position, value in enumerate(ids):
-        if value is None:
-            continue
-        key = str(value)
-        if key in first_seen:
-            repeats[position] = first_seen[key]
-        else:
-            first_seen[key] = position
-    return repeats
