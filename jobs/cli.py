@@ -11,7 +11,7 @@ import sys
 from jobs import encode as encode_job
 from jobs import generate as generate_job
 from jobs.options import add_ray_options
-from jobs.running import fail, run_encode, run_generate
+from jobs.running import end_command, fail, run_encode, run_generate
 from jobs.submit import add_submit_parsers
 
 DEMO_PROMPTS = [
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    return end_command(args.run(args))
 
 
 if __name__ == "__main__":

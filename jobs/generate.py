@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from jobs.options import add_generate_options
-from jobs.running import run_generate
+from jobs.running import end_command, run_generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(end_command(main()))

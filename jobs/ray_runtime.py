@@ -25,6 +25,7 @@ from jobs import reaper
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_SECONDS = 60.0
+EMBEDDED = "an embedded local Ray instance"  # what ``connect`` returns when it started one
 
 
 class RayConnectionError(ValueError):
@@ -56,7 +57,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout: fl
             address="local", num_cpus=num_cpus or embedded_cpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
             logging_level=logging.WARNING, configure_logging=True,
         )
-        return "an embedded local Ray instance"
+        return EMBEDDED
     # 3. an existing cluster: find it, check that it answers, then join it within the timeout
     target = resolve_address(address)
     probe(target, address, timeout)

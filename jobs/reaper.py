@@ -15,6 +15,7 @@ a reused pid) and exits.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -38,6 +39,16 @@ def start() -> None:
 
 
 _keep_open: list[int] = []  # the driver's end of the pipe, open until the driver exits
+
+
+def exit_process(status: int) -> None:
+    """End the process now, leaving its embedded Ray to the reaper (returns when there is no reaper)."""
+    if not _keep_open:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 def _processes() -> dict[int, tuple[int, str]]:
