@@ -26,8 +26,11 @@ SCAN_SECONDS = 0.5
 
 
 def start() -> None:
-    """Start a reaper for this process (the driver), once; it ends after the driver."""
-    if _keep_open:
+    """Start a reaper for this process (the driver), once; it ends after the driver.
+
+    Linux only (it reads /proc); elsewhere the driver keeps Ray's orderly shutdown.
+    """
+    if _keep_open or not sys.platform.startswith("linux"):
         return
     read_end, write_end = os.pipe()  # both ends non-inheritable: Ray's processes never hold the write end
     subprocess.Popen(
