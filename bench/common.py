@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from jobs.reaper import descendants
+
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 MEBIBYTE = 1024 * 1024
 RAY_AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
@@ -53,31 +55,8 @@ def read_memory(pid: int) -> tuple[int, int] | None:
     return resident, resident - shared
 
 
-def parent_pids() -> dict[int, int]:
-    """pid -> parent pid of every process visible in /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                # the command name may hold spaces and parentheses: fields start after the last ')'
-                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return parents
-
-
 def descendant_pids(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, parent in parent_pids().items():
-        children.setdefault(parent, []).append(pid)
-    found, pending = [], list(children.get(root, []))
-    while pending:
-        pid = pending.pop()
-        found.append(pid)
-        pending.extend(children.get(pid, []))
-    return found
+    return list(descendants(root))
 
 
 def command_arguments(pid: int) -> list[str]:

@@ -54,7 +54,7 @@ def exit_process(status: int) -> None:
     os._exit(status)
 
 
-def _processes() -> dict[int, tuple[int, str]]:
+def processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, start time) of every process."""
     found = {}
     for entry in os.listdir("/proc"):
@@ -69,14 +69,16 @@ def _processes() -> dict[int, tuple[int, str]]:
     return found
 
 
-def _descendants(root: int, processes: dict[int, tuple[int, str]]) -> dict[int, str]:
+def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> dict[int, str]:
+    """pid -> start time of every process under ``root`` (``table``: a ``processes()`` snapshot)."""
+    table = processes() if table is None else table
     children: dict[int, list[int]] = {}
-    for pid, (parent, _) in processes.items():
+    for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
     found, stack = {}, [root]
     while stack:
         for child in children.get(stack.pop(), []):
-            found[child] = processes[child][1]
+            found[child] = table[child][1]
             stack.append(child)
     return found
 
@@ -84,12 +86,12 @@ def _descendants(root: int, processes: dict[int, tuple[int, str]]) -> dict[int, 
 def reap(driver_pid: int, pipe: int) -> None:
     noted: dict[int, str] = {}
     while True:
-        noted.update(_descendants(driver_pid, _processes()))
+        noted.update(descendants(driver_pid))
         noted.pop(os.getpid(), None)
         readable, _, _ = select.select([pipe], [], [], SCAN_SECONDS)
         if readable and not os.read(pipe, 1):  # end of file: the driver is gone
             break
-    alive = _processes()
+    alive = processes()
     for pid, started in noted.items():
         if pid in alive and alive[pid][1] == started:
             try:
