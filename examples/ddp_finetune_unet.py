@@ -22,6 +22,7 @@ Each rank also writes OUTPUT/rank-<r>.json: the ids and latent shape of every ba
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=2, help="ranks to start here on CPU (ignored under torchrun)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank")
+    parser.add_argument("--collective-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="a rank waiting longer than this for the others fails with an error instead of hanging")
     return parser
 
 
@@ -53,7 +56,8 @@ def train(rank: int, world_size: int, args: argparse.Namespace) -> None:
 
     # 1. the process group (gloo on CPU, nccl on GPUs)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
-    distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                   timeout=datetime.timedelta(seconds=args.collective_timeout))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
     # 2. the data: rank and world size come from the process group
