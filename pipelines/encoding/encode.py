@@ -26,6 +26,7 @@ from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, parse_bucket_list
 from pipelines.runtime.repeated_ids import RepeatedIds
+from pipelines.runtime.resume import PendingFragment, read_pending_rows
 from pipelines.runtime.row_ids import position_id
 from pipelines.encoding.latent_output import (
     LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts,
@@ -172,15 +173,12 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
     input_ids = _input_ids(config.images, id_column, sum(f.num_rows for f in fragments))
     columns = SourceColumns(image=None if config.path_column else config.image_column, path=config.path_column,
                             caption=config.caption_column, id=id_column)
-    file_starts: dict[str, int] = {}
-    for fragment in fragments:
-        file_starts.setdefault(fragment.uri, fragment.first_row)
     return EncodingPlan(
         config=config, model=model, output=output, identity=identity, run=run, fragments=fragments,
         settings=RowSettings(
             columns=columns, preprocessing=preprocessing, seed=config.seed, run=run,
             encoding_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
-            file_starts=tuple(sorted((start, uri) for uri, start in file_starts.items())),
+            file_starts=tuple(sorted((start, uri) for uri, start in io.file_starts(fragments).items())),
         ),
         layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
                             caption=config.caption_column is not None,
@@ -226,9 +224,11 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
 def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
     # batches form identically on every run: same parts, same names, on a rerun of the same rows
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = ray.data.from_items([vars(f) for f in plan.fragments], override_num_blocks=max(1, len(plan.fragments)))
+    # every row group is read: rows already encoded are skipped by cache key in the prepare tasks
+    items = [PendingFragment(fragment, parts=()).to_item() for fragment in plan.fragments]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     dataset = dataset.map_batches(
-        io.read_fragments_batch, batch_size=1, num_cpus=TASK_CPUS,
+        read_pending_rows, batch_size=1, num_cpus=TASK_CPUS,
         fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": block_rows},
     )
     # A task's results leave it as one block, whatever its UDF yields: cut the row groups

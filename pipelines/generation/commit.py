@@ -31,9 +31,12 @@ def commit_generated(
     # 2. the rows that failed, then the others with the exact statistics of their latents
     failed = batch["error_reason"] != ""
     ok = {column: values[~failed] for column, values in batch.items()}
-    stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"]) if (~failed).any() else None
-    output.commit(manifest_table(ok, scheduler, save_latents) if (~failed).any() else None, errors_table(batch, failed), stats)
-    return part_summary(ok_rows=int((~failed).sum()), error_rows=int(failed.sum()), busy=busy)
+    results, stats = None, None
+    if len(ok["id"]):
+        results = manifest_table(ok, scheduler, save_latents)
+        stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
+    output.commit(results, errors_table(batch, failed), stats)
+    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy)
 
 
 def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table | None:

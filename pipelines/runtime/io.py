@@ -189,14 +189,12 @@ def read_fragment(fragment: ParquetFragment, columns: list[str] | None, rows_per
             position += len(table)
 
 
-def read_fragments_batch(batch: dict, columns: list[str] | None, rows_per_block: int):
-    """Ray Data UDF: a batch of row-group descriptions -> tables of their rows (with ``row``).
-
-    ``rows_per_block``: rows per table read (``placement.rows_per_block``); Ray Data may
-    still join a task's tables into one block, the job cuts blocks where it needs them.
-    """
-    for uri, group, first, rows in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"]):
-        yield from read_fragment(ParquetFragment(str(uri), int(group), int(first), int(rows)), columns, rows_per_block)
+def file_starts(fragments: list[ParquetFragment]) -> dict[str, int]:
+    """Each input file's first input position."""
+    starts: dict[str, int] = {}
+    for fragment in fragments:
+        starts.setdefault(fragment.uri, fragment.first_row)
+    return starts
 
 
 def read_parquet_columns(uri: str, columns: list[str] | None) -> pa.Table:

@@ -26,10 +26,9 @@ from pipelines.runtime.progress import ProgressReporter
 from pipelines.runtime.run_record import library_versions, utc_now
 from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report
+from workers.runtime.columns import BUSY_COLUMN_PREFIX  # numpy only: commit tasks import this module
 
 logger = logging.getLogger(__name__)
-
-BUSY_PREFIX = "busy_seconds_"  # the column each worker adds: seconds its model was busy on the batch
 
 
 class PlannedJob(Protocol):
@@ -63,7 +62,8 @@ class PlannedJob(Protocol):
 
 def pop_busy_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Remove the workers' busy-time columns from ``batch``; their sum per stage."""
-    return {column.removeprefix(BUSY_PREFIX): float(np.sum(batch.pop(column))) for column in list(batch) if column.startswith(BUSY_PREFIX)}
+    return {column.removeprefix(BUSY_COLUMN_PREFIX): float(np.sum(batch.pop(column)))
+            for column in list(batch) if column.startswith(BUSY_COLUMN_PREFIX)}
 
 
 def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float]) -> dict[str, np.ndarray]:

@@ -86,7 +86,11 @@ def committed_positions(parts: list[str], first: int, end: int) -> np.ndarray:
 
 
 def read_pending_rows(batch: dict, columns: list[str] | None, rows_per_block: int) -> Iterator[pa.Table]:
-    """Ray Data UDF: pending row groups -> tables of their rows not yet committed (with ``row``)."""
+    """Ray Data UDF: pending row groups -> tables of their rows not yet committed (with ``row``).
+
+    ``rows_per_block``: rows per table read (``placement.rows_per_block``); Ray Data may
+    still join a task's tables into one block, the job cuts blocks where it needs them.
+    """
     for uri, group, first, rows, parts in zip(batch["uri"], batch["row_group"], batch["first_row"], batch["num_rows"], batch["parts"]):
         fragment = io.ParquetFragment(str(uri), int(group), int(first), int(rows))
         done = committed_positions([str(part) for part in parts], fragment.first_row, fragment.first_row + fragment.num_rows)
@@ -103,9 +107,7 @@ def check_input_unchanged(recorded: list[dict] | None, current: list[dict], frag
     if not recorded:
         return  # no earlier run, or one before inputs were recorded
     now = {version["uri"]: version for version in current}
-    starts: dict[str, int] = {}
-    for fragment in fragments:
-        starts.setdefault(fragment.uri, fragment.first_row)
+    starts = io.file_starts(fragments)
     for before in recorded:
         after = now.get(before["uri"])
         if after is None:
@@ -125,7 +127,5 @@ def check_input_unchanged(recorded: list[dict] | None, current: list[dict], frag
 
 def input_versions(fragments: list[io.ParquetFragment]) -> list[dict]:
     """Each input file's size, version and first input position, as run.json records them."""
-    starts: dict[str, int] = {}
-    for fragment in fragments:
-        starts.setdefault(fragment.uri, fragment.first_row)
+    starts = io.file_starts(fragments)
     return [{**version, "first_row": starts[version["uri"]]} for version in io.file_versions(list(starts))]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
+from workers.runtime.columns import BUSY_COLUMN_PREFIX
 from workers.runtime.devices import pick_device, set_torch_threads
 from workers.families import ModelFamily
 from workers.runtime.models import ModelDirectory, ModelSource
@@ -47,7 +48,7 @@ class ModelWorker:
 
     @classmethod
     def busy_column(cls) -> str:
-        return f"busy_seconds_{cls.STAGE}"
+        return f"{BUSY_COLUMN_PREFIX}{cls.STAGE}"
 
     @contextmanager
     def busy(self, batch: Batch) -> Iterator[None]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# each model worker adds a column "busy_seconds_<stage>": seconds its model was busy on the batch,
+# spread over the rows; the pipelines' commit tasks sum and remove it
+BUSY_COLUMN_PREFIX = "busy_seconds_"
+
 
 def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
     """One batch column from per-row arrays: stacked when shapes agree, else an object array.
