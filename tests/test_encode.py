@@ -212,7 +212,7 @@ def test_another_preprocessing_config_is_refused_unless_overwrite(first_run, cor
     with pytest.raises(ValueError, match=r"different configuration \(resolution was 64, now 32; .*--overwrite"):
         plan_encoding(config(corpus, output, resolution=32))
     plan = plan_encoding(config(corpus, output, resolution=32, overwrite=True))
-    assert plan.done == {} and plan.run == 1 and not (output / "latents").exists()
+    assert plan.lookup is None and plan.run == 1 and not (output / "latents").exists()
 
 
 def test_buckets_read_as_one_table_and_split_placement(ray_session, tmp_path):

@@ -1,4 +1,4 @@
-"""The CPU tasks of `latentray encode` called directly (no Ray, no model): prepare, commit, supersede."""
+"""The CPU tasks of `latentray encode` called directly (no model): prepare, commit, supersede, the ledger's tasks."""
 
 import json
 import os
@@ -12,16 +12,24 @@ import pytest
 from image_helpers import picture, png
 from pipelines.encoding.encode_rows import RowSettings, SourceColumns, prepare_images
 from pipelines.encoding.image_decode import Preprocessing
-from pipelines.encoding.latent_output import LatentLayout, commit_latents, done_keys, drop_superseded, latents_of, read_output_parts, tensor_values
+from pipelines.encoding.latent_output import LatentLayout, commit_latents, latents_of, tensor_values, upgrade_part
+from pipelines.encoding.ledger import DONE_KEY_COLUMN, REPEAT_OF_COLUMN, look_up, settle
+from pipelines.runtime import io
 from pipelines.runtime.outputs import RunOutput
-from pipelines.runtime.repeated_ids import RepeatedIds
-from pipelines.runtime.schemas import SHAPE_RUNS_METADATA_KEY
+from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA, SHAPE_RUNS_METADATA_KEY
 
 PREPROCESSING = Preprocessing(targets=((64, 64),), crop="center", max_pixels=10**7, min_size=None, background=(255, 255, 255))
 
 
 def row_settings(columns: SourceColumns, file_uri: str, run: int = 1) -> RowSettings:
     return RowSettings(columns=columns, preprocessing=PREPROCESSING, seed=0, encoding_key="k", run=run, file_starts=((0, file_uri),))
+
+
+def with_lookups(table: pa.Table, done: dict[int, str] | None = None, repeat_of: dict[int, int] | None = None) -> pa.Table:
+    """``table`` with the lookup columns the ledger's read task adds (by input position)."""
+    rows = table.column("row").to_pylist()
+    return (table.append_column(DONE_KEY_COLUMN, pa.array([(done or {}).get(row) for row in rows], pa.string()))
+            .append_column(REPEAT_OF_COLUMN, pa.array([(repeat_of or {}).get(row, -1) for row in rows], pa.int64())))
 
 
 def errors_of(output) -> pd.DataFrame:
@@ -36,8 +44,7 @@ def test_prepare_reads_hf_struct_bytes_and_relative_paths_and_skips_what_is_done
     paths = pa.table({"id": ["a", "b", "c", None, "a"], "file": ["images/a.png", "images/nope.png", None, "images/a.png", "images/a.png"],
                       "row": pa.array([0, 1, 2, 3, 4], pa.int64())})
     settings = row_settings(SourceColumns(image=None, path="file", caption=None, id="id"), "file://" + table_uri)
-    batch = prepare_images(paths, settings=settings, done={}, repeated=RepeatedIds.of_ids(["a", "b", "c", None, "a"]),
-                           errors_uri=str(tmp_path / "out" / "errors"))
+    batch = prepare_images(with_lookups(paths, repeat_of={4: 0}), settings=settings, errors_uri=str(tmp_path / "out" / "errors"))
     assert batch["id"].tolist() == ["a"] and batch["pixels"].shape == (1, 64, 64, 3)
     assert batch["source"][0] == "file://" + str(tmp_path / "images" / "a.png")
     errors = errors_of(tmp_path / "out")
@@ -47,9 +54,9 @@ def test_prepare_reads_hf_struct_bytes_and_relative_paths_and_skips_what_is_done
     # the same bytes inline, as HF datasets stores images: same content hash, and a done row is skipped
     struct = pa.table({"image": [{"bytes": image, "path": "a.png"}], "row": pa.array([0], pa.int64())})
     inline = row_settings(SourceColumns(image="image", path=None, caption=None, id=None), "s3://bucket/t.parquet")
-    again = prepare_images(struct, settings=inline, done={}, repeated=RepeatedIds.none(), errors_uri=str(tmp_path / "x"))
+    again = prepare_images(with_lookups(struct), settings=inline, errors_uri=str(tmp_path / "x"))
     assert again["content_hash"][0] == batch["content_hash"][0] and again["source"][0] == "s3://bucket/t.parquet#row=0"
-    assert prepare_images(struct, settings=inline, done={"000000000": again["cache_key"][0]}, repeated=RepeatedIds.none(), errors_uri=str(tmp_path / "x")) == {}
+    assert prepare_images(with_lookups(struct, done={0: again["cache_key"][0]}), settings=inline, errors_uri=str(tmp_path / "x")) == {}
 
 
 def encoded_batch(ids: list[str], latents: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,22 +90,41 @@ def test_commit_writes_a_tensor_part_with_exact_stats_and_sends_overflow_to_erro
     assert "--latent-dtype float32" in errors_of(tmp_path).loc["c", "reason"]
 
 
-def test_a_newer_copy_of_a_row_supersedes_the_older_and_stats_follow(tmp_path):
-    output = RunOutput(str(tmp_path), "latents")
+def test_the_ledger_removes_superseded_copies_looks_up_done_keys_and_counts(tmp_path, ray_session):
+    """The tasks of ``pipelines.encoding.ledger`` on a real local Ray: an interrupted rerun left two copies of "b"."""
+    output = RunOutput(str(tmp_path / "out"), "latents")
     rng = np.random.default_rng(1)
     first = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
     commit_latents(encoded_batch(["a", "b", "c"], first), output=output, layout=LAYOUT, run=1)
     newer = rng.normal(5.0, 1.0, size=(1, 4, 8, 8)).astype(np.float32)
     commit_latents(encoded_batch(["b"], newer), output=output, layout=LAYOUT, run=2)  # as an interrupted rerun leaves it
-    assert drop_superseded(output) == 1
-    table = pq.read_table(tmp_path / "latents")
-    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"] and len(os.listdir(tmp_path / "latents")) == 2
+    # the input now: a, b, c, "a" again, a row without id, and a new row d
+    pq.write_table(pa.table({"id": ["a", "b", "c", "a", None, "d"]}), tmp_path / "input.parquet")
+    fragments = io.parquet_fragments(str(tmp_path / "input.parquet"))[1]
+
+    lookup = look_up(output, fragments, "id")
+    assert lookup.superseded_rows_removed == 1 and lookup.rows_done == 3 and lookup.last_run == 2
+    items = ray_session.get(lookup.items[0])
+    assert items.column("lookup_row").to_pylist() == [[0, 1, 2, 3]]
+    assert items.column("lookup_done_key").to_pylist() == [["key-a", "key-b", "key-c", None]]
+    assert items.column("lookup_repeat_of").to_pylist() == [[-1, -1, -1, 0]]
+    table = pq.read_table(tmp_path / "out" / "latents")
+    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"] and len(os.listdir(tmp_path / "out" / "latents")) == 2
     held = dict(zip(table.column("id").to_pylist(), latents_of(table)))
     np.testing.assert_array_equal(held["b"], newer[0].astype(np.float16))
     everything = np.stack([held[i] for i in "abc"]).astype(np.float64).transpose(1, 0, 2, 3).reshape(4, -1)
     np.testing.assert_allclose(output.latent_stats().mean, everything.mean(axis=1), rtol=1e-10)
-    assert done_keys(read_output_parts(output)) == {"a": "key-a", "b": "key-b", "c": "key-c"}
-    assert drop_superseded(output) == 0
+
+    # run 3 encodes "a" again and writes the errors of positions 3 and 4; "zz" is held but not in the input
+    commit_latents(encoded_batch(["a", "zz"], rng.normal(size=(2, 4, 8, 8)).astype(np.float32)), output=output, layout=LAYOUT, run=3)
+    errors = pa.table({"id": ["a", "000000004"], "row": pa.array([3, 4], pa.int64()), "stage": ["prepare"] * 2, "reason": ["r"] * 2,
+                       "code": ["duplicate_id", "null_id"], "source": [None, None], "content_hash": [None, None],
+                       "cache_key": [None, None], "run": [3, 3]}, schema=ENCODE_ERRORS_SCHEMA)
+    output.commit(None, errors, None)
+    counts = settle(output, fragments, "id", run=3)
+    assert counts == {"input_rows": 6, "ok_rows": 3, "error_rows": 2, "encoded_this_run": 2, "errors_this_run": 2,
+                      "cached_rows": 2, "rows_not_in_input": 1, "superseded_rows_removed": 1}
+    assert sorted(pq.read_table(tmp_path / "out" / "latents").column("id").to_pylist()) == ["a", "b", "c", "zz"]
 
 
 def test_bucketed_latents_are_nested_lists_sorted_by_shape_with_runs_in_the_footer(tmp_path):
@@ -140,8 +166,6 @@ def test_cpu_tasks_import_no_model_code():
 
 def test_a_rerun_rewrites_parts_of_the_older_encoding(tmp_path):
     """Outputs written before issue 12 (Arrow fixed-shape tensors; flat lists for buckets) are converted, so new parts join them as one table."""
-    from pipelines.encoding.latent_output import upgrade_encoding
-
     output = RunOutput(str(tmp_path), "latents")
     os.makedirs(tmp_path / "latents")
     values = [np.full((4, 4, 12), 1, np.float16), np.full((4, 8, 8), 2, np.float16), np.full((4, 4, 12), 3, np.float16)]
@@ -154,20 +178,18 @@ def test_a_rerun_rewrites_parts_of_the_older_encoding(tmp_path):
         "row": pa.array([0, 1, 2], pa.int64()), "run": pa.array([1, 1, 1], pa.int32()), "cache_key": ["k"] * 3,
     })
     pq.write_table(old, tmp_path / "latents" / "part-old.parquet")
-    assert drop_superseded(output) == 0  # a rerun's plan converts before anything else
-    assert os.listdir(tmp_path / "latents") != ["part-old.parquet"] and len(os.listdir(tmp_path / "latents")) == 1
+    new = upgrade_part(output, str(tmp_path / "latents" / "part-old.parquet"))  # a rerun converts before anything else
+    assert os.listdir(tmp_path / "latents") == [os.path.basename(new)] != ["part-old.parquet"]
     table = pq.read_table(tmp_path / "latents")
     assert table.column("id").to_pylist() == ["c", "e", "d"]
     assert table.schema.field("latent").type == pa.list_(pa.list_(pa.list_(pa.float16())))
     assert table.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float16(), 3), 5)
     assert [latent.flatten()[0] for latent in latents_of(table)] == [1, 3, 2]
     assert output.latent_stats().count.tolist() == [48 + 48 + 64] * 4
-    assert upgrade_encoding(output) == 0
+    assert upgrade_part(output, new) == new  # converted once
 
 
 def test_a_rerun_rewrites_fixed_shape_tensor_parts_in_place(tmp_path):
-    from pipelines.encoding.latent_output import upgrade_encoding
-
     output = RunOutput(str(tmp_path), "latents")
     latents = np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)
     commit_latents(encoded_batch(["a", "b"], latents), output=output, layout=LAYOUT, run=1)
@@ -177,7 +199,8 @@ def test_a_rerun_rewrites_fixed_shape_tensor_parts_in_place(tmp_path):
     old = current.set_column(1, pa.field("latent", pa.fixed_shape_tensor(pa.float16(), [4, 8, 8])),
                              pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), [4, 8, 8]), storage))
     pq.write_table(old.replace_schema_metadata({}), tmp_path / "latents" / part)
-    assert upgrade_encoding(output) == 1 and os.listdir(tmp_path / "latents") == [part]  # same rows, same order: same part
+    uri = str(tmp_path / "latents" / part)
+    assert upgrade_part(output, uri) == uri and os.listdir(tmp_path / "latents") == [part]  # same rows, same order: same part
     table = pq.read_table(tmp_path / "latents")
     assert table.schema.field("latent").type == pa.list_(pa.list_(pa.list_(pa.float16(), 8), 8), 4)
     np.testing.assert_array_equal(tensor_values(table.column("latent")), latents.astype(np.float16))

@@ -1,10 +1,11 @@
 """Latent datasets: a Parquet table of images -> latents (and caption embeddings) for training.
 
-    read row groups -> blocks sized from their work -> prepare (CPU task per block: source
-    bytes, cache key, decode, resize, crop)
+    the ledger (tasks): what the output holds per id -> read row groups with their lookups
+    -> blocks sized from their work -> prepare (CPU task per block: source bytes, cache
+    key, skip what is done, decode, resize, crop)
     -> caption encoder and VAE encoder (actors: one pool each with ``split``, one actor
-    with ``fused``) -> commit latents parts (CPU task) -> the driver drops superseded rows
-    -> latent_stats.json, run.json
+    with ``fused``) -> commit latents parts (CPU task)
+    -> the ledger (tasks): superseded copies out, counts -> latent_stats.json, run.json
 
 The same bones as generation (``pipelines.runtime.job``): model description and loading,
 stages and placement, the run record, the output protocol (``RunOutput``) and exact
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -25,12 +26,8 @@ from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, Source
 from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, parse_bucket_list
-from pipelines.runtime.repeated_ids import RepeatedIds
-from pipelines.runtime.resume import PendingFragment, read_pending_rows
-from pipelines.runtime.row_ids import position_id
-from pipelines.encoding.latent_output import (
-    LatentLayout, account, commit_latents, done_keys, drop_superseded, read_output_parts,
-)
+from pipelines.encoding.ledger import Lookup, look_up, read_rows_with_lookup, settle
+from pipelines.encoding.latent_output import LatentLayout, commit_latents
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.job import RunTotals, run_job
@@ -91,21 +88,30 @@ class EncodingPlan:
     model: ModelDescription
     output: RunOutput
     identity: dict
-    run: int  # this run's number in the output (1 for the first)
+    previous_run: int  # the last run's number in the output's run.json (0 for none)
     fragments: list[io.ParquetFragment]
+    id_column: str | None
     settings: RowSettings
     layout: LatentLayout
-    input_ids: list[str | None]
-    repeated: RepeatedIds
-    done: dict[str, str]  # id -> cache key of rows the output already holds
+    lookup: Lookup | None = None  # what the output holds, per group of row groups (``before_run``)
 
     @property
     def input_rows(self) -> int:
         return sum(fragment.num_rows for fragment in self.fragments)
 
     @property
+    def run(self) -> int:
+        """This run's number in the output (1 for the first)."""
+        return self.settings.run
+
+    @property
     def rows_done_before(self) -> int:
-        return sum(row_id in self.done for row_id in self.input_ids)
+        return self.lookup.rows_done if self.lookup else 0
+
+    def before_run(self) -> None:
+        """Look up, by tasks, what the output holds for each input row (superseded copies removed)."""
+        self.lookup = look_up(self.output, self.fragments, self.id_column)
+        self.settings = replace(self.settings, run=1 + max(self.previous_run, self.lookup.last_run))
 
     def placement(self, cluster: ClusterShape) -> str:
         return resolve_placement(self.config.placement, self.config.text_embeddings)
@@ -128,9 +134,7 @@ class EncodingPlan:
 
     def final_counts(self, totals: RunTotals | None) -> dict:
         # one copy per row: rows this run wrote again supersede their older copies
-        superseded = drop_superseded(self.output, current_run=self.run)
-        counts = account(read_output_parts(self.output), self.input_ids, self.repeated, self.run)
-        return {**counts, "superseded_rows_removed": superseded}
+        return settle(self.output, self.fragments, self.id_column, self.run)
 
     def error_reasons(self) -> dict[str, int]:
         return self.output.error_reasons("code")
@@ -163,27 +167,22 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
     }
     output = RunOutput(config.output, "latents")
     previous = output.prepare(identity, config.overwrite)
+    previous_run = (previous or {}).get("run", 0)
 
-    # 3. what earlier runs left: superseded copies out (an interrupted run), then the cache keys
-    drop_superseded(output)
-    parts = read_output_parts(output)
-    run = 1 + max([(previous or {}).get("run", 0)] + [int(part.runs.max()) for part in parts if len(part.table)])
-
-    # 4. ids and repeated ids
-    input_ids = _input_ids(config.images, id_column, sum(f.num_rows for f in fragments))
+    # 3. what earlier runs left is looked up by tasks once Ray is connected (``before_run``)
     columns = SourceColumns(image=None if config.path_column else config.image_column, path=config.path_column,
                             caption=config.caption_column, id=id_column)
     return EncodingPlan(
-        config=config, model=model, output=output, identity=identity, run=run, fragments=fragments,
+        config=config, model=model, output=output, identity=identity, previous_run=previous_run, fragments=fragments,
+        id_column=id_column,
         settings=RowSettings(
-            columns=columns, preprocessing=preprocessing, seed=config.seed, run=run,
+            columns=columns, preprocessing=preprocessing, seed=config.seed, run=previous_run + 1,
             encoding_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
             file_starts=tuple(sorted((start, uri) for uri, start in io.file_starts(fragments).items())),
         ),
         layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
                             caption=config.caption_column is not None,
                             text_embeddings=family.embedding_columns if config.text_embeddings else ()),
-        input_ids=input_ids, repeated=RepeatedIds.of_ids(input_ids), done=done_keys(parts),
     )
 
 
@@ -205,14 +204,6 @@ def _preprocessing(config: EncodeConfig, model: ModelDescription, resolution: in
     )
 
 
-def _input_ids(images_uri: str, id_column: str | None, rows: int) -> list[str | None]:
-    """Every input row's id, in input order (positions when the table has no id column)."""
-    if id_column is None:
-        return [position_id(row) for row in range(rows)]
-    values = io.read_parquet_columns(images_uri, [id_column]).column(id_column).to_pylist()
-    return [None if value is None else str(value) for value in values]
-
-
 # -- the run --------------------------------------------------------------------------------------
 
 
@@ -224,11 +215,10 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
 def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
     # batches form identically on every run: same parts, same names, on a rerun of the same rows
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # every row group is read: rows already encoded are skipped by cache key in the prepare tasks
-    items = [PendingFragment(fragment, parts=()).to_item() for fragment in plan.fragments]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # every row group is read, with the lookups of its rows: what is done is skipped by cache key in the prepare tasks
+    dataset = ray.data.from_arrow_refs(plan.lookup.items)
     dataset = dataset.map_batches(
-        read_pending_rows, batch_size=1, num_cpus=TASK_CPUS,
+        read_rows_with_lookup, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": block_rows},
     )
     # A task's results leave it as one block, whatever its UDF yields: cut the row groups
@@ -237,8 +227,7 @@ def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> 
     dataset = dataset.repartition(target_num_rows_per_block=block_rows)
     dataset = dataset.map_batches(
         prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-        fn_kwargs={"settings": plan.settings, "done": plan.done, "repeated": plan.repeated,
-                   "errors_uri": plan.output.errors_uri},
+        fn_kwargs={"settings": plan.settings, "errors_uri": plan.output.errors_uri},
     )
     for stage in stages:
         dataset = stage.apply(dataset)

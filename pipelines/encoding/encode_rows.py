@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipelines.encoding.ledger import DONE_KEY_COLUMN, REPEAT_OF_COLUMN
 from pipelines.encoding.image_decode import ImageRejected, Preprocessing, preprocess
 from pipelines.runtime import io
 from pipelines.runtime.outputs import write_errors_part
-from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import derived_seed, position_id
 from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
 from workers.runtime.columns import stack_column  # numpy only: this task loads no torch
@@ -96,14 +96,14 @@ def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, s
     return bytes(data), reference
 
 
-def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings, done: dict[str, str]) -> dict | None:
-    """A row ready for encoding, None when the output already holds it, or ``RowError``."""
+def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings) -> dict | None:
+    """A row ready for encoding, None when the output already holds it (its ``done_key``), or ``RowError``."""
     # 1. the source bytes, their hash and the row's cache key
     data, source = read_source(record, row, settings)
     content = content_hash(data)
     caption = None if settings.columns.caption is None else record.get(settings.columns.caption)
     key = cache_key(content, caption, settings.encoding_key)
-    if done.get(row_id) == key:
+    if record.get(DONE_KEY_COLUMN) == key:
         return None
 
     # 2. decode, resize, crop
@@ -119,21 +119,18 @@ def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings, done
     }
 
 
-def prepare_images(
-    table: pa.Table, *, settings: RowSettings, done: dict[str, str], repeated: RepeatedIds, errors_uri: str,
-) -> dict[str, np.ndarray]:
+def prepare_images(table: pa.Table, *, settings: RowSettings, errors_uri: str) -> dict[str, np.ndarray]:
     """Ray Data task: a block of input rows -> crops to encode; bad rows go to ``errors/`` here.
 
-    ``done`` maps the ids the output already holds to their cache keys; ``repeated`` knows
-    the position of every repeated id and of its first occurrence. Errors tied to a
-    position (null or repeated id) are written again on every run: they cost nothing to
-    find, and a newer copy supersedes the older one.
+    Each row comes with its lookup (``ledger.read_rows_with_lookup``): ``done_key``, the
+    cache key the output holds for its id, and ``repeat_of``, the first row with its id
+    when it repeats one. Errors tied to a position (null or repeated id) are written again
+    on every run: they cost nothing to find, and a newer copy supersedes the older one.
     """
     good, bad = [], []
     id_column = settings.columns.id
-    first_rows = repeated.first_of(table.column("row").to_numpy())
-    for record, first_row in zip(table.to_pylist(), first_rows):
-        row = int(record["row"])
+    for record in table.to_pylist():
+        row, first_row = int(record["row"]), int(record[REPEAT_OF_COLUMN])
         raw_id = record.get(id_column) if id_column is not None else position_id(row)
         row_id = position_id(row) if raw_id is None else str(raw_id)
         try:
@@ -141,7 +138,7 @@ def prepare_images(
                 raise RowError("null_id", f"column {id_column!r} is null")
             if first_row >= 0:
                 raise RowError("duplicate_id", f"id {row_id!r} repeats the id of input row {first_row}")
-            prepared = prepare_row(record, row_id, row, settings, done)
+            prepared = prepare_row(record, row_id, row, settings)
         except RowError as error:
             bad.append({
                 "id": row_id, "row": row, "stage": PREPARE_STAGE, "reason": error.message, "code": error.code,

@@ -6,10 +6,10 @@ its footer, see ``pipelines.runtime.outputs``) and hands the driver a one-row su
 latents never travel through the driver.
 
 A row is never held twice. Every row records the ``run`` that wrote it; when a rerun
-writes a row again (its content changed, or an unreadable path is retried), the
-driver rewrites the older part without the older copy (``drop_superseded``). An
-interrupted run can leave both copies for a moment; the next run's plan removes the
-older one before anything else.
+writes a row again (its content changed, or an unreadable path is retried), the older
+part is rewritten without the older copy (``remove_rows``, called by the tasks of
+``pipelines.encoding.ledger`` at the end of the run). An interrupted run can leave both
+copies for a moment; the next run removes the older one before it encodes anything.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import pyarrow.compute as pc
 from pipelines.runtime import io
 from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput, write_errors_part
-from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.schemas import (
-    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, ROW_KEYED_CODES, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
+    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
 )
 from pipelines.runtime.stats import stats_of_latents
 
@@ -228,102 +227,34 @@ def latents_of(table: pa.Table | pa.RecordBatch, column: str = "latent") -> list
     return list(tensor_values(values, shapes))
 
 
-# -- what the output holds ------------------------------------------------------------------------
+# -- parts rewritten: older encodings, superseded copies (the ledger's tasks call these) -------------
 
 
-@dataclass(frozen=True)
-class OutputPart:
-    uri: str
-    is_results: bool  # a latents/ part (else an errors/ part)
-    table: pa.Table  # the part's bookkeeping columns: id, row, run, cache_key (and code for errors)
-
-    def supersede_keys(self) -> list[tuple]:
-        """What a newer row replaces: the same id, or for position-keyed errors the same input position."""
-        ids, rows = self.table.column("id").to_pylist(), self.table.column("row").to_pylist()
-        codes = self.table.column("code").to_pylist() if not self.is_results else [None] * len(ids)
-        return [("row", row) if code in ROW_KEYED_CODES else ("id", row_id) for row_id, row, code in zip(ids, rows, codes)]
-
-    @property
-    def runs(self) -> np.ndarray:
-        return self.table.column("run").to_numpy(zero_copy_only=False)
+def upgrade_part(output: RunOutput, uri: str) -> str:
+    """Rewrite a ``latents/`` part written before issue 12 (Arrow fixed-shape tensors, flat bucket lists) in
+    today's encoding; return the part's name now. Parts of one output must share column types to read
+    as one table, so a rerun converts older parts before adding new ones."""
+    if SHAPE_RUNS_METADATA_KEY in (io.parquet_schema(uri).metadata or {}):
+        return uri  # written by this version
+    new = _in_current_encoding(io.read_parquet_file(uri))
+    output.commit(new, None, stats_of_latents(latents_of(new)))
+    new_uri = io.join(output.results_uri, io.part_name(new.column("row").to_numpy(), new.column("id").to_pylist()))
+    if new_uri != uri:
+        io.remove_tree(uri)  # the rows' new order (or an older naming) named a new part
+    return new_uri
 
 
-def read_output_parts(output: RunOutput) -> list[OutputPart]:
-    """The bookkeeping columns of every part of ``latents/`` and ``errors/``."""
-    parts = []
-    for folder, is_results in ((output.results_uri, True), (output.errors_uri, False)):
-        if not io.exists(folder):
-            continue
-        try:
-            uris = io.list_parquet_files(folder)
-        except ValueError:  # no part yet
-            continue
-        columns = ["id", "row", "run", "cache_key"] + ([] if is_results else ["code"])
-        parts += [OutputPart(uri, is_results, io.read_parquet_file(uri, columns)) for uri in uris]
-    return parts
-
-
-def done_keys(parts: list[OutputPart]) -> dict[str, str]:
-    """Cache key of every id the output holds for good: a rerun skips a row whose key matches."""
-    done = {}
-    for part in parts:
-        codes = part.table.column("code").to_pylist() if not part.is_results else [None] * len(part.table)
-        for row_id, key, code in zip(part.table.column("id").to_pylist(), part.table.column("cache_key").to_pylist(), codes):
-            if key is not None and code not in ROW_KEYED_CODES:
-                done[row_id] = key
-    return done
-
-
-def drop_superseded(output: RunOutput, current_run: int | None = None) -> int:
-    """Remove every row a newer run wrote again; return how many were removed.
-
-    With ``current_run`` (at the end of a finished run) position-keyed errors of earlier
-    runs go too: the run wrote every one that still applies.
-    """
-    upgrade_encoding(output)
-    parts = read_output_parts(output)
-    newest: dict[tuple, int] = {}
-    for part in parts:
-        for key, run in zip(part.supersede_keys(), part.runs):
-            newest[key] = max(newest.get(key, run), run)
-    removed = 0
-    for part in parts:
-        stale = np.array([
-            run < newest[key] or (current_run is not None and key[0] == "row" and run < current_run)
-            for key, run in zip(part.supersede_keys(), part.runs)
-        ], dtype=bool)
-        if stale.any():
-            _rewrite_without(output, part, stale)
-            removed += int(stale.sum())
-    return removed
-
-
-def upgrade_encoding(output: RunOutput) -> int:
-    """Rewrite ``latents/`` parts written before issue 12 (Arrow fixed-shape tensors, flat bucket lists) in
-    today's encoding; return how many. Parts of one output must share column types to read as one
-    table, so a rerun into an older output converts its parts before adding new ones."""
-    if not io.exists(output.results_uri):
-        return 0
-    try:
-        uris = io.list_parquet_files(output.results_uri)
-    except ValueError:  # no part yet
-        return 0
-    upgraded = 0
-    for uri in uris:
-        schema = io.parquet_schema(uri)
-        if SHAPE_RUNS_METADATA_KEY in (schema.metadata or {}):
-            continue  # written by this version
-        table = io.read_parquet_file(uri)
-        new = _in_current_encoding(table)
-        output.commit(new, None, stats_of_latents(latents_of(new)))
-        if not _same_rows_order(table, new):
-            io.remove_tree(uri)  # the rows' new order named a new part
-        upgraded += 1
-    return upgraded
-
-
-def _same_rows_order(old: pa.Table, new: pa.Table) -> bool:
-    return old.column("id").to_pylist() == new.column("id").to_pylist()
+def remove_rows(output: RunOutput, uri: str, indices: np.ndarray, results: bool) -> None:
+    """Write the part's other rows as a new part (statistics recomputed), then delete the old part."""
+    keep = np.ones(io.parquet_footer(uri).num_rows, bool)
+    keep[indices] = False
+    kept = io.read_parquet_file(uri).filter(pa.array(keep))
+    if len(kept):
+        if results:
+            output.commit(with_shape_runs(kept), None, stats_of_latents(latents_of(kept)))
+        else:
+            write_errors_part(kept, output.errors_uri)
+    io.remove_tree(uri)
 
 
 def _in_current_encoding(table: pa.Table) -> pa.Table:
@@ -346,43 +277,3 @@ def _in_current_encoding(table: pa.Table) -> pa.Table:
         columns.append(column)
     metadata = {key: value for key, value in (table.schema.metadata or {}).items() if key != b"ARROW:schema"}
     return with_shape_runs(pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=metadata)))
-
-
-def _rewrite_without(output: RunOutput, part: OutputPart, stale: np.ndarray) -> None:
-    """Write the part's other rows as a new part (statistics recomputed), then delete the old part."""
-    kept = io.read_parquet_file(part.uri).filter(pa.array(~stale))
-    if len(kept):
-        if part.is_results:
-            output.commit(with_shape_runs(kept), None, stats_of_latents(latents_of(kept)))
-        else:
-            write_errors_part(kept, output.errors_uri)
-    io.remove_tree(part.uri)
-
-
-def account(parts: list[OutputPart], input_ids: list[str | None], repeated: RepeatedIds, run: int) -> dict[str, int]:
-    """Where each input row ended, and what this run wrote."""
-    latent_ids, error_ids, error_positions = set(), set(), set()
-    written = {"encoded_this_run": 0, "errors_this_run": 0}
-    for part in parts:
-        for key in part.supersede_keys():
-            if part.is_results:
-                latent_ids.add(key[1])
-            elif key[0] == "row":
-                error_positions.add(key[1])
-            else:
-                error_ids.add(key[1])
-        written["encoded_this_run" if part.is_results else "errors_this_run"] += int((part.runs == run).sum())
-    ok = errors = 0
-    repeats = set(repeated.positions.tolist())
-    for position, row_id in enumerate(input_ids):
-        if row_id is None or position in repeats:
-            errors += position in error_positions
-        elif row_id in latent_ids:
-            ok += 1
-        elif row_id in error_ids:
-            errors += 1
-    input_keys = {row_id for row_id in input_ids if row_id is not None}
-    held_elsewhere = len((latent_ids | error_ids) - input_keys)
-    return {"input_rows": len(input_ids), "ok_rows": ok, "error_rows": errors, **written,
-            "cached_rows": len(input_ids) - written["encoded_this_run"] - written["errors_this_run"],
-            "rows_not_in_input": held_elsewhere}

@@ -101,6 +101,9 @@ class GenerationPlan:
     def finished(self) -> bool:
         return self.resume.finished
 
+    def before_run(self) -> None:
+        """Nothing: what is done comes from the output's listing, repeated ids are found with the rows."""
+
     def placement(self, cluster: ClusterShape) -> str:
         return resolve_placement(self.config.placement, cluster)
 

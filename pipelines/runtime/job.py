@@ -46,6 +46,7 @@ class PlannedJob(Protocol):
     @property
     def finished(self) -> bool: ...  # nothing left to do
 
+    def before_run(self) -> None: ...  # work on the cluster before the run (what the output holds)
     def placement(self, cluster: ClusterShape) -> str: ...
     def model_stages(self, placement: str, cluster: ClusterShape) -> list[Stage]: ...
     def stage_input_columns(self) -> set[str]: ...
@@ -95,11 +96,13 @@ class RunTotals:
 def run_job(plan: PlannedJob) -> dict:
     """Run a planned job on the connected Ray cluster (none needed when it is finished); return run.json."""
     started = time.time()
-    progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
     if plan.finished:
+        progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
         record = _start_record(plan, placement=None, stages=[], block_rows=None)
         record["note"] = "every input row was accounted for by an earlier run: nothing to do, no model loaded"
         return _finish(plan, record, started, progress, totals=None)
+    plan.before_run()
+    progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
 
     # 1. stages for this cluster, wiring checked before anything runs
     cluster = ClusterShape.current()

@@ -40,7 +40,7 @@ class RepeatedIds:
         """From ids in input order that a process already holds (encode's plan, tests); None ids are never repeats."""
         table = pa.table({"id": pa.array([None if value is None else str(value) for value in ids], pa.string()),
                           "row": pa.array(np.arange(len(ids)), pa.int64())})
-        return cls.of_pairs(*_repeats(table.filter(pc.is_valid(table.column("id")))))
+        return cls.of_pairs(*repeats_of(table.filter(pc.is_valid(table.column("id")))))
 
     @classmethod
     def of_pairs(cls, positions: np.ndarray, first_positions: np.ndarray) -> "RepeatedIds":
@@ -64,45 +64,67 @@ def find_repeated_ids(fragments: list[io.ParquetFragment], id_column: str) -> Re
     rows = sum(fragment.num_rows for fragment in fragments)
     if rows == 0:
         return RepeatedIds.none()
-    buckets = max(1, -(-rows // ROWS_PER_TASK))
-    groups, current, current_rows = [], [], 0
-    for fragment in fragments:
-        current.append(vars(fragment))
-        current_rows += fragment.num_rows
-        if current_rows >= ROWS_PER_TASK:
-            groups.append(current)
-            current, current_rows = [], 0
-    if current:
-        groups.append(current)
-    split = _ids_by_bucket.options(num_returns=buckets) if buckets > 1 else _ids_by_bucket
-    by_group = [split.remote(group, id_column, buckets) for group in groups]
+    buckets = bucket_count(rows)
+    by_group = [split_remote(_ids_by_bucket, buckets).remote(group, id_column, buckets) for group in fragment_groups(fragments, ROWS_PER_TASK)]
     by_group = [refs if buckets > 1 else [refs] for refs in by_group]
     found = ray.get([_repeats_in_bucket.remote(*[refs[bucket] for refs in by_group]) for bucket in range(buckets)])
     return RepeatedIds.of_pairs(np.concatenate([positions for positions, _ in found]), np.concatenate([first for _, first in found]))
 
 
-@ray.remote(num_cpus=TASK_CPUS)
-def _ids_by_bucket(fragments: list[dict], id_column: str, buckets: int):
-    tables = [table for fragment in fragments for table in io.read_fragment(io.ParquetFragment(**fragment), [id_column], 1 << 20)]
-    table = pa.concat_tables(tables)
-    ids = pc.cast(table.column(id_column), pa.string())
-    keep = pc.is_valid(ids)
-    table = pa.table({"id": ids, "row": table.column("row")}).filter(keep)
+# -- hash buckets of ids: shared with the encoding ledger ------------------------------------------
+
+
+def bucket_count(rows: int) -> int:
+    """Buckets for ``rows`` ids: about ``ROWS_PER_TASK`` per bucket task."""
+    return max(1, -(-rows // ROWS_PER_TASK))
+
+
+def fragment_groups(fragments: list[io.ParquetFragment], rows_per_group: int) -> list[list[io.ParquetFragment]]:
+    """Consecutive row groups, about ``rows_per_group`` rows per group (at least one row group each)."""
+    groups, current, current_rows = [], [], 0
+    for fragment in fragments:
+        current.append(fragment)
+        current_rows += fragment.num_rows
+        if current_rows >= rows_per_group:
+            groups.append(current)
+            current, current_rows = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def split_remote(function, buckets: int):
+    """A remote function returning one object per bucket (Ray needs ``num_returns`` > 1 to split)."""
+    return function.options(num_returns=buckets) if buckets > 1 else function
+
+
+def split_by_id_hash(table: pa.Table, column: str, buckets: int) -> tuple[pa.Table, ...] | pa.Table:
+    """``table`` cut into ``buckets`` tables by a stable hash of the string ``column`` (the table itself for one)."""
     if buckets == 1:
         return table
-    bucket = pd.util.hash_array(table.column("id").to_numpy(zero_copy_only=False)) % np.uint64(buckets)
+    bucket = pd.util.hash_array(table.column(column).to_numpy(zero_copy_only=False)) % np.uint64(buckets)
     return tuple(table.filter(pa.array(bucket == index)) for index in range(buckets))
 
 
 @ray.remote(num_cpus=TASK_CPUS)
+def _ids_by_bucket(fragments: list[io.ParquetFragment], id_column: str, buckets: int):
+    tables = [table for fragment in fragments for table in io.read_fragment(fragment, [id_column], 1 << 20)]
+    table = pa.concat_tables(tables)
+    ids = pc.cast(table.column(id_column), pa.string())
+    keep = pc.is_valid(ids)
+    return split_by_id_hash(pa.table({"id": ids, "row": table.column("row")}).filter(keep), "id", buckets)
+
+
+@ray.remote(num_cpus=TASK_CPUS)
 def _repeats_in_bucket(*tables: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    return _repeats(pa.concat_tables(tables))
+    return repeats_of(pa.concat_tables(tables))
 
 
-def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def repeats_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(positions of repeats, positions of their first rows) among rows with ids; by sorting, not a set."""
     if len(table) < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64)
+    table = table.select(["id", "row"])
     table = table.take(pc.sort_indices(table, [("id", "ascending"), ("row", "ascending")]))
     ids, rows = table.column("id"), table.column("row").to_numpy()
     same = np.asarray(pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False), bool)
