@@ -108,6 +108,12 @@ class EncodingPlan:
     def rows_done_before(self) -> int:
         return self.lookup.rows_done if self.lookup else 0
 
+    @property
+    def rows_to_read(self) -> int:
+        """Every input row: each is read and its cache key checked; the rows the output holds
+        leave in the prepare tasks (blocks sized from the rows left alone would be tiny on a rerun)."""
+        return self.input_rows
+
     def before_run(self) -> None:
         """Look up, by tasks, what the output holds for each input row (superseded copies removed)."""
         self.lookup = look_up(self.output, self.fragments, self.id_column)

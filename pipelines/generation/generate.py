@@ -98,6 +98,10 @@ class GenerationPlan:
         return self.resume.committed_rows
 
     @property
+    def rows_to_read(self) -> int:
+        return max(0, self.input_rows - self.rows_done_before)
+
+    @property
     def finished(self) -> bool:
         return self.resume.finished
 

@@ -44,6 +44,8 @@ class PlannedJob(Protocol):
     @property
     def rows_done_before(self) -> int: ...  # rows earlier runs committed
     @property
+    def rows_to_read(self) -> int: ...  # input rows this run's blocks carry (blocks are sized from them)
+    @property
     def finished(self) -> bool: ...  # nothing left to do
 
     def before_run(self) -> None: ...  # work on the cluster before the run (what the output holds)
@@ -121,10 +123,10 @@ def run_job(plan: PlannedJob) -> dict:
 
 
 def job_block_rows(plan: PlannedJob, stages: list[Stage]) -> int:
-    """Rows per block: from the rows left to do, what each costs, and the model pools."""
+    """Rows per block: from the rows this run reads, what each costs, and the model pools."""
     pixels_per_row, passes_per_row = plan.row_work()
     return rows_per_block(BlockWork.of_stages(
-        [stage.options for stage in stages], rows=max(0, plan.input_rows - plan.rows_done_before),
+        [stage.options for stage in stages], rows=plan.rows_to_read,
         pixels_per_row=pixels_per_row, passes_per_row=passes_per_row,
     ))
 

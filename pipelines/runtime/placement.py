@@ -113,7 +113,7 @@ MAX_ROWS_PER_BLOCK = 4096
 class BlockWork:
     """The work of a job's model stages, as far as sizing its blocks needs it."""
 
-    rows: int  # rows that will reach the model stages (input rows not done yet)
+    rows: int  # rows the blocks carry: input rows not done yet (generation), every input row (encoding)
     pixels_per_row: int  # height x width of a row's image
     passes_per_row: int  # model passes per row: denoising steps (generation), 1 (encoding)
     actors: int  # actors of the largest model stage pool
