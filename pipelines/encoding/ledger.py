@@ -89,9 +89,8 @@ def settle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: st
     result = _shuffle(output, fragments, id_column, lookup_starts=None, current_run=run)
     counts = {name: result.summary[name] for name in COUNTS}
     input_rows = sum(fragment.num_rows for fragment in fragments)
-    return {"input_rows": input_rows, **{name: counts[name] for name in COUNTS[:4]},
-            "cached_rows": input_rows - counts["encoded_this_run"] - counts["errors_this_run"],
-            "rows_not_in_input": counts["rows_not_in_input"], "superseded_rows_removed": result.removed}
+    return {"input_rows": input_rows, **counts, "superseded_rows_removed": result.removed,
+            "cached_rows": input_rows - counts["encoded_this_run"] - counts["errors_this_run"]}
 
 
 # -- the shuffle ----------------------------------------------------------------------------------
@@ -212,7 +211,7 @@ def _settle_bucket(input_tables: int, *tables: pa.Table, lookup_starts: np.ndarr
     repeated = inputs["row"].isin(repeat_rows).to_numpy()
     regular = inputs[inputs["has_id"].to_numpy(bool) & ~repeated]  # rows keyed by their id
 
-    summary = {"last_run": int(outputs["run"].max()) if len(outputs) else 0}
+    summary = {"last_run": int(outputs["run"].max()) if len(outputs) else 0, "rows_done": 0}
     results: list[pa.Table] = []
     if len(lookup_starts):
         # 3. lookups: the done cache key of every regular row the output holds, the first row of every repeat
@@ -269,13 +268,12 @@ def _remove_stale(output: RunOutput, uris: list[str], results: list[bool], first
 
 @ray.remote(num_cpus=TASK_CPUS)
 def _lookup_items(fragments: list[io.ParquetFragment], *lookups: pa.Table) -> pa.Table:
-    """One item per row group of the group, with the lookups of its rows (sorted by row)."""
-    lookup = pa.concat_tables([LOOKUP_SCHEMA.empty_table(), *lookups]).sort_by("row")
-    return _items_table(fragments, [lookup])
+    """One item per row group of the group, with the lookups of its rows."""
+    return _items_table(fragments, list(lookups))
 
 
 def _items_table(fragments: list[io.ParquetFragment], lookups: list[pa.Table]) -> pa.Table:
-    lookup = pa.concat_tables([LOOKUP_SCHEMA.empty_table(), *lookups])
+    lookup = pa.concat_tables([LOOKUP_SCHEMA.empty_table(), *lookups]).sort_by("row")
     rows = lookup.column("row").to_numpy()
     starts = np.array([f.first_row for f in fragments] + [f.first_row + f.num_rows for f in fragments[-1:]], np.int64)
     offsets = pa.array(np.searchsorted(rows, starts).astype(np.int32)) if fragments else pa.array([0], pa.int32())
