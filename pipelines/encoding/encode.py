@@ -33,7 +33,7 @@ from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
 from pipelines.runtime.schemas import check_image_schema
-from pipelines.runtime.stages import Stage
+from pipelines.runtime.stages import Stage, cut_into_blocks
 from workers.encoding.caption_encoder import CaptionEncoderWorker
 from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
@@ -230,7 +230,7 @@ def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> 
     # A task's results leave it as one block, whatever its UDF yields: cut the row groups
     # into blocks sized from their work here, before decoding, so that decoding runs as one
     # task per block and every encoder actor receives blocks from the start
-    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
+    dataset = cut_into_blocks(dataset, block_rows)
     dataset = dataset.map_batches(
         prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"settings": plan.settings, "errors_uri": plan.output.errors_uri},

@@ -26,7 +26,7 @@ from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, sta
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
 from pipelines.runtime.resume import ResumePlan, check_input_unchanged, input_versions, plan_resume, read_pending_rows
 from pipelines.runtime.schemas import PROMPT_OPTIONAL_COLUMNS, check_prompt_schema
-from pipelines.runtime.stages import Stage
+from pipelines.runtime.stages import Stage, cut_into_blocks
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
 from workers.generation.text_encoder import TextEncoderWorker
@@ -209,7 +209,7 @@ def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
     # A task's results leave it as one block, whatever its UDF yields: without this cut a
     # row group of prompts would reach a single actor as one block, and its images would
     # all appear when that block is done. Cut after validation, so blocks count real work.
-    dataset = dataset.repartition(target_num_rows_per_block=block_rows)
+    dataset = cut_into_blocks(dataset, block_rows)
     # 3. the model stages
     for stage in stages:
         dataset = stage.apply(dataset)
