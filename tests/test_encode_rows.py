@@ -127,6 +127,15 @@ def test_the_ledger_removes_superseded_copies_looks_up_done_keys_and_counts(tmp_
     assert sorted(pq.read_table(tmp_path / "out" / "latents").column("id").to_pylist()) == ["a", "b", "c", "zz"]
 
 
+def test_the_ledger_counts_an_input_without_rows(tmp_path, ray_session):
+    pq.write_table(pa.table({"id": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    fragments = io.parquet_fragments(str(tmp_path / "empty.parquet"))[1]
+    output = RunOutput(str(tmp_path / "out"), "latents")
+    lookup = look_up(output, fragments, "id")
+    assert lookup.rows_done == 0 and ray_session.get(lookup.items[0]).column("lookup_row").to_pylist() == [[]]
+    assert settle(output, fragments, "id", run=1)["input_rows"] == 0
+
+
 def test_bucketed_latents_are_nested_lists_sorted_by_shape_with_runs_in_the_footer(tmp_path):
     output = RunOutput(str(tmp_path), "latents")
     latents = np.empty(3, dtype=object)

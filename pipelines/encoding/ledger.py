@@ -34,7 +34,9 @@ from pipelines.encoding.latent_output import remove_rows, upgrade_part
 from pipelines.runtime import io
 from pipelines.runtime.outputs import RunOutput, part_uris
 from pipelines.runtime.placement import TASK_CPUS
-from pipelines.runtime.repeated_ids import ROWS_PER_TASK, bucket_count, fragment_groups, repeats_of, split_by_id_hash, split_remote
+from pipelines.runtime.repeated_ids import (
+    ROWS_PER_TASK, bucket_count, fragment_groups, read_ids, repeats_of, split_by_id_hash, split_remote,
+)
 from pipelines.runtime.schemas import ROW_KEYED_CODES
 
 LOOKUP_GROUP_ROWS = 100_000  # input rows per lookup (and per reading task)
@@ -158,8 +160,8 @@ def _input_entries(fragments: list[io.ParquetFragment], id_column: str | None, b
         rows = pa.array(np.concatenate([np.arange(f.first_row, f.first_row + f.num_rows) for f in fragments]), pa.int64())
         table = pa.table({"key": _position_ids(rows), "row": rows, "has_id": pa.array(np.ones(len(rows), bool))})
     else:
-        read = pa.concat_tables([table for fragment in fragments for table in io.read_fragment(fragment, [id_column], 1 << 20)])
-        ids, rows = pc.cast(read.column(id_column), pa.string()), read.column("row")
+        read = read_ids(fragments, id_column)
+        ids, rows = read.column("id"), read.column("row")
         table = pa.table({"key": pc.coalesce(ids, _position_ids(rows)), "row": rows, "has_id": pc.is_valid(ids)})
     return split_by_id_hash(table, "key", buckets)
 

@@ -106,13 +106,19 @@ def split_by_id_hash(table: pa.Table, column: str, buckets: int) -> tuple[pa.Tab
     return tuple(table.filter(pa.array(bucket == index)) for index in range(buckets))
 
 
+def read_ids(fragments: list[io.ParquetFragment], id_column: str) -> pa.Table:
+    """The row groups' ids as strings (null where missing) and their input positions: columns ``id``, ``row``."""
+    tables = [table for fragment in fragments for table in io.read_fragment(fragment, [id_column], 1 << 20)]
+    if not tables:  # row groups without rows
+        return pa.table({"id": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
+    table = pa.concat_tables(tables)
+    return pa.table({"id": pc.cast(table.column(id_column), pa.string()), "row": table.column("row")})
+
+
 @ray.remote(num_cpus=TASK_CPUS)
 def _ids_by_bucket(fragments: list[io.ParquetFragment], id_column: str, buckets: int):
-    tables = [table for fragment in fragments for table in io.read_fragment(fragment, [id_column], 1 << 20)]
-    table = pa.concat_tables(tables)
-    ids = pc.cast(table.column(id_column), pa.string())
-    keep = pc.is_valid(ids)
-    return split_by_id_hash(pa.table({"id": ids, "row": table.column("row")}).filter(keep), "id", buckets)
+    table = read_ids(fragments, id_column)
+    return split_by_id_hash(table.filter(pc.is_valid(table.column("id"))), "id", buckets)
 
 
 @ray.remote(num_cpus=TASK_CPUS)
