@@ -89,3 +89,14 @@ def test_block_work_of_stages_takes_the_largest_pool_and_batch():
     options = stage_options(SHARES["split"], ClusterShape(32, 4), 8, {"denoiser": StageOptions(batch_size=16)}, "split")
     work = BlockWork.of_stages(list(options.values()), rows=100, pixels_per_row=TINY_PIXELS, passes_per_row=4)
     assert (work.actors, work.batch_size) == (4, 16)
+
+
+def test_blocks_are_cut_by_light_tasks():
+    """Ray Data's repartition tasks reserve a whole CPU; beside a model actor on 2 CPUs nothing else ran."""
+    import ray.data
+
+    from pipelines.runtime.placement import TASK_CPUS
+    from pipelines.runtime.stages import cut_into_blocks
+
+    dataset = cut_into_blocks(ray.data.from_items([{"a": 1}]), rows_per_block=4)
+    assert dataset._logical_plan.dag.ray_remote_args["num_cpus"] == TASK_CPUS

@@ -244,13 +244,13 @@ def upgrade_part(output: RunOutput, uri: str) -> str:
     return new_uri
 
 
-def remove_rows(output: RunOutput, uri: str, indices: np.ndarray, results: bool) -> None:
+def remove_rows(output: RunOutput, uri: str, indices: np.ndarray, is_results: bool) -> None:
     """Write the part's other rows as a new part (statistics recomputed), then delete the old part."""
     keep = np.ones(io.parquet_footer(uri).num_rows, bool)
     keep[indices] = False
     kept = io.read_parquet_file(uri).filter(pa.array(keep))
     if len(kept):
-        if results:
+        if is_results:
             output.commit(with_shape_runs(kept), None, stats_of_latents(latents_of(kept)))
         else:
             write_errors_part(kept, output.errors_uri)

@@ -16,7 +16,9 @@ ids by a hash into buckets, and one task per bucket sees every entry of its ids:
   rerun) are removed;
 - ``settle`` (after a run): superseded copies removed, then where every input row ended.
 
-The driver holds object references and counts: a few per bucket and group, none per row.
+The driver holds object references and counts: a few per bucket and group, none per row
+(groups grow with the buckets, so that no piece is small enough for Ray to keep it in the
+driver's memory: ``repeated_ids.PIECE_ROWS``).
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ import ray
 
 from pipelines.encoding.latent_output import remove_rows, upgrade_part
 from pipelines.runtime import io
-from pipelines.runtime.outputs import RunOutput, part_uris
+from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import TASK_CPUS
 from pipelines.runtime.repeated_ids import (
-    ROWS_PER_TASK, bucket_count, fragment_groups, read_ids, repeats_of, split_by_id_hash, split_remote,
+    bucket_count, fragment_groups, groups_of_rows, read_ids, remote_returning, repeats_of, rows_per_group, split_by_id_hash,
 )
 from pipelines.runtime.schemas import ROW_KEYED_CODES
 
-LOOKUP_GROUP_ROWS = 100_000  # input rows per lookup (and per reading task)
-PARTS_PER_TASK = 200  # output parts per reading or rewriting task
+LOOKUP_GROUP_ROWS = 100_000  # input rows per lookup task, at least (see ``rows_per_group``)
+PART_GROUP_ROWS = 200_000  # output rows per reading or rewriting task, at least
 # what travels with each input row from its lookup
 DONE_KEY_COLUMN, REPEAT_OF_COLUMN = "done_key", "repeat_of"
 LOOKUP_SCHEMA = pa.schema([("row", pa.int64()), (DONE_KEY_COLUMN, pa.string()), (REPEAT_OF_COLUMN, pa.int64())])
@@ -49,38 +51,38 @@ COUNTS = ("ok_rows", "error_rows", "encoded_this_run", "errors_this_run", "rows_
 
 
 @dataclass(frozen=True)
-class OutputParts:
-    """The output's parts when a shuffle began, in groups of ``PARTS_PER_TASK``."""
+class OutputPart:
+    uri: str
+    is_results: bool  # a latents/ part (else an errors/ part)
+    rows: int  # from its name
 
-    uris: list[str]
-    results: list[bool]  # a latents/ part (else an errors/ part)
 
-    @classmethod
-    def of(cls, output: RunOutput) -> "OutputParts":
-        latents, errors = part_uris(output.results_uri), part_uris(output.errors_uri)
-        return cls(latents + errors, [True] * len(latents) + [False] * len(errors))
-
-    def groups(self) -> list[tuple[int, list[tuple[str, bool]]]]:
-        """(index of the group's first part, [(uri, is results)]) per group."""
-        pairs = list(zip(self.uris, self.results))
-        return [(start, pairs[start:start + PARTS_PER_TASK]) for start in range(0, len(pairs), PARTS_PER_TASK)]
+def output_part_groups(output: RunOutput, rows_per_group: int) -> list[list[OutputPart]]:
+    """The output's parts, from its listing, in groups of about ``rows_per_group`` rows."""
+    latents, errors = output.spans()
+    parts = [OutputPart(span.uri, True, span.rows) for span in latents] + [OutputPart(span.uri, False, span.rows) for span in errors]
+    return groups_of_rows(parts, [part.rows for part in parts], rows_per_group)
 
 
 @dataclass(frozen=True)
 class Lookup:
     """What a run needs from the ledger: its rows' lookups and what earlier runs left."""
 
-    items: list[ray.ObjectRef]  # one table per group of input row groups: its row groups and their lookups
-    rows_done: int  # input rows whose id the output holds with a cache key (skipped unless their content changed)
+    items: list[ray.ObjectRef]  # one table per input row group: the row group and the lookups of its rows
+    # input rows with an id of their own (not null, not a repeat) that the output holds with a cache key:
+    # skipped unless their content changed
+    rows_done: int
     last_run: int  # the newest run found in the output (0 for none)
     superseded_rows_removed: int
 
 
 def look_up(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None) -> Lookup:
-    """Before a run: remove superseded copies; each input row's done key and repeat, per group of row groups."""
-    lookup_groups = fragment_groups(fragments, LOOKUP_GROUP_ROWS)
-    result = _shuffle(output, fragments, id_column, lookup_starts=[group[0].first_row for group in lookup_groups], current_run=None)
-    items = [_lookup_items.remote(group, *refs) for group, refs in zip(lookup_groups, result.lookups)]
+    """Before a run: remove superseded copies; each input row's done key and repeat, per row group."""
+    buckets = _bucket_count(output, fragments)
+    lookup_groups = fragment_groups(fragments, rows_per_group(buckets, LOOKUP_GROUP_ROWS))
+    result = _shuffle(output, fragments, id_column, buckets, lookup_groups=lookup_groups, current_run=None)
+    # one items table per row group, as before the lookups: one reading task each
+    items = [ref for group, refs in zip(lookup_groups, result.lookups) for ref in remote_returning(_lookup_items, len(group), group, *refs)]
     return Lookup(items=items or [ray.put(_items_table([], []))], rows_done=result.summary["rows_done"],
                   last_run=result.summary["last_run"], superseded_rows_removed=result.removed)
 
@@ -88,7 +90,7 @@ def look_up(output: RunOutput, fragments: list[io.ParquetFragment], id_column: s
 def settle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None, run: int) -> dict[str, int]:
     """After run ``run``: remove superseded copies (position-keyed errors of earlier runs too: this run
     wrote every one that still applies); return where the input rows ended and what the run wrote."""
-    result = _shuffle(output, fragments, id_column, lookup_starts=None, current_run=run)
+    result = _shuffle(output, fragments, id_column, _bucket_count(output, fragments), lookup_groups=[], current_run=run)
     counts = {name: result.summary[name] for name in COUNTS}
     input_rows = sum(fragment.num_rows for fragment in fragments)
     return {"input_rows": input_rows, **counts, "superseded_rows_removed": result.removed,
@@ -105,42 +107,40 @@ class _ShuffleResult:
     removed: int
 
 
-def _shuffle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None,
-             lookup_starts: list[int] | None, current_run: int | None) -> _ShuffleResult:
+def _bucket_count(output: RunOutput, fragments: list[io.ParquetFragment]) -> int:
+    return bucket_count(sum(fragment.num_rows for fragment in fragments) + sum(output.counts()))
+
+
+def _shuffle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None, buckets: int,
+             lookup_groups: list[list[io.ParquetFragment]], current_run: int | None) -> _ShuffleResult:
     # 1. both sides split by the hash of the id: input row groups, then output parts
-    parts = OutputParts.of(output)
-    input_rows = sum(fragment.num_rows for fragment in fragments)
-    buckets = bucket_count(input_rows + sum(output.counts()))
-    inputs = [_as_list(split_remote(_input_entries, buckets).remote(group, id_column, buckets), buckets)
-              for group in fragment_groups(fragments, ROWS_PER_TASK)]
-    part_groups = parts.groups()
-    outputs = [_output_entries.options(num_returns=1 + buckets).remote(output, group, start, buckets) for start, group in part_groups]
+    inputs = [remote_returning(_input_entries, buckets, group, id_column, buckets)
+              for group in fragment_groups(fragments, rows_per_group(buckets))]
+    part_groups = output_part_groups(output, rows_per_group(buckets, PART_GROUP_ROWS))
+    part_group_starts = np.cumsum([0] + [len(group) for group in part_groups])[:-1]
+    outputs = [remote_returning(_output_entries, 1 + buckets, output, group, int(start), buckets)
+               for start, group in zip(part_group_starts, part_groups)]
 
     # 2. one task per bucket: lookups, stale copies and counts of its ids
-    lookup_count = len(lookup_starts or [])
-    returns = 1 + lookup_count + len(part_groups)
+    returns = 1 + len(lookup_groups) + len(part_groups)
     settled = [
-        _as_list(_settle_bucket.options(num_returns=returns).remote(
-            len(inputs), *[refs[bucket] for refs in inputs], *[refs[1 + bucket] for refs in outputs],
-            lookup_starts=np.asarray(lookup_starts or [], np.int64),
-            part_group_starts=np.asarray([start for start, _ in part_groups], np.int64), current_run=current_run,
-        ), returns)
+        remote_returning(
+            _settle_bucket, returns, len(inputs), *[refs[bucket] for refs in inputs], *[refs[1 + bucket] for refs in outputs],
+            lookup_starts=np.asarray([group[0].first_row for group in lookup_groups], np.int64),
+            part_group_starts=np.asarray(part_group_starts, np.int64), current_run=current_run,
+        )
         for bucket in range(buckets)
     ]
     summary = _sum_summaries(ray.get([refs[0] for refs in settled]))
 
     # 3. stale copies out, one task per group of parts (their names as their reading task left them)
     removed = ray.get([
-        _remove_stale.remote(output, refs[0], [results for _, results in group], start,
-                             *[bucket_refs[1 + lookup_count + index] for bucket_refs in settled])
-        for index, ((start, group), refs) in enumerate(zip(part_groups, outputs))
+        _remove_stale.remote(output, refs[0], [part.is_results for part in group], int(start),
+                             *[bucket_refs[1 + len(lookup_groups) + index] for bucket_refs in settled])
+        for index, (start, group, refs) in enumerate(zip(part_group_starts, part_groups, outputs))
     ])
-    lookups = [[bucket_refs[1 + group] for bucket_refs in settled] for group in range(lookup_count)]
+    lookups = [[bucket_refs[1 + group] for bucket_refs in settled] for group in range(len(lookup_groups))]
     return _ShuffleResult(summary=summary, lookups=lookups, removed=int(sum(removed)))
-
-
-def _as_list(refs, count: int) -> list:
-    return refs if count > 1 else [refs]
 
 
 def _sum_summaries(summaries: list[dict[str, int]]) -> dict[str, int]:
@@ -167,20 +167,21 @@ def _input_entries(fragments: list[io.ParquetFragment], id_column: str | None, b
 
 
 @ray.remote(num_cpus=TASK_CPUS)
-def _output_entries(output: RunOutput, parts: list[tuple[str, bool]], first_part: int, buckets: int):
-    """Output rows as (key, row, run, cache_key, position_keyed, results, part, index); first, the parts' names
-    (a part written by an older version is rewritten in today's encoding here, before any new part)."""
+def _output_entries(output: RunOutput, parts: list[OutputPart], first_part: int, buckets: int):
+    """Output rows as (key, row, run, cache_key, position_keyed, is_results, part, index); first, the parts'
+    names (a part written by an older version is rewritten in today's encoding here, before any new part)."""
     uris, tables = [], []
-    for number, (uri, results) in enumerate(parts):
-        uri = upgrade_part(output, uri) if results else uri
+    for number, part in enumerate(parts):
+        uri = upgrade_part(output, part.uri) if part.is_results else part.uri
         uris.append(uri)
-        read = io.read_parquet_file(uri, ["id", "row", "run", "cache_key"] + ([] if results else ["code"]))
-        keyed_by_row = np.zeros(len(read), bool) if results else pc.is_in(read.column("code"), pa.array(sorted(ROW_KEYED_CODES))).to_numpy(zero_copy_only=False)
+        read = io.read_parquet_file(uri, ["id", "row", "run", "cache_key"] + ([] if part.is_results else ["code"]))
+        position_keyed = (np.zeros(len(read), bool) if part.is_results
+                          else pc.is_in(read.column("code"), pa.array(sorted(ROW_KEYED_CODES))).to_numpy(zero_copy_only=False))
         tables.append(pa.table({
             "key": read.column("id"), "row": read.column("row"), "run": pc.cast(read.column("run"), pa.int64()),
-            "cache_key": read.column("cache_key"), "position_keyed": pa.array(keyed_by_row, pa.bool_()),
-            "results": pa.array(np.full(len(read), results)), "part": pa.array(np.full(len(read), first_part + number), pa.int64()),
-            "index": pa.array(np.arange(len(read)), pa.int64()),
+            "cache_key": read.column("cache_key"), "position_keyed": pa.array(position_keyed, pa.bool_()),
+            "is_results": pa.array(np.full(len(read), part.is_results)),
+            "part": pa.array(np.full(len(read), first_part + number), pa.int64()), "index": pa.array(np.arange(len(read)), pa.int64()),
         }).cast(_EMPTY_OUTPUT_ENTRIES.schema))  # a column of nulls only reads as type null
     table = pa.concat_tables(tables) if tables else _EMPTY_OUTPUT_ENTRIES
     split = split_by_id_hash(table, "key", buckets)
@@ -189,7 +190,7 @@ def _output_entries(output: RunOutput, parts: list[tuple[str, bool]], first_part
 
 _EMPTY_OUTPUT_ENTRIES = pa.schema([
     ("key", pa.string()), ("row", pa.int64()), ("run", pa.int64()), ("cache_key", pa.string()), ("position_keyed", pa.bool_()),
-    ("results", pa.bool_()), ("part", pa.int64()), ("index", pa.int64()),
+    ("is_results", pa.bool_()), ("part", pa.int64()), ("index", pa.int64()),
 ]).empty_table()
 
 
@@ -199,7 +200,10 @@ def _settle_bucket(input_tables: int, *tables: pa.Table, lookup_starts: np.ndarr
     inputs = pa.concat_tables(tables[:input_tables]).to_pandas() if input_tables else pd.DataFrame(columns=["key", "row", "has_id"])
     outputs = pa.concat_tables([_EMPTY_OUTPUT_ENTRIES, *tables[input_tables:]]).to_pandas()
 
-    # 1. the newest copy of each row stays: of its id, or of its position for errors keyed by position
+    # 1. the newest copy of each row stays: of its id, or of its position for errors keyed by position.
+    # Positions are compared within the bucket of the error's id only; an interrupted run can leave two
+    # errors for one position under different ids (null, then repeated) until the end of the next run,
+    # which removes every position-keyed error of earlier runs
     position_keyed = outputs["position_keyed"].to_numpy(bool)
     supersede_key = outputs["key"].where(~position_keyed, "\0row:" + outputs["row"].astype(str))
     stale = outputs["run"].to_numpy() < outputs.groupby(supersede_key)["run"].transform("max").to_numpy()
@@ -227,7 +231,7 @@ def _settle_bucket(input_tables: int, *tables: pa.Table, lookup_starts: np.ndarr
         results += _split_by_start(pa.Table.from_pandas(lookup, LOOKUP_SCHEMA, preserve_index=False), "row", lookup_starts)
     if current_run is not None:
         # 4. where each input row ended (after the stale copies are gone) and what this run wrote
-        ended = live["results"].to_numpy(bool)
+        ended = live["is_results"].to_numpy(bool)
         latent_ids = live.loc[ended, "key"]
         error_ids = live.loc[~ended & ~live["position_keyed"].to_numpy(bool), "key"]
         error_positions = live.loc[~ended & live["position_keyed"].to_numpy(bool), "row"]
@@ -254,13 +258,13 @@ def _split_by_start(table: pa.Table, column: str, starts: np.ndarray) -> list[pa
 
 
 @ray.remote(num_cpus=TASK_CPUS)
-def _remove_stale(output: RunOutput, uris: list[str], results: list[bool], first_part: int, *stale_tables: pa.Table) -> int:
+def _remove_stale(output: RunOutput, uris: list[str], is_results: list[bool], first_part: int, *stale_tables: pa.Table) -> int:
     """Rewrite the parts of one group without their stale copies; return how many rows went."""
     stale = pa.concat_tables([STALE_SCHEMA.empty_table(), *stale_tables])
     removed = 0
     for part, indices in stale.to_pandas().groupby("part")["index"]:
         number = int(part) - first_part
-        remove_rows(output, uris[number], indices.to_numpy(), results=results[number])
+        remove_rows(output, uris[number], indices.to_numpy(), is_results=is_results[number])
         removed += len(indices)
     return removed
 
@@ -269,9 +273,15 @@ def _remove_stale(output: RunOutput, uris: list[str], results: list[bool], first
 
 
 @ray.remote(num_cpus=TASK_CPUS)
-def _lookup_items(fragments: list[io.ParquetFragment], *lookups: pa.Table) -> pa.Table:
-    """One item per row group of the group, with the lookups of its rows."""
-    return _items_table(fragments, list(lookups))
+def _lookup_items(fragments: list[io.ParquetFragment], *lookups: pa.Table):
+    """One items table per row group of the group: the row group and the lookups of its rows."""
+    lookup = pa.concat_tables([LOOKUP_SCHEMA.empty_table(), *lookups]).sort_by("row")
+    rows = lookup.column("row").to_numpy()
+    tables = []
+    for fragment in fragments:
+        first, end = np.searchsorted(rows, [fragment.first_row, fragment.first_row + fragment.num_rows])
+        tables.append(_items_table([fragment], [lookup.slice(int(first), int(end - first))]))
+    return tables[0] if len(tables) == 1 else tuple(tables)
 
 
 def _items_table(fragments: list[io.ParquetFragment], lookups: list[pa.Table]) -> pa.Table:

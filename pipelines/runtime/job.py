@@ -103,14 +103,14 @@ def run_job(plan: PlannedJob) -> dict:
         record = _start_record(plan, placement=None, stages=[], block_rows=None)
         record["note"] = "every input row was accounted for by an earlier run: nothing to do, no model loaded"
         return _finish(plan, record, started, progress, totals=None)
-    plan.before_run()
-    progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
 
-    # 1. stages for this cluster, wiring checked before anything runs
+    # 1. stages for this cluster, wiring checked before anything runs; then what the output holds
     cluster = ClusterShape.current()
     placement = plan.placement(cluster)
     stages = plan.model_stages(placement, cluster)
     check_wiring(stages, plan.stage_input_columns())
+    plan.before_run()
+    progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
     block_rows = job_block_rows(plan, stages)
     record = _start_record(plan, placement, stages, block_rows)
     plan.output.write_json("run.json", record)

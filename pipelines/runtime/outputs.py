@@ -104,7 +104,7 @@ class RunOutput:
 
     def spans(self) -> tuple[list[PartSpan], list[PartSpan]]:
         """(results parts, errors parts) committed so far, from the listing."""
-        return tuple([PartSpan.of(uri) for uri in part_uris(folder)] for folder in (self.results_uri, self.errors_uri))
+        return tuple([PartSpan.of(uri) for uri in _part_uris(folder)] for folder in (self.results_uri, self.errors_uri))
 
     def commit(self, results: pa.Table | None, errors: pa.Table | None, stats: ChannelStats | None) -> None:
         """Commit rows: errors first, results last (a results part marks its rows done)."""
@@ -125,7 +125,7 @@ class RunOutput:
     def latent_stats(self) -> ChannelStats | None:
         """Exact statistics over every committed latent, merged from the parts' footers."""
         partials = []
-        for part in part_uris(self.results_uri):
+        for part in _part_uris(self.results_uri):
             metadata = io.parquet_metadata(part)
             if STATS_METADATA_KEY in metadata:
                 partials.append(ChannelStats.from_dict(json.loads(metadata[STATS_METADATA_KEY])))
@@ -138,7 +138,7 @@ class RunOutput:
         distinct values the rest are counted under ``OTHER_REASONS``.
         """
         counts: dict[str, int] = {}
-        for uri in part_uris(self.errors_uri):
+        for uri in _part_uris(self.errors_uri):
             for value, number in _part_reasons(uri, column).items():
                 if value not in counts and len(counts) >= MAX_DISTINCT_REASONS:
                     value = OTHER_REASONS
@@ -167,7 +167,7 @@ def _part_reasons(uri: str, column: str) -> dict:
     return counts[column] if column in counts else _value_counts(io.read_parquet_file(uri, [column]).column(column))
 
 
-def part_uris(folder: str) -> list[str]:
+def _part_uris(folder: str) -> list[str]:
     if not io.exists(folder):
         return []
     try:

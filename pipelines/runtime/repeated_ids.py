@@ -11,6 +11,7 @@ two integers per repeated row, none in the common case.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,11 @@ import ray
 from pipelines.runtime import io
 from pipelines.runtime.placement import TASK_CPUS
 
+Item = TypeVar("Item")
 ROWS_PER_TASK = 1_000_000  # ids per reading task and, about, per bucket
+# Fewest rows per (group, bucket) piece: Ray keeps results under 100 KiB in the caller's
+# memory, the driver's here, so groups grow with the buckets to keep pieces above that
+PIECE_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class RepeatedIds:
 
     @classmethod
     def of_ids(cls, ids: list) -> "RepeatedIds":
-        """From ids in input order that a process already holds (encode's plan, tests); None ids are never repeats."""
+        """From ids in input order that a process already holds (tests); None ids are never repeats."""
         table = pa.table({"id": pa.array([None if value is None else str(value) for value in ids], pa.string()),
                           "row": pa.array(np.arange(len(ids)), pa.int64())})
         return cls.of_pairs(*repeats_of(table.filter(pc.is_valid(table.column("id")))))
@@ -65,8 +70,8 @@ def find_repeated_ids(fragments: list[io.ParquetFragment], id_column: str) -> Re
     if rows == 0:
         return RepeatedIds.none()
     buckets = bucket_count(rows)
-    by_group = [split_remote(_ids_by_bucket, buckets).remote(group, id_column, buckets) for group in fragment_groups(fragments, ROWS_PER_TASK)]
-    by_group = [refs if buckets > 1 else [refs] for refs in by_group]
+    by_group = [remote_returning(_ids_by_bucket, buckets, group, id_column, buckets)
+                for group in fragment_groups(fragments, rows_per_group(buckets))]
     found = ray.get([_repeats_in_bucket.remote(*[refs[bucket] for refs in by_group]) for bucket in range(buckets)])
     return RepeatedIds.of_pairs(np.concatenate([positions for positions, _ in found]), np.concatenate([first for _, first in found]))
 
@@ -81,21 +86,31 @@ def bucket_count(rows: int) -> int:
 
 def fragment_groups(fragments: list[io.ParquetFragment], rows_per_group: int) -> list[list[io.ParquetFragment]]:
     """Consecutive row groups, about ``rows_per_group`` rows per group (at least one row group each)."""
+    return groups_of_rows(fragments, [fragment.num_rows for fragment in fragments], rows_per_group)
+
+
+def groups_of_rows(items: list[Item], rows: list[int], rows_per_group: int) -> list[list[Item]]:
+    """Consecutive ``items`` holding ``rows`` rows each, cut once a group reaches ``rows_per_group`` rows."""
     groups, current, current_rows = [], [], 0
-    for fragment in fragments:
-        current.append(fragment)
-        current_rows += fragment.num_rows
+    for item, count in zip(items, rows):
+        current.append(item)
+        current_rows += count
         if current_rows >= rows_per_group:
             groups.append(current)
             current, current_rows = [], 0
-    if current:
-        groups.append(current)
-    return groups
+    return groups + ([current] if current else [])
 
 
-def split_remote(function, buckets: int):
-    """A remote function returning one object per bucket (Ray needs ``num_returns`` > 1 to split)."""
-    return function.options(num_returns=buckets) if buckets > 1 else function
+def rows_per_group(buckets: int, least: int = ROWS_PER_TASK) -> int:
+    """Rows per group of a shuffle into ``buckets``: at least ``least``, and ``PIECE_ROWS`` per bucket."""
+    return max(least, buckets * PIECE_ROWS)
+
+
+def remote_returning(function, count: int, *args, **kwargs) -> list:
+    """Call a remote function that returns ``count`` objects; their references as a list (Ray returns
+    a bare reference for one)."""
+    refs = function.options(num_returns=count).remote(*args, **kwargs)
+    return refs if count > 1 else [refs]
 
 
 def split_by_id_hash(table: pa.Table, column: str, buckets: int) -> tuple[pa.Table, ...] | pa.Table:
