@@ -93,7 +93,7 @@ class EncodingPlan:
     id_column: str | None
     settings: RowSettings
     layout: LatentLayout
-    lookup: Lookup | None = None  # what the output holds, per group of row groups (``before_run``)
+    lookup: Lookup | None = None  # what the output holds, per row group (``before_run``)
 
     @property
     def input_rows(self) -> int:

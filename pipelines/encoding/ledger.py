@@ -57,11 +57,10 @@ class OutputPart:
     rows: int  # from its name
 
 
-def output_part_groups(output: RunOutput, rows_per_group: int) -> list[list[OutputPart]]:
-    """The output's parts, from its listing, in groups of about ``rows_per_group`` rows."""
+def output_parts(output: RunOutput) -> list[OutputPart]:
+    """The output's parts, from its listing."""
     latents, errors = output.spans()
-    parts = [OutputPart(span.uri, True, span.rows) for span in latents] + [OutputPart(span.uri, False, span.rows) for span in errors]
-    return groups_of_rows(parts, [part.rows for part in parts], rows_per_group)
+    return [OutputPart(span.uri, True, span.rows) for span in latents] + [OutputPart(span.uri, False, span.rows) for span in errors]
 
 
 @dataclass(frozen=True)
@@ -78,19 +77,21 @@ class Lookup:
 
 def look_up(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None) -> Lookup:
     """Before a run: remove superseded copies; each input row's done key and repeat, per row group."""
-    buckets = _bucket_count(output, fragments)
+    parts = output_parts(output)
+    buckets = _bucket_count(fragments, parts)
     lookup_groups = fragment_groups(fragments, rows_per_group(buckets, LOOKUP_GROUP_ROWS))
-    result = _shuffle(output, fragments, id_column, buckets, lookup_groups=lookup_groups, current_run=None)
+    result = _shuffle(output, parts, fragments, id_column, buckets, lookup_groups=lookup_groups, current_run=None)
     # one items table per row group, as before the lookups: one reading task each
     items = [ref for group, refs in zip(lookup_groups, result.lookups) for ref in remote_returning(_lookup_items, len(group), group, *refs)]
-    return Lookup(items=items or [ray.put(_items_table([], []))], rows_done=result.summary["rows_done"],
+    return Lookup(items=items or [ray.put(_items_table([], LOOKUP_SCHEMA.empty_table()))], rows_done=result.summary["rows_done"],
                   last_run=result.summary["last_run"], superseded_rows_removed=result.removed)
 
 
 def settle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None, run: int) -> dict[str, int]:
     """After run ``run``: remove superseded copies (position-keyed errors of earlier runs too: this run
     wrote every one that still applies); return where the input rows ended and what the run wrote."""
-    result = _shuffle(output, fragments, id_column, _bucket_count(output, fragments), lookup_groups=[], current_run=run)
+    parts = output_parts(output)
+    result = _shuffle(output, parts, fragments, id_column, _bucket_count(fragments, parts), lookup_groups=[], current_run=run)
     counts = {name: result.summary[name] for name in COUNTS}
     input_rows = sum(fragment.num_rows for fragment in fragments)
     return {"input_rows": input_rows, **counts, "superseded_rows_removed": result.removed,
@@ -107,16 +108,16 @@ class _ShuffleResult:
     removed: int
 
 
-def _bucket_count(output: RunOutput, fragments: list[io.ParquetFragment]) -> int:
-    return bucket_count(sum(fragment.num_rows for fragment in fragments) + sum(output.counts()))
+def _bucket_count(fragments: list[io.ParquetFragment], parts: list[OutputPart]) -> int:
+    return bucket_count(sum(fragment.num_rows for fragment in fragments) + sum(part.rows for part in parts))
 
 
-def _shuffle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None, buckets: int,
-             lookup_groups: list[list[io.ParquetFragment]], current_run: int | None) -> _ShuffleResult:
+def _shuffle(output: RunOutput, parts: list[OutputPart], fragments: list[io.ParquetFragment], id_column: str | None,
+             buckets: int, lookup_groups: list[list[io.ParquetFragment]], current_run: int | None) -> _ShuffleResult:
     # 1. both sides split by the hash of the id: input row groups, then output parts
     inputs = [remote_returning(_input_entries, buckets, group, id_column, buckets)
               for group in fragment_groups(fragments, rows_per_group(buckets))]
-    part_groups = output_part_groups(output, rows_per_group(buckets, PART_GROUP_ROWS))
+    part_groups = groups_of_rows(parts, [part.rows for part in parts], rows_per_group(buckets, PART_GROUP_ROWS))
     part_group_starts = np.cumsum([0] + [len(group) for group in part_groups])[:-1]
     outputs = [remote_returning(_output_entries, 1 + buckets, output, group, int(start), buckets)
                for start, group in zip(part_group_starts, part_groups)]
@@ -280,12 +281,12 @@ def _lookup_items(fragments: list[io.ParquetFragment], *lookups: pa.Table):
     tables = []
     for fragment in fragments:
         first, end = np.searchsorted(rows, [fragment.first_row, fragment.first_row + fragment.num_rows])
-        tables.append(_items_table([fragment], [lookup.slice(int(first), int(end - first))]))
+        tables.append(_items_table([fragment], lookup.slice(int(first), int(end - first))))
     return tables[0] if len(tables) == 1 else tuple(tables)
 
 
-def _items_table(fragments: list[io.ParquetFragment], lookups: list[pa.Table]) -> pa.Table:
-    lookup = pa.concat_tables([LOOKUP_SCHEMA.empty_table(), *lookups]).sort_by("row")
+def _items_table(fragments: list[io.ParquetFragment], lookup: pa.Table) -> pa.Table:
+    """One row per row group, with the lookups of its rows (``lookup``, sorted by row) as lists."""
     rows = lookup.column("row").to_numpy()
     starts = np.array([f.first_row for f in fragments] + [f.first_row + f.num_rows for f in fragments[-1:]], np.int64)
     offsets = pa.array(np.searchsorted(rows, starts).astype(np.int32)) if fragments else pa.array([0], pa.int32())
