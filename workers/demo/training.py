@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.runtime.models import vae_scale_factor
+from workers.families.sd import StableDiffusion
 
 logger = logging.getLogger(__name__)
 WARMUP_STEPS_UNTIMED = 2  # the first steps of a process run 2-10x slower (kernel selection, allocation)
@@ -145,7 +145,7 @@ def train_vae(vae, images: torch.Tensor, config: VaeTrainingConfig) -> TrainingL
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(config.warmup_steps, config.steps))
-    factor = vae_scale_factor(vae.config)  # crops start on the latent grid
+    factor = StableDiffusion().vae_scale_factor(vae.config)  # crops start on the latent grid
     # channels-last convolutions train ~15% faster on CPU (oneDNN); weights go back to the default layout after
     vae.to(memory_format=torch.channels_last).train()
 

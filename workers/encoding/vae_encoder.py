@@ -1,4 +1,6 @@
-"""VAE encoder worker: RGB crops -> scaled latents, as diffusers' training scripts compute them.
+"""VAE encoder worker: RGB crops -> latents as the denoiser trains on them, as diffusers' training scripts compute them.
+
+For SD-like VAEs (the family says; ``ModelFamily.encode_pixels``):
 
     latent = (posterior.mean or posterior.sample(generator) - shift_factor) * scaling_factor
 
@@ -38,8 +40,6 @@ class VaeEncoderWorker(ModelWorker):
         super().__init__(model, **options)
         self.vae = self.load_pipeline((self.family.vae_component,)).vae
         upcast_vae(self.vae)
-        self.scaling_factor = self.vae.config.scaling_factor
-        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.sample, self.flip = sample, flip
 
     @on_compute_thread
@@ -78,7 +78,6 @@ class VaeEncoderWorker(ModelWorker):
         images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
         if crops.dtype == np.uint8:
             images = images.float() / 127.5 - 1.0
-        posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
-        latents = posterior.mean if self.sample == "mean" else posterior.sample(generator=generators)
+        latents = self.family.encode_pixels(self.vae, images.to(self.vae.device, self.vae.dtype), self.sample, generators)
         # float32 between stages keeps the object store format independent of the GPU dtype
-        return ((latents - self.shift_factor) * self.scaling_factor).float().cpu().numpy()
+        return latents.float().cpu().numpy()

@@ -88,9 +88,13 @@ class ModelFamily:
 
     # -- the driver: configs only ------------------------------------------------------------
 
+    def vae_scale_factor(self, vae_config: dict) -> int:
+        """Pixels per latent cell: each block of a diffusers ``AutoencoderKL`` but the last halves the resolution."""
+        return 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
     def describe(self, read_config: ConfigReader) -> ModelShape:
         vae = read_config(f"{self.vae_component}/config.json") or {}
-        vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        vae_scale_factor = self.vae_scale_factor(vae)
         denoiser = read_config(f"{self.denoiser_component}/config.json") or {}
         height, width = self.default_size(denoiser, vae_scale_factor)
         return ModelShape(
@@ -163,6 +167,30 @@ class ModelFamily:
     def unpack_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
         """Latents as ``[B, C, H/f, W/f]`` (FLUX packs 2x2 patches into tokens)."""
         return latents
+
+    # -- the VAE stages ----------------------------------------------------------------------
+    # Latents between stages and in a latent dataset are what the denoiser sees (and trains
+    # on); how a VAE maps them to and from pixels is the family's: SD-like VAEs scale and
+    # shift by their config, Qwen-Image's normalises per channel, FLUX.2's by batch-norm
+    # statistics.
+
+    def decode_latents(self, vae: Any, latents: Any) -> Any:
+        """Pixels in [-1, 1], ``[B, 3, H, W]``, of latents as the denoiser sees them (``[B, C, h, w]``)."""
+        scaling_factor, shift_factor = vae_factors(vae)
+        return vae.decode(latents / scaling_factor + shift_factor, return_dict=False)[0]
+
+    def encode_pixels(self, vae: Any, images: Any, sample: str, generators: list) -> Any:
+        """Latents as the denoiser sees them (``[B, C, h, w]``) of pixels in [-1, 1], ``[B, 3, H, W]``:
+        the posterior's mean, or a sample drawn from each row's generator, as diffusers' training scripts."""
+        scaling_factor, shift_factor = vae_factors(vae)
+        posterior = vae.encode(images).latent_dist
+        latents = posterior.mean if sample == "mean" else posterior.sample(generator=generators)
+        return (latents - shift_factor) * scaling_factor
+
+
+def vae_factors(vae: Any) -> tuple[float, float]:
+    """An SD-like VAE's ``scaling_factor`` and ``shift_factor`` (0 where its config has none)."""
+    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def stack(values: list[np.ndarray], pipe: Any):

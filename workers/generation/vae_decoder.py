@@ -1,7 +1,8 @@
 """VAE decoder stage: final latents -> uint8 RGB images (height x width x 3).
 
-Every family's pipeline decodes the same way once latents are unpacked:
-``vae.decode(latents / scaling_factor + shift_factor)``, then diffusers' postprocessing.
+Latents arrive unpacked and as the denoiser sees them; the family maps them back to
+what its VAE decodes (SD-like: ``latents / scaling_factor + shift_factor``), then
+diffusers' postprocessing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ class VaeDecoderWorker(ModelWorker):
         super().__init__(model, **options)
         self.vae = self.load_pipeline((self.family.vae_component,)).vae
         upcast_vae(self.vae)
-        self.scaling_factor = self.vae.config.scaling_factor
-        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor)
 
     @on_compute_thread
@@ -47,7 +46,7 @@ class VaeDecoderWorker(ModelWorker):
         import torch
 
         latents_tensor = torch.from_numpy(latents).to(self.vae.device, self.vae.dtype)
-        decoded = self.vae.decode(latents_tensor / self.scaling_factor + self.shift_factor, return_dict=False)[0]
+        decoded = self.family.decode_latents(self.vae, latents_tensor)
         # as diffusers' postprocess + numpy_to_pil: [-1, 1] -> [0, 1] -> round to uint8
         pixels = self.image_processor.postprocess(decoded, output_type="np")
         return (pixels * 255).round().astype(np.uint8)

@@ -36,11 +36,6 @@ def resolve_model_dir(model: ModelSource) -> str:
     return location
 
 
-def vae_scale_factor(vae_config: dict) -> int:
-    """Pixels per latent cell of a diffusers VAE config: each block but the last halves the resolution."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 class ModelDirectory:
     """One diffusers model directory: its family, and its pipeline loaded with some components."""
 
@@ -114,7 +109,7 @@ class ModelDirectory:
 
     @property
     def vae_scale_factor(self) -> int:
-        return vae_scale_factor(self.config(self.family.vae_component))
+        return self.family.vae_scale_factor(self.config(self.family.vae_component))
 
 
 def _quiet_libraries() -> None:
