@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 
 
@@ -57,7 +56,7 @@ def train(rank: int, world_size: int, args: argparse.Namespace) -> None:
     # 1. the process group (gloo on CPU, nccl on GPUs)
     device = torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
     distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                   timeout=datetime.timedelta(seconds=args.collective_timeout))
+                                   init_method=args.init_method, timeout=datetime.timedelta(seconds=args.collective_timeout))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
     # 2. the data: rank and world size come from the process group
@@ -115,26 +114,26 @@ def train(rank: int, world_size: int, args: argparse.Namespace) -> None:
     distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.world_size < 1:
         print("ddp_finetune_unet: error: --steps, --batch-size and --world-size must be >= 1", file=sys.stderr)
         return 2
     os.makedirs(args.output, exist_ok=True)
-    if "RANK" in os.environ:  # under torchrun
+    if "RANK" in os.environ:  # under torchrun: its rendezvous (MASTER_ADDR/MASTER_PORT)
+        args.init_method = "env://"
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return 0
+    import tempfile
+
     import torch.multiprocessing
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    torch.multiprocessing.spawn(train, args=(args.world_size, args), nprocs=args.world_size, join=True)
+    # Ranks on one machine meet through a file, not a TCP port: a port probed free and then
+    # released can be taken by another process before rank 0 binds it, and a rank that
+    # connects to the wrong listener waits for a handshake that never comes
+    with tempfile.TemporaryDirectory(prefix="ddp-rendezvous-") as rendezvous:
+        args.init_method = "file://" + os.path.join(rendezvous, "store")
+        torch.multiprocessing.spawn(train, args=(args.world_size, args), nprocs=args.world_size, join=True)
     return 0
 
 

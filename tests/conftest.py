@@ -1,15 +1,89 @@
-"""Shared fixtures: one real local Ray per session, a real S3-compatible server, tiny models.
+"""Shared fixtures: one real local Ray per session, a real S3-compatible server, tiny models;
+and a time limit on every test.
 
 The S3 server (moto in server mode, a real HTTP endpoint on 127.0.0.1) starts before
 Ray so that Ray's worker processes inherit the standard AWS variables pointing at it.
+
+No test may hang: each phase of a test (setup, call, teardown) fails after
+``DEFAULT_TIME_LIMIT`` seconds (``@pytest.mark.time_limit(seconds)`` to change it), and
+its failure holds the Python stacks of pytest's threads and of every Python process
+under it (py-spy), so a hang leaves its evidence.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import traceback
+from contextlib import contextmanager
 
 import pytest
+
+DEFAULT_TIME_LIMIT = 300.0  # seconds per phase; the slowest test takes ~60 s alone
+
+
+class TimeLimitExceeded(Exception):
+    """A test phase outlived its time limit (the message holds the stacks)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _time_limit(item, "setup"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _time_limit(item, "call"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    with _time_limit(item, "teardown"):
+        yield
+
+
+@contextmanager
+def _time_limit(item, phase: str):
+    marker = item.get_closest_marker("time_limit")
+    seconds = float(marker.args[0]) if marker else DEFAULT_TIME_LIMIT
+
+    def on_alarm(signum, frame):
+        # raised in the main thread, inside the test: pytest reports it as this test's failure
+        raise TimeLimitExceeded(f"{item.nodeid}: {phase} ran over its time limit of {seconds:g} s\n{process_tree_stacks()}")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def process_tree_stacks() -> str:
+    """The Python stacks of this process's threads and of its descendants (py-spy, where installed)."""
+    frames = sys._current_frames()
+    parts = [f"--- pytest (pid {os.getpid()}), thread {ident}:\n" + "".join(traceback.format_stack(frame)) for ident, frame in frames.items()]
+    if not sys.platform.startswith("linux"):
+        return "\n".join(parts)
+    from jobs.reaper import descendants
+
+    for pid in descendants(os.getpid()):
+        if not shutil.which("py-spy"):
+            parts.append("(py-spy is not installed: no stacks of child processes)")
+            break
+        try:
+            dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=20)
+            parts.append(f"--- pid {pid}:\n{dump.stdout or dump.stderr}")
+        except subprocess.TimeoutExpired:
+            parts.append(f"--- pid {pid}: py-spy did not answer in 20 s")
+    return "\n".join(parts)
 
 
 def _free_port() -> int:

@@ -29,6 +29,8 @@ ACTOR_TITLE = "ray::MapWorker(MapBatches(FusedGenerationWorker))"
 ROWS = 32
 STEPS = 8
 
+pytestmark = pytest.mark.slow  # real processes killed and rerun: ~30-60 s each
+
 
 def job_command(prompts: str, output: str, *options: str, steps: int = STEPS) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", "generate", "--model", "tiny", "--prompts", prompts, "--output", output,
