@@ -40,8 +40,9 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
     parser.add_argument("--guidance", type=float,
                         help="guidance scale, as the family's diffusers pipeline reads it (default: the family's: SD 7.5, SDXL 5, "
                              "SD3 7, FLUX 3.5, Z-Image 5; the demo model 5)")
-    parser.add_argument("--true-cfg-scale", type=float, default=1.0,
-                        help="FLUX only: above 1, rows with a negative prompt run true classifier-free guidance (diffusers' true_cfg_scale)")
+    parser.add_argument("--true-cfg-scale", type=float,
+                        help="FLUX and Qwen-Image: above 1, rows with a negative prompt run true classifier-free guidance "
+                             "(diffusers' true_cfg_scale; default: the family's: FLUX 1, Qwen-Image 4)")
     parser.add_argument("--max-sequence-length", type=int,
                         help="T5/Qwen tokens per prompt for SD3 (default 256), FLUX (512), Z-Image (512)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")

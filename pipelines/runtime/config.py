@@ -60,7 +60,8 @@ class GenerateConfig:
     width: int | None = None
     negative_prompt: str = ""
     scheduler: str | None = None  # None: the model's own scheduler
-    true_cfg_scale: float = 1.0  # FLUX only: > 1 with a negative prompt runs true classifier-free guidance
+    # FLUX, Qwen-Image: > 1 with a negative prompt runs true classifier-free guidance; None: the family's default
+    true_cfg_scale: float | None = None
     max_sequence_length: int | None = None  # T5/Qwen token budget (SD3, FLUX, Z-Image); None: the family's default
     seed: int = 0
     batch_size: int = 8
@@ -125,7 +126,7 @@ class GenerateConfig:
             if value is not None and value % model.shape.size_multiple:
                 raise ValueError(f"{name}: {model.family.name} models need a multiple of {model.shape.size_multiple}, got {value}")
         return replace(
-            self, steps=self.steps or model.shape.default_steps,
+            self, steps=self.steps or model.shape.default_steps, true_cfg_scale=model.family.true_cfg_scale(self.true_cfg_scale),
             guidance=self.guidance if self.guidance is not None else recommended_guidance(self.model, model.shape.default_guidance),
         )
 
