@@ -22,7 +22,7 @@ class QwenImage(ModelFamily):
     guidance_rule = (
         "the guidance embedding of guidance-distilled models (transformer guidance_embeds); the released "
         "Qwen-Image has none and ignores it. Classifier-free guidance is --true-cfg-scale (default 4, as "
-        "QwenImagePipeline), on rows with a negative prompt"
+        "QwenImagePipeline), on rows with a negative prompt (' ' guides away from an empty text)"
     )
     schedulers = FLOW_SCHEDULERS
     split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # Qwen2.5-VL 7B next to a 20B transformer
