@@ -143,7 +143,7 @@ def test_unknown_pipeline_class_is_named_with_the_supported_ones(tmp_path, capsy
     json.dump({**index, "_class_name": "KandinskyV22Pipeline"}, open(model / "model_index.json", "w"))
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
     status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
-    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs FluxPipeline, StableDiffusion3Pipeline" in err
+    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline" in err
     assert "Traceback" not in err
 
 
