@@ -13,7 +13,7 @@ For (c) and (d) also the stage-compute efficiency: the stages' summed busy secon
 divided by the run's wall seconds.
 
     python bench/generate_benchmark.py                      # small preset, 48 prompts, 128x128, 20 steps
-    python bench/generate_benchmark.py --model small-flux   # the same table for FLUX.1 (small-sdxl, small-sd3, small-zimage)
+    python bench/generate_benchmark.py --model small-flux   # the same table for FLUX.1 (small-sdxl, small-sd3, small-zimage, small-qwenimage)
     python bench/generate_benchmark.py --model tiny --prompts 8 --steps 4 --json result.json
 
 With ``--whole-process`` it times instead what a user feels: a plain diffusers process

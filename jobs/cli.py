@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = model_verbs.add_parser("export", help="write a built-in model as a standard diffusers directory",
                                     description="Write a built-in model as a diffusers directory that its family's pipeline "
                                                 "(StableDiffusionPipeline, FluxPipeline, ...) loads with from_pretrained.")
-    export.add_argument("name", help="built-in model: demo, or a preset (tiny, small, tiny-sdxl, small-sdxl, tiny-sd3, tiny-flux, tiny-zimage, ...)")
+    export.add_argument("name", help="built-in model: demo, or a preset (tiny, small, tiny-sdxl, small-sdxl, tiny-sd3, tiny-flux, tiny-zimage, tiny-qwenimage, ...)")
     export.add_argument("directory", help="directory to write")
     export.set_defaults(run=run_model_export)
     return parser

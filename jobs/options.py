@@ -35,15 +35,17 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
     parser.add_argument("--output", required=prompts_required, help="output folder (any fsspec URI)")
     parser.add_argument("--model", default="demo",
                         help=f"built-in model (demo: the default; {', '.join(PRESETS)}) or diffusers directory "
-                             "(SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image), local or any fsspec URI")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model family's: SD 30, SDXL 50, SD3 28, FLUX dev 28, schnell 4, Z-Image 50)")
+                             "(SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image, Qwen-Image), local or any fsspec URI")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model family's: SD 30, SDXL 50, SD3 28, FLUX dev 28, schnell 4, Z-Image 50, Qwen-Image 50)")
     parser.add_argument("--guidance", type=float,
                         help="guidance scale, as the family's diffusers pipeline reads it (default: the family's: SD 7.5, SDXL 5, "
-                             "SD3 7, FLUX 3.5, Z-Image 5; the demo model 5)")
-    parser.add_argument("--true-cfg-scale", type=float, default=1.0,
-                        help="FLUX only: above 1, rows with a negative prompt run true classifier-free guidance (diffusers' true_cfg_scale)")
+                             "SD3 7, FLUX 3.5, Z-Image 5; the demo model 5). Qwen-Image reads it only with a guidance embedding; "
+                             "its classifier-free guidance is --true-cfg-scale")
+    parser.add_argument("--true-cfg-scale", type=float,
+                        help="FLUX and Qwen-Image: above 1, rows with a negative prompt run true classifier-free guidance "
+                             "(diffusers' true_cfg_scale; default: the family's: FLUX 1, Qwen-Image 4)")
     parser.add_argument("--max-sequence-length", type=int,
-                        help="T5/Qwen tokens per prompt for SD3 (default 256), FLUX (512), Z-Image (512)")
+                        help="T5/Qwen tokens per prompt for SD3 (default 256), FLUX (512), Z-Image (512), Qwen-Image (512, at most 1024)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, help="image width (default: the model's)")
     parser.add_argument("--negative-prompt", default="", help="negative prompt for rows without one")

@@ -24,7 +24,8 @@ def diffusers_reference(
     """What the model family's own diffusers pipeline draws for each row, one row at a time.
 
     A row's "" negative prompt is diffusers' ``negative_prompt=None``; ``call_options``
-    (and SDXL's per-row micro-conditioning) go to the pipeline's ``__call__`` as they are.
+    (and SDXL's per-row micro-conditioning) go to the pipeline's ``__call__`` as they are
+    (Qwen-Image: its own default true_cfg_scale of 4 unless they say otherwise).
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -35,14 +36,16 @@ def diffusers_reference(
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    # Qwen-Image reads guidance_scale only with a guidance embedding (its CFG is true_cfg_scale)
+    reads_guidance = type(pipe).__name__ != "QwenImagePipeline" or pipe.transformer.config.guidance_embeds
     images = []
     for row in rows:
         conditioning = {name: tuple(row[column]) for column, name in (
             ("original_size", "original_size"), ("crop_top_left", "crops_coords_top_left"), ("target_size", "target_size"),
         ) if row.get(column) is not None}
         result = pipe(
-            row["prompt"], negative_prompt=row.get("negative_prompt") or None,
-            num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"],
+            row["prompt"], negative_prompt=row.get("negative_prompt") or None, num_inference_steps=row["num_inference_steps"],
+            guidance_scale=row["guidance_scale"] if reads_guidance else None,
             height=row["height"], width=row["width"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
             output_type="np", **conditioning, **call_options,
         ).images[0]

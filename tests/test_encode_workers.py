@@ -69,3 +69,29 @@ def test_caption_encoder_matches_the_prompt_encoder_and_encodes_null_as_empty(ti
     assert captions["prompt_embeds"].shape == (3, 77, 32)
     np.testing.assert_array_equal(captions["prompt_embeds"][:2], prompts["prompt_embeds"])
     assert captions["caption_truncated"].tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("sample", ["mean", "sample"])
+def test_qwenimage_latents_are_normalised_as_its_img2img_pipeline_prepares_them(model_cache, crops, sample):
+    from diffusers import AutoencoderKLQwenImage, QwenImageImg2ImgPipeline
+
+    from workers.runtime.presets import materialize_preset
+
+    worker = VaeEncoderWorker("tiny-qwenimage", sample=sample, threads=2)
+    batch = worker({"pixels": pixels_column(crops), "seed": np.array(SEEDS)})
+    assert [latent.shape for latent in batch["latent"]] == [(16, 8, 8), (16, 8, 8), (16, 10, 6)]  # one frame of the video VAE
+
+    # each row alone: the posterior mean normalised per channel, or the pipeline's own sample
+    # from the row's generator, (latent - latents_mean) / latents_std
+    vae = AutoencoderKLQwenImage.from_pretrained(f"{materialize_preset('tiny-qwenimage')}/vae", local_files_only=True).eval()
+    img2img = QwenImageImg2ImgPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, transformer=None)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    for crop, seed, latent in zip(crops, SEEDS, batch["latent"]):
+        image = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
+        with torch.inference_mode():
+            if sample == "sample":
+                expected = img2img._encode_vae_image(image, generator=[torch.Generator("cpu").manual_seed(seed)])
+            else:
+                expected = (vae.encode(image).latent_dist.mean - mean) / std
+        np.testing.assert_allclose(latent, expected[0, :, 0].numpy(), atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import assert_images_match, diffusers_reference
 from workers.generation.denoiser import DenoiserWorker
@@ -13,7 +14,9 @@ from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.presets import materialize_preset
 
-FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"]
+FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"]
+# families whose Qwen text encoder keeps 512 tokens (the long prompt fits)
+QWEN_TEXT_PRESETS = ("tiny-zimage", "tiny-qwenimage")
 LONG_PROMPT = "word " * 40  # 200 byte-level tokens: past CLIP's 77
 
 
@@ -58,8 +61,8 @@ def test_each_row_equals_the_family_pipeline_alone(family_model):
     for image, expected in zip(out["image"], diffusers_reference(model_dir, rows)):
         assert_images_match(image, expected)
     assert [image.shape for image in out["image"]] == [(64, 64, 3), (64, 64, 3), (32, 48, 3), (64, 64, 3)]
-    # the long prompt loses tokens to CLIP's 77; Z-Image's Qwen encoder keeps 512
-    assert out["prompt_truncated"].tolist() == [False, False, False, preset != "tiny-zimage"]
+    # the long prompt loses tokens to CLIP's 77; Z-Image's and Qwen-Image's Qwen encoders keep 512
+    assert out["prompt_truncated"].tolist() == [False, False, False, preset not in QWEN_TEXT_PRESETS]
 
 
 def test_batch_size_and_split_placement_change_nothing(family_model):
@@ -92,3 +95,38 @@ def test_flow_match_scheduler_variant_as_diffusers(model_cache):
     out = FusedGenerationWorker("tiny-sd3", scheduler="flow-euler-karras", threads=2)(request_batch(rows))
     for image, expected in zip(out["image"], diffusers_reference(model_dir, rows, scheduler="flow-euler-karras")):
         assert_images_match(image, expected)
+
+
+def test_qwenimage_true_cfg_per_call_as_diffusers(model_cache):
+    # negative prompts of different lengths share one true-CFG call (each side padded and masked
+    # as the pipeline pads a batch); the row without one runs without CFG; 1 turns CFG off
+    model_dir = materialize_preset("tiny-qwenimage")
+    base = {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 32, "width": 32}
+    rows = [
+        {**base, "prompt": "a red circle", "negative_prompt": "blurry", "seed": 1},
+        {**base, "prompt": "a blue square on white paper", "negative_prompt": "low quality, washed out colours", "seed": 2},
+        {**base, "prompt": "a green triangle", "negative_prompt": "", "seed": 3},
+    ]
+    for true_cfg_scale in (2.5, 1.0):
+        out = FusedGenerationWorker("tiny-qwenimage", true_cfg_scale=true_cfg_scale, threads=2)(request_batch(rows))
+        for image, expected in zip(out["image"], diffusers_reference(model_dir, rows, true_cfg_scale=true_cfg_scale)):
+            assert_images_match(image, expected)
+
+
+def test_qwenimage_captions_keep_their_own_length_within_the_token_budget(model_cache):
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(materialize_preset("tiny-qwenimage"), transformer=None, vae=None, local_files_only=True)
+    with torch.no_grad():
+        short = pipe.encode_prompt("a red circle", max_sequence_length=512)[0][0]
+    budget = len(short)  # the short caption fits exactly; the long one loses tokens
+    text = TextEncoderWorker("tiny-qwenimage", max_sequence_length=budget, threads=2)
+    out = text(request_batch([{"prompt": "a red circle", "negative_prompt": "blurry"}, {"prompt": LONG_PROMPT, "negative_prompt": ""}]))
+    assert [len(embedding) for embedding in out["prompt_embeds"]] == [budget, budget]
+    assert out["prompt_truncated"].tolist() == [False, True]
+    # each as encode_prompt returns it for the caption alone (no padding of the batch left)
+    with torch.no_grad():
+        long = pipe.encode_prompt(LONG_PROMPT, max_sequence_length=budget)[0][0]
+        blurry = pipe.encode_prompt("blurry", max_sequence_length=budget)[0][0]
+    for stored, expected in zip([*out["prompt_embeds"], out["negative_prompt_embeds"][0]], [short, long, blurry]):
+        np.testing.assert_allclose(stored, expected.numpy(), atol=1e-5)

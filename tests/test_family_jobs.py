@@ -32,7 +32,7 @@ def run_cli(args, capsys) -> tuple[int, str]:
 # -- generation ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused")])
+@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused"), ("tiny-qwenimage", "split")])
 def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, preset, placement):
     rows = [
         {"id": "a", "prompt": "a red circle", "negative_prompt": "", "seed": 5, "height": 64, "width": 64},
@@ -48,7 +48,7 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
     record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model=preset, steps=3, guidance=4.0, placement=placement))
 
     # the odd size goes to errors naming the family's multiple; the others equal diffusers
-    multiple = 16 if preset == "tiny-flux" else 8
+    multiple = 8 if preset == "tiny-sdxl" else 16
     counts = record["counts"]
     if multiple == 16:
         errors = pd.read_parquet(output / "errors").set_index("id")
@@ -64,8 +64,10 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
     for row, image in zip(good, expected):
         assert_images_match(read_image(output / manifest.loc[row["id"], "image_path"]), image)
     stats = json.load(open(output / "latent_stats.json"))
-    assert stats["latent_channels"] == (16 if preset == "tiny-flux" else 4)
-    assert record["identity"]["family"] == ("flux" if preset == "tiny-flux" else "sdxl")
+    assert stats["latent_channels"] == (4 if preset == "tiny-sdxl" else 16)
+    assert record["identity"]["family"] == {"tiny-flux": "flux", "tiny-sdxl": "sdxl", "tiny-qwenimage": "qwenimage"}[preset]
+    # the family's own true_cfg_scale default: FLUX 1 (off), Qwen-Image 4, as their pipelines
+    assert record["identity"]["true_cfg_scale"] == (4.0 if preset == "tiny-qwenimage" else 1.0)
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def test_unknown_pipeline_class_is_named_with_the_supported_ones(tmp_path, capsy
     json.dump({**index, "_class_name": "KandinskyV22Pipeline"}, open(model / "model_index.json", "w"))
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
     status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
-    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs FluxPipeline, StableDiffusion3Pipeline" in err
+    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline" in err
     assert "Traceback" not in err
 
 
@@ -189,10 +191,12 @@ def test_sd3_without_t5_runs_as_diffusers_allows(tmp_path, model_cache):
     ("tiny-flux", ["--scheduler", "ddim"], "scheduler: 'ddim' does not fit flux models; choose one of flow-euler"),
     ("tiny", ["--scheduler", "flow-euler"], "scheduler: 'flow-euler' does not fit sd models"),
     ("tiny-zimage", ["--scheduler", "flow-heun"], "scheduler: 'flow-heun' does not fit zimage models; choose one of flow-euler"),
-    ("tiny-sdxl", ["--true-cfg-scale", "2"], "true_cfg_scale: only FLUX models take it"),
+    ("tiny-sdxl", ["--true-cfg-scale", "2"], "true_cfg_scale: sdxl models do not take it"),
     ("tiny", ["--max-sequence-length", "64"], "max_sequence_length: sd models have no long text encoder"),
     ("tiny-flux", ["--max-sequence-length", "600"], "max_sequence_length: flux models take at most 512 tokens, got 600"),
     ("tiny-flux", ["--width", "72"], "width: flux models need a multiple of 16, got 72"),
+    ("tiny-qwenimage", ["--width", "72", "--true-cfg-scale", "2"], "width: qwenimage models need a multiple of 16, got 72"),
+    ("tiny-qwenimage", ["--max-sequence-length", "1100"], "max_sequence_length: qwenimage models take at most 1024 tokens, got 1100"),
 ])
 def test_options_that_do_not_fit_the_family_stop_the_run(tmp_path, capsys, model_cache, model, flags, message):
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
@@ -239,3 +243,55 @@ def test_flux_schnell_defaults_to_its_few_steps_and_no_guidance(tmp_path, model_
     schnell, dev = describe_model(str(model)).shape, describe_model("tiny-flux").shape
     assert (schnell.default_steps, schnell.default_guidance) == (4, 0.0)
     assert (dev.default_steps, dev.default_guidance, dev.size_multiple, dev.latent_channels) == (28, 3.5, 16, 16)
+
+
+def test_qwenimage_encodes_normalised_latents_and_decodes_them_as_its_pipeline(ray_session, tmp_path, captioned_images):
+    from diffusers import QwenImagePipeline
+
+    from pipelines.report import decoded_samples
+
+    # 1. latents (VAE only: caption embeddings of their own lengths take Z-Image's path, see above):
+    # the posterior mean of one video frame, normalised per channel, [16, H/8, W/8]
+    output = tmp_path / "latents"
+    record = run_encoding(EncodeConfig(images=captioned_images, output=str(output), model="tiny-qwenimage", resolution=64,
+                                       latent_dtype="float32"))
+    assert record["counts"]["ok_rows"] == 3
+    latents = np.stack(latents_of(pq.read_table(output / "latents").sort_by("id")))
+    pipe = QwenImagePipeline.from_pretrained(materialize_preset("tiny-qwenimage"), local_files_only=True)
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    pixels = torch.from_numpy(np.stack([picture(index, 64, 64) for index in range(3)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        expected = (vae.encode(pixels[:, :, None]).latent_dist.mean - mean) / std
+    assert latents.shape == (3, 16, 8, 8)
+    np.testing.assert_allclose(latents, expected[:, :, 0].numpy(), atol=1e-3)
+    stats = json.load(open(output / "latent_stats.json"))
+    assert (len(stats["mean"]), stats["scaling_factor"], stats["shift_factor"]) == (16, 1.0, 0.0)
+
+    # 2. the report decodes them as QwenImagePipeline decodes its latents: latents * std + mean
+    samples = decoded_samples(str(output), json.load(open(output / "run.json")), 3)
+    with torch.no_grad():
+        decoded = vae.decode(torch.from_numpy(latents)[:, :, None] * std + mean).sample[:, :, 0]
+    expected_pixels = (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
+    for sample, image in zip(samples, expected_pixels):
+        assert_images_match(np.asarray(sample.image), image)
+
+
+def test_qwenimage_exports_a_pipeline_directory_and_describes_it(tmp_path, capsys, model_cache):
+    from diffusers import QwenImagePipeline
+
+    from pipelines.runtime.model_source import describe_model
+
+    model = tmp_path / "qwen"
+    assert main(["model", "export", "tiny-qwenimage", str(model)]) == 0
+    pipe = QwenImagePipeline.from_pretrained(str(model), local_files_only=True)
+    assert pipe.vae_scale_factor == 8 and pipe.transformer.config.in_channels == 64
+    shape = describe_model(str(model)).shape
+    # the pipeline's defaults (1024 px, 50 steps); latents already normalised: no scale or shift
+    assert (shape.default_height, shape.default_width, shape.size_multiple, shape.vae_scale_factor) == (1024, 1024, 16, 8)
+    assert (shape.latent_channels, shape.scaling_factor, shape.shift_factor, shape.default_steps) == (16, 1.0, 0.0, 50)
+    assert shape.default_guidance == 0.0  # the released model has no guidance embedding
+    config_path = model / "transformer" / "config.json"
+    json.dump({**json.load(open(config_path)), "guidance_embeds": True}, open(config_path, "w"))
+    assert describe_model(str(model)).shape.default_guidance == 4.0

@@ -60,8 +60,9 @@ class GenerateConfig:
     width: int | None = None
     negative_prompt: str = ""
     scheduler: str | None = None  # None: the model's own scheduler
-    true_cfg_scale: float = 1.0  # FLUX only: > 1 with a negative prompt runs true classifier-free guidance
-    max_sequence_length: int | None = None  # T5/Qwen token budget (SD3, FLUX, Z-Image); None: the family's default
+    # FLUX, Qwen-Image: > 1 with a negative prompt runs true classifier-free guidance; None: the family's default
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None  # T5/Qwen token budget (SD3, FLUX, Z-Image, Qwen-Image); None: the family's default
     seed: int = 0
     batch_size: int = 8
     image_format: str = "png"
@@ -125,7 +126,7 @@ class GenerateConfig:
             if value is not None and value % model.shape.size_multiple:
                 raise ValueError(f"{name}: {model.family.name} models need a multiple of {model.shape.size_multiple}, got {value}")
         return replace(
-            self, steps=self.steps or model.shape.default_steps,
+            self, steps=self.steps or model.shape.default_steps, true_cfg_scale=model.family.true_cfg_scale(self.true_cfg_scale),
             guidance=self.guidance if self.guidance is not None else recommended_guidance(self.model, model.shape.default_guidance),
         )
 
@@ -174,7 +175,7 @@ class EncodeConfig:
     caption_column: str | None = None
     id_column: str | None = None  # None: "id" when the table has it, else ids from row positions
     text_embeddings: bool = False
-    max_sequence_length: int | None = None  # T5/Qwen tokens kept in prompt_embeds (SD3, FLUX, Z-Image); None: the family's default
+    max_sequence_length: int | None = None  # T5/Qwen tokens kept in prompt_embeds (SD3, FLUX, Z-Image, Qwen-Image); None: the family's default
     sample: str = "mean"  # latent from the posterior: its mean, or a sample with the row's seed
     latent_dtype: str = "float16"
     seed: int = 0  # rows derive their seed (random crop, sampling) from it and their id

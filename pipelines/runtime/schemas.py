@@ -15,7 +15,7 @@ PROMPT_OPTIONAL_COLUMNS = {
     "num_inference_steps": "denoising steps",
     "guidance_scale": "classifier-free guidance scale",
     "height": "image height in pixels, a multiple of 8",
-    "width": "image width in pixels, a multiple of the model's size multiple (8 for SD/SDXL, 16 for SD3/FLUX/Z-Image)",
+    "width": "image width in pixels, a multiple of the model's size multiple (8 for SD/SDXL, 16 for SD3/FLUX/Z-Image/Qwen-Image)",
     # SDXL micro-conditioning, as StableDiffusionXLPipeline's arguments of the same meaning
     "original_size": "SDXL: [height, width] the image is conditioned as coming from (default: its size)",
     "crop_top_left": "SDXL: [top, left] crop it is conditioned on (default: [0, 0])",

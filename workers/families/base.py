@@ -70,7 +70,9 @@ class ModelFamily:
     # default token budget of the long text encoder (T5, Qwen); None: the family has no such option
     default_max_sequence_length: ClassVar[int | None] = None
     max_sequence_length_limit: ClassVar[int | None] = None  # the pipeline's own upper bound (T5: 512)
-    takes_true_cfg_scale: ClassVar[bool] = False  # diffusers' true_cfg_scale (FLUX)
+    takes_true_cfg_scale: ClassVar[bool] = False  # diffusers' true_cfg_scale (FLUX, Qwen-Image)
+    # the pipeline's own default: FLUX 1.0 (off), Qwen-Image 4.0; a run's --true-cfg-scale overrides it
+    default_true_cfg_scale: ClassVar[float] = 1.0
     # per-row columns beyond the common ones (name -> what it holds), passed to the denoiser
     conditioning_columns: ClassVar[dict[str, str]] = {}
     # split placement on GPUs: each stage's share of one GPU per actor set (Ray's fractional GPUs).
@@ -114,7 +116,7 @@ class ModelFamily:
     def size_multiple(self, denoiser_config: dict, vae_scale_factor: int) -> int:
         return vae_scale_factor
 
-    def check_options(self, *, scheduler: str | None, max_sequence_length: int | None, true_cfg_scale: float) -> None:
+    def check_options(self, *, scheduler: str | None, max_sequence_length: int | None, true_cfg_scale: float | None) -> None:
         """Options that do not fit this family stop the run (exit 2), with the reason."""
         if scheduler is not None and scheduler not in self.schedulers:
             raise ValueError(f"scheduler: {scheduler!r} does not fit {self.name} models; choose one of {', '.join(self.schedulers)}")
@@ -122,8 +124,8 @@ class ModelFamily:
             raise ValueError(f"max_sequence_length: {self.name} models have no long text encoder to limit (CLIP's 77 tokens are fixed)")
         if max_sequence_length is not None and self.max_sequence_length_limit and max_sequence_length > self.max_sequence_length_limit:
             raise ValueError(f"max_sequence_length: {self.name} models take at most {self.max_sequence_length_limit} tokens, got {max_sequence_length}")
-        if true_cfg_scale != 1.0 and not self.takes_true_cfg_scale:
-            raise ValueError(f"true_cfg_scale: only FLUX models take it; {self.name} models use guidance_scale for classifier-free guidance")
+        if true_cfg_scale is not None and true_cfg_scale != 1.0 and not self.takes_true_cfg_scale:
+            raise ValueError(f"true_cfg_scale: {self.name} models do not take it; they use guidance_scale for classifier-free guidance")
 
     # -- the text stage ----------------------------------------------------------------------
 
@@ -135,9 +137,14 @@ class ModelFamily:
         """What "no negative prompt" encodes to: as diffusers' ``negative_prompt=None``."""
         return encoded_empty
 
+    def true_cfg_scale(self, requested: float | None) -> float:
+        """A run's true_cfg_scale: the one it asked for, else the family's pipeline's default."""
+        return self.default_true_cfg_scale if requested is None else requested
+
     def reads_negative(self, true_cfg_scale: float) -> bool:
-        """Whether the denoiser uses negative-prompt embeddings at all (FLUX: only with true CFG)."""
-        return True
+        """Whether the denoiser uses negative-prompt embeddings at all (true-CFG families: only with true CFG)."""
+        # without true CFG a negative prompt changes nothing, as in diffusers
+        return true_cfg_scale > 1 if self.takes_true_cfg_scale else True
 
     def token_limits(self, pipe: Any, max_sequence_length: int | None) -> list[tuple[Any, int]]:
         """(tokenizer, tokens it keeps) for every tokenizer a prompt goes through."""
@@ -154,11 +161,24 @@ class ModelFamily:
 
     def group_key(self, batch: dict[str, np.ndarray], row: int) -> tuple:
         """What else, besides size, steps and guidance, rows of one denoising call must share."""
+        if self.takes_true_cfg_scale:  # rows with a negative prompt take the true-CFG path (twice the passes)
+            return (bool(batch["negative_prompt"][row]),)
         return ()
+
+    def runs_true_cfg(self, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> bool:
+        """Whether a group of rows (one ``group_key``) runs diffusers' true CFG: a true-CFG family,
+        ``true_cfg_scale > 1`` and a negative prompt, as the pipeline decides it."""
+        return self.takes_true_cfg_scale and options["true_cfg_scale"] > 1 and bool(batch["negative_prompt"][rows[0]])
+
+    def guidance_argument(self, pipe: Any, guidance: float) -> float | None:
+        """What the pipeline's ``guidance_scale`` receives for a row's guidance (Qwen-Image: None
+        unless its transformer has a guidance embedding)."""
+        return guidance
 
     def denoise_arguments(self, pipe: Any, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> dict[str, Any]:
         """Keyword arguments of the pipeline's ``__call__`` for one group of rows: their embeddings
-        (positive and negative, as diffusers names them) and the family's extra conditioning."""
+        (positive and negative, as diffusers names them) and the family's extra conditioning.
+        ``options`` holds the run's settings (``true_cfg_scale``, resolved to the family's default)."""
         return {
             column: stack([batch[column][row] for row in rows], pipe)
             for name in self.embedding_columns for column in (name, f"negative_{name}")

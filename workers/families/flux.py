@@ -47,21 +47,13 @@ class Flux(ModelFamily):
         )
         return {"prompt_embeds": to_numpy(prompt_embeds), "pooled_prompt_embeds": to_numpy(pooled)}
 
-    def reads_negative(self, true_cfg_scale: float) -> bool:
-        return true_cfg_scale > 1  # without true CFG a negative prompt changes nothing, as in diffusers
-
     def token_limits(self, pipe: Any, max_sequence_length: int | None) -> list[tuple[Any, int]]:
         return [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, max_sequence_length or self.default_max_sequence_length)]
 
-    def group_key(self, batch: dict[str, np.ndarray], row: int) -> tuple:
-        # rows with a negative prompt take the true-CFG path (twice the transformer passes)
-        return (bool(batch["negative_prompt"][row]),)
-
     def denoise_arguments(self, pipe: Any, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> dict[str, Any]:
         arguments = super().denoise_arguments(pipe, batch, rows, options)
-        true_cfg_scale = options.get("true_cfg_scale", 1.0)
-        if true_cfg_scale > 1 and batch["negative_prompt"][rows[0]]:
-            arguments["true_cfg_scale"] = true_cfg_scale
+        if self.runs_true_cfg(batch, rows, options):
+            arguments["true_cfg_scale"] = options["true_cfg_scale"]
         else:
             # as diffusers with negative_prompt=None: no second pass
             arguments = {name: value for name, value in arguments.items() if not name.startswith("negative_")}

@@ -36,12 +36,12 @@ class DenoiserWorker(ModelWorker):
         return {**embeddings, **cls.REQUIRED_COLUMNS}
 
     @on_compute_thread
-    def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float = 1.0, **options):
+    def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None, **options):
         super().__init__(model, **options)
         self.pipe = self.load_pipeline(self.family.denoiser_components)
         self.scheduler_name = scheduler
         self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.options = {"true_cfg_scale": true_cfg_scale}
+        self.options = {"true_cfg_scale": self.family.true_cfg_scale(true_cfg_scale)}  # None: the family's default
 
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
@@ -78,7 +78,8 @@ class DenoiserWorker(ModelWorker):
 
         generators = [torch.Generator("cpu").manual_seed(int(batch["seed"][row])) for row in rows]
         latents = self.pipe(
-            **arguments, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+            **arguments, height=height, width=width, num_inference_steps=steps,
+            guidance_scale=self.family.guidance_argument(self.pipe, guidance),
             generator=generators, output_type="latent", return_dict=False,
         )[0]
 

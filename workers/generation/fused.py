@@ -30,7 +30,7 @@ class FusedGenerationWorker:
         return ("prompt_truncated", "latents", "image")
 
     @on_compute_thread
-    def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float = 1.0,
+    def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None,
                  max_sequence_length: int | None = None, dtype: str = "auto", **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family

@@ -28,11 +28,11 @@ class TextEncoderWorker(ModelWorker):
         return (*embedding_columns(family), "prompt_truncated")
 
     @on_compute_thread
-    def __init__(self, model, *, max_sequence_length: int | None = None, true_cfg_scale: float = 1.0, **options):
+    def __init__(self, model, *, max_sequence_length: int | None = None, true_cfg_scale: float | None = None, **options):
         super().__init__(model, **options)
         self.max_sequence_length = max_sequence_length
-        # FLUX reads negative embeddings only with true CFG: 8 MB of T5 states per row are not sent for nothing
-        self.sends_negative = self.family.reads_negative(true_cfg_scale)
+        # FLUX and Qwen-Image read negative embeddings only with true CFG: 8 MB of T5 states per row are not sent for nothing
+        self.sends_negative = self.family.reads_negative(self.family.true_cfg_scale(true_cfg_scale))
         self.pipe = self.load_pipeline(self.family.text_components, config_only=self.family.text_stage_configs)
         # most rows have no negative prompt: the empty text is encoded once per actor
         self._cache: dict[str, dict[str, np.ndarray]] = {}

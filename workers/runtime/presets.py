@@ -29,6 +29,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "small-flux": ("flux", "small"),
     "tiny-zimage": ("zimage", "tiny"),
     "small-zimage": ("zimage", "small"),
+    "tiny-qwenimage": ("qwenimage", "tiny"),
+    "small-qwenimage": ("qwenimage", "small"),
 }
 
 

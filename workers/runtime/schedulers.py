@@ -22,7 +22,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
-    # flow matching (SD3, FLUX, Z-Image): the model's shift and dynamic shifting carry over from its config
+    # flow matching (SD3, FLUX, Z-Image, Qwen-Image): the model's shift and dynamic shifting carry over from its config
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow-euler-karras": ("FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "flow-euler-exponential": ("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True}),
