@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import ray.data
 
-from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
+from pipelines.encoding.encode_rows import CAPTION_COLUMNS, PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
 from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, parse_bucket_list
@@ -126,7 +126,7 @@ class EncodingPlan:
         return build_model_stages(self.config, self.model, placement, cluster)
 
     def stage_input_columns(self) -> set[str]:
-        return set(PREPARED_COLUMNS) | ({"caption"} if self.layout.caption else set())
+        return set(PREPARED_COLUMNS) | (set(CAPTION_COLUMNS) if self.layout.caption else set())
 
     def row_work(self) -> tuple[int, int]:
         """The largest target size, one VAE pass per row."""

@@ -112,7 +112,7 @@ def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flip
     if layout.flip:
         columns["latent_flipped"] = tensor_column([flipped[i] for i in keep], schema.field("latent_flipped").type)
     if layout.caption:
-        columns["caption"] = pa.array([batch["caption"][i] for i in keep], pa.string())
+        columns["caption"] = captions_column(batch, keep)
     for name, values in embeddings.items():
         columns[name] = tensor_column(values, schema.field(name).type)
         if embedding_shapes[name][0] is None:
@@ -120,6 +120,13 @@ def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flip
     if embeddings:
         columns["caption_truncated"] = pa.array(batch["caption_truncated"][keep], pa.bool_())
     return with_shape_runs(pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema))
+
+
+def captions_column(batch: dict, keep: np.ndarray) -> pa.Array:
+    """The kept rows' captions, null where the row had none (``caption_null``: see ``encode_rows.CAPTION_COLUMNS``)."""
+    captions = batch["caption"]
+    nulls = batch["caption_null"] if "caption_null" in batch else [caption is None for caption in captions]
+    return pa.array([None if nulls[i] else str(captions[i]) for i in keep], pa.string())
 
 
 def stored_shape(values: list[np.ndarray], fixed_length: bool) -> tuple[int | None, ...]:
