@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -220,13 +221,56 @@ def test_fingerprint_reads_unchanged_weights_once(tmp_path, monkeypatch, model_c
     assert io.fingerprint_tree(str(model), str(cache)) != first and len(reads) == files + 1
 
 
-def test_zimage_encodes_latents_and_says_why_not_embeddings(ray_session, tmp_path, captioned_images, capsys):
-    status, err = run_cli(["encode", "--images", captioned_images, "--output", str(tmp_path / "refused"), "--model", "tiny-zimage",
-                           "--resolution", "64", "--caption-column", "caption", "--text-embeddings"], capsys)
-    assert status == 2 and "text_embeddings: zimage caption embeddings differ in length per caption" in err
-    record = run_encoding(EncodeConfig(images=captioned_images, output=str(tmp_path / "latents"), model="tiny-zimage", resolution=64))
-    latents = latents_of(pq.read_table(tmp_path / "latents" / "latents"))
-    assert record["counts"]["ok_rows"] == 3 and all(latent.shape == (16, 8, 8) for latent in latents)
+def test_zimage_stores_each_caption_embedding_at_its_own_length(ray_session, tmp_path, captioned_images, capsys):
+    """Z-Image's encoder gives each caption its own tokens: stored unpadded, read by pyarrow, DuckDB and
+    Hugging Face datasets, batched by LatentDataset padded with a mask."""
+    import datasets
+    import duckdb
+    from diffusers import DiffusionPipeline
+
+    from pipelines import LatentDataset
+
+    output = tmp_path / "latents"
+    status, err = run_cli(["encode", "--images", captioned_images, "--output", str(output), "--model", "tiny-zimage", "--resolution", "64",
+                           "--caption-column", "caption", "--text-embeddings", "--latent-dtype", "float32",
+                           # split, batches of 2: embeddings cross the object store between actors, in blocks of mixed lengths
+                           "--placement", "split", "--batch-size", "2"], capsys)
+    assert status == 0, err
+    table = pq.read_table(output / "latents").sort_by("id")
+    assert all(latent.shape == (16, 8, 8) for latent in latents_of(table))
+
+    # 1. per row, encode_prompt's output for its caption ("" for none), at its own length; no pooled embedding
+    pipe = DiffusionPipeline.from_pretrained(materialize_preset("tiny-zimage"), local_files_only=True)
+    captions = [text or "" for text in table.column("caption").to_pylist()]
+    with torch.no_grad():
+        expected, _ = pipe.encode_prompt(list(captions), device="cpu", do_classifier_free_guidance=False)
+    expected = {row_id: embedding.numpy() for row_id, embedding in zip(table.column("id").to_pylist(), expected)}
+    lengths = table.column("prompt_embeds_length").to_pylist()
+    assert len(set(lengths)) == 3 and "pooled_prompt_embeds" not in table.column_names
+    width = next(iter(expected.values())).shape[1]
+    assert table.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float32(), width))  # [tokens][width]
+    for row_id, stored, length in zip(table.column("id").to_pylist(), table.column("prompt_embeds").to_pylist(), lengths):
+        assert np.asarray(stored).shape == expected[row_id].shape == (length, width)  # pyarrow as it is
+        np.testing.assert_allclose(np.asarray(stored), expected[row_id], atol=1e-4)
+    assert table.column("caption_truncated").to_pylist() == [False, False, False]  # Qwen keeps 512 tokens
+    found = duckdb.sql(f"select id, len(prompt_embeds), len(prompt_embeds[1]), prompt_embeds_length from '{output}/latents/*.parquet'").fetchall()
+    assert {row_id: (tokens, dim) for row_id, tokens, dim, _ in found} == {key: value.shape for key, value in expected.items()}
+    assert all(tokens == length for _, tokens, _, length in found)
+
+    # 2. Hugging Face datasets: each row's tensor at its own length
+    hub = datasets.load_dataset("parquet", data_files=f"{output}/latents/*.parquet", split="train", cache_dir=str(tmp_path / "hf"))
+    for row in hub.with_format("torch"):
+        assert int(row["prompt_embeds_length"]) == len(row["prompt_embeds"])
+        np.testing.assert_allclose(row["prompt_embeds"].numpy(), expected[row["id"]], atol=1e-4)
+
+    # 3. LatentDataset: padded to the batch's longest row, True in the mask at real tokens, zeros after
+    batch = next(iter(LatentDataset(str(output), batch_size=3, columns=["id", "latent", "prompt_embeds"])))
+    embeds, mask = batch["prompt_embeds"], batch["prompt_embeds_mask"]
+    assert embeds.shape == (3, max(lengths), width) and mask.dtype == torch.bool and mask.shape == (3, max(lengths))
+    for row_id, row, real in zip(batch["id"], embeds, mask):
+        assert int(real.sum()) == len(expected[row_id]) and bool(real[:len(expected[row_id])].all())
+        np.testing.assert_allclose(row[real].numpy(), expected[row_id], atol=1e-4)
+        assert not row[~real].any()
 
 
 def test_flux_schnell_defaults_to_its_few_steps_and_no_guidance(tmp_path, model_cache):
