@@ -272,6 +272,16 @@ def test_zimage_stores_each_caption_embedding_at_its_own_length(ray_session, tmp
         np.testing.assert_allclose(row[real].numpy(), expected[row_id], atol=1e-4)
         assert not row[~real].any()
 
+    # 4. Ray Data: the length column read beside the embeddings pads them the same way
+    import ray.data
+
+    from pipelines.encoding.latent_dataset import collate_nested_arrays
+
+    columns = ["id", "prompt_embeds", "prompt_embeds_length"]
+    for batch in ray.data.read_parquet(str(output / "latents"), columns=columns).iter_torch_batches(batch_size=3, collate_fn=collate_nested_arrays):
+        assert batch["prompt_embeds"].shape == (3, max(lengths), width)
+        assert batch["prompt_embeds_mask"].sum(dim=1).tolist() == batch["prompt_embeds_length"].tolist() == [len(expected[i]) for i in batch["id"]]
+
 
 def test_flux_schnell_defaults_to_its_few_steps_and_no_guidance(tmp_path, model_cache):
     from pipelines.runtime.model_source import describe_model

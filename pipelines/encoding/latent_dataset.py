@@ -54,7 +54,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.encoding.latent_output import shape_runs, tensor_values
 from pipelines.runtime import io
-from pipelines.runtime.schemas import MASK_SUFFIX, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type
+from pipelines.runtime.schemas import LENGTH_SUFFIX, MASK_SUFFIX, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type
 
 SIZE_COLUMNS = ("original_size", "crop_top_left", "target_size")
 TEXT_COLUMNS = ("id", "caption")
@@ -555,17 +555,27 @@ def collate_nested_arrays(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     Ray Data turns nested list columns into numpy arrays of arrays (it makes n-dimensional arrays
     only of its own or Arrow's tensor extension types, which Hugging Face datasets refuses);
     this stacks them into (rows, C, H, W) tensors and leaves strings as lists.
+
+    Caption embeddings of their own length (Z-Image, Qwen-Image): read ``<name>_length`` too, and
+    ``<name>`` comes padded to the batch's longest row with ``<name>_mask`` True at real tokens, as
+    ``LatentDataset`` batches it (the length column says which columns to pad, in every batch alike).
     """
     collated = {}
     for name, values in batch.items():
         if values.dtype == object and len(values) and isinstance(values[0], str):
             collated[name] = values.tolist()
+        elif name + LENGTH_SUFFIX in batch:
+            collated[name], collated[name + MASK_SUFFIX] = _padded([_stack_nested(np.asarray(value)) for value in values], shared=False)
         else:
-            collated[name] = torch.from_numpy(_stack_nested(values))
+            collated[name] = torch.from_numpy(_stack_nested(values, name))
     return collated
 
 
-def _stack_nested(values: np.ndarray) -> np.ndarray:
+def _stack_nested(values: np.ndarray, name: str | None = None) -> np.ndarray:
     if values.dtype != object:
         return values
-    return np.stack([_stack_nested(np.asarray(value)) for value in values])
+    rows = [_stack_nested(np.asarray(value)) for value in values]
+    if name is not None and len({row.shape for row in rows}) > 1:
+        hint = f"; to pad them with a mask, read {name}{LENGTH_SUFFIX} too" if len({row.shape[1:] for row in rows}) == 1 else ""
+        raise ValueError(f"{name}: rows of shapes {sorted({row.shape for row in rows})} in one batch{hint}")
+    return np.stack(rows)
