@@ -153,7 +153,7 @@ EMBEDDING_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
 
 # Families whose encoder gives each caption its own number of tokens (``ModelFamily.
 # fixed_length_embeddings`` False: Z-Image, Qwen-Image) store [tokens, dim] embeddings at
-# that length, no padding: a variable-size list of fixed-size lists (``ragged_type``), and
+# that length, no padding: a variable-size list of fixed-size lists (``is_ragged_type``), and
 # the tokens in ``<name>_length``. Readers that batch them pad to the batch's longest row
 # and add ``<name>_mask`` (True at real tokens).
 LENGTH_SUFFIX = "_length"
@@ -172,7 +172,7 @@ def tensor_type(shape: tuple[int | None, ...] | None, dtype: str, dimensions: in
     [C, H, W]; ``None`` (aspect buckets: shapes differ between rows) gives variable-size
     nested lists of ``dimensions`` levels, each row still nested [C][H][W]. A ``None``
     inside ``shape`` makes that level alone variable-size: ``(None, 2560)`` is a caption
-    embedding of its own number of tokens, each 2560 wide (``ragged_type``).
+    embedding of its own number of tokens, each 2560 wide (``is_ragged_type``).
 
     Why not Arrow's ``fixed_shape_tensor`` extension type: Hugging Face ``datasets``
     refuses extension types ("does not have a datasets dtype equivalent"), and a
