@@ -33,7 +33,9 @@ def run_cli(args, capsys) -> tuple[int, str]:
 # -- generation ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused")])
+# tiny-zimage split: captions of their own lengths cross the object store from the text stage to the
+# denoiser unpadded (diffusers' result would differ if padding reached its transformer)
+@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused"), ("tiny-zimage", "split")])
 def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, preset, placement):
     rows = [
         {"id": "a", "prompt": "a red circle", "negative_prompt": "", "seed": 5, "height": 64, "width": 64},
@@ -49,7 +51,7 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
     record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model=preset, steps=3, guidance=4.0, placement=placement))
 
     # the odd size goes to errors naming the family's multiple; the others equal diffusers
-    multiple = 16 if preset == "tiny-flux" else 8
+    multiple = 8 if preset == "tiny-sdxl" else 16
     counts = record["counts"]
     if multiple == 16:
         errors = pd.read_parquet(output / "errors").set_index("id")
@@ -65,8 +67,8 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
     for row, image in zip(good, expected):
         assert_images_match(read_image(output / manifest.loc[row["id"], "image_path"]), image)
     stats = json.load(open(output / "latent_stats.json"))
-    assert stats["latent_channels"] == (16 if preset == "tiny-flux" else 4)
-    assert record["identity"]["family"] == ("flux" if preset == "tiny-flux" else "sdxl")
+    assert stats["latent_channels"] == (4 if preset == "tiny-sdxl" else 16)
+    assert record["identity"]["family"] == preset.removeprefix("tiny-")
 
 
 # -- encoding -----------------------------------------------------------------------------------
