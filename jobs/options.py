@@ -77,9 +77,11 @@ def add_encode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-column", help="column of row ids (default: 'id' when present, else the row's position)")
     parser.add_argument("--text-embeddings", action="store_true",
                         help="also store the caption's embeddings as the family's encode_prompt returns them "
-                             "(prompt_embeds; pooled_prompt_embeds for SDXL, SD3, FLUX)")
+                             "(prompt_embeds; pooled_prompt_embeds for SDXL, SD3, FLUX; Z-Image: each caption at its own "
+                             "number of tokens, unpadded, with prompt_embeds_length)")
     parser.add_argument("--max-sequence-length", type=int,
-                        help="T5 tokens kept per caption for SD3 (default 256) and FLUX (512): a 512-token T5-XXL embedding is 4 MiB in float16")
+                        help="T5 tokens kept per caption for SD3 (default 256) and FLUX (512), Qwen tokens for Z-Image (512): "
+                             "a 512-token T5-XXL embedding is 4 MiB in float16")
     parser.add_argument("--sample", choices=SAMPLE_MODES, default="mean",
                         help="latent from the VAE posterior: its mean, or a sample drawn with the row's seed (default: mean)")
     parser.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="stored precision of latents and embeddings (default: float16)")

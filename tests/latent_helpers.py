@@ -15,8 +15,16 @@ def row_value(row_id: str) -> int:
     return int(row_id.split("-")[1])
 
 
-def encoded_rows(first: int, shapes: list[tuple[int, ...]], tokens: int = 5, width: int = 3) -> dict[str, np.ndarray]:
-    """What the encoders hand the commit task for rows ``r-<first>``..., each latent filled with its number."""
+def token_count(row_id: str, tokens: int) -> int:
+    """Tokens of row ``r-<n>``'s caption embedding when captions have lengths of their own: 1 to ``tokens``."""
+    return 1 + row_value(row_id) % tokens
+
+
+def encoded_rows(first: int, shapes: list[tuple[int, ...]], tokens: int = 5, width: int = 3, ragged: bool = False) -> dict[str, np.ndarray]:
+    """What the encoders hand the commit task for rows ``r-<first>``..., each latent filled with its number.
+
+    ``ragged``: as Z-Image's encoder, each row's ``prompt_embeds`` has its own tokens (``token_count``),
+    filled with the row's number; otherwise [tokens, width] ones."""
     rows = len(shapes)
     ids = [f"r-{first + index}" for index in range(rows)]
     latents = np.empty(rows, dtype=object)
@@ -29,19 +37,31 @@ def encoded_rows(first: int, shapes: list[tuple[int, ...]], tokens: int = 5, wid
         "original_size": np.full((rows, 2), 96), "crop_top_left": np.zeros((rows, 2)),
         "target_size": np.array([[shape[1] * 8, shape[2] * 8] for shape in shapes]), "latent": latents,
         "caption": np.array([None if index % 7 == 3 else f"caption {row_id}" for index, row_id in enumerate(ids)], dtype=object),
-        "prompt_embeds": np.ones((rows, tokens, width), np.float32), "pooled_prompt_embeds": np.ones((rows, width), np.float32),
+        "prompt_embeds": ragged_embeddings(ids, tokens, width) if ragged else np.ones((rows, tokens, width), np.float32),
+        "pooled_prompt_embeds": np.ones((rows, width), np.float32),
         "caption_truncated": np.zeros(rows, bool),
     }
 
 
-def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed: int = 0, tokens: int = 5, width: int = 3) -> list[str]:
-    """A latents/ output of parts of ``part_rows`` rows (bucket shapes drawn at random); returns every id."""
+def ragged_embeddings(ids: list[str], tokens: int, width: int) -> np.ndarray:
+    """Per-row [tokens of the row, width] embeddings filled with the row's number, as an object array."""
+    column = np.empty(len(ids), dtype=object)
+    for index, row_id in enumerate(ids):
+        column[index] = np.full((token_count(row_id, tokens), width), row_value(row_id), np.float32)
+    return column
+
+
+def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed: int = 0, tokens: int = 5, width: int = 3,
+                         ragged: bool = False) -> list[str]:
+    """A latents/ output of parts of ``part_rows`` rows (bucket shapes drawn at random); returns every id.
+    ``ragged``: caption embeddings of each row's own length (``encoded_rows``)."""
     output = RunOutput(uri, "latents")
-    layout = LatentLayout(dtype="float16", fixed_shape=not buckets, flip=False, caption=True, text_embeddings=True)
+    layout = LatentLayout(dtype="float16", fixed_shape=not buckets, flip=False, caption=True, text_embeddings=("prompt_embeds", "pooled_prompt_embeds"),
+                          fixed_length_embeddings=not ragged)
     generator = np.random.default_rng(seed)
     first = 0
     for rows in part_rows:
         shapes = [BUCKET_SHAPES[generator.integers(len(BUCKET_SHAPES))] if buckets else BUCKET_SHAPES[0] for _ in range(rows)]
-        commit_latents(encoded_rows(first, shapes, tokens, width), output=output, layout=layout, run=1)
+        commit_latents(encoded_rows(first, shapes, tokens, width, ragged), output=output, layout=layout, run=1)
         first += rows
     return [f"r-{index}" for index in range(first)]

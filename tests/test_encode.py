@@ -222,7 +222,9 @@ def test_buckets_read_as_one_table_and_split_placement(ray_session, tmp_path):
     from pipelines.encoding.latent_dataset import LatentDataset
 
     sizes = [(64, 64), (150, 50), (50, 150), (96, 64), (64, 112)]
-    rows = [{"image": {"bytes": png(picture(i, w, h)), "path": f"{i}.png"}, "text": f"picture {i}"} for i, (w, h) in enumerate(sizes)]
+    # the last row alone in its block, without a caption: a column of nulls crosses two actor stages
+    rows = [{"image": {"bytes": png(picture(i, w, h)), "path": f"{i}.png"}, "text": f"picture {i}" if i < 4 else None}
+            for i, (w, h) in enumerate(sizes)]
     images = write_table(tmp_path / "hf" / "train.parquet", rows)
     output = tmp_path / "buckets"
     record = run_encoding(EncodeConfig(images=images, output=str(output), resolution=64, buckets="auto", bucket_step=16,
@@ -230,6 +232,7 @@ def test_buckets_read_as_one_table_and_split_placement(ray_session, tmp_path):
     assert record["counts"]["ok_rows"] == len(sizes) and set(record["stages"]) == {"text_encoder", "vae_encoder"}
     frame = latents_frame(output)
     assert list(frame.index) == ["000000000", "000000001", "000000002", "000000003", "000000004"]
+    assert frame["caption"].iloc[3] == "picture 3" and pd.isna(frame["caption"].iloc[4])
     buckets = tuple(aspect_buckets(64, 16))
     assert frame["target_size"].map(tuple).tolist() == [nearest_target(w, h, buckets) for w, h in sizes]
     assert frame["target_size"].map(tuple).tolist() == [(64, 64), (32, 96), (96, 32), (48, 80), (80, 48)]

@@ -12,7 +12,7 @@ import pytest
 from image_helpers import picture, png
 from pipelines.encoding.encode_rows import RowSettings, SourceColumns, prepare_images
 from pipelines.encoding.image_decode import Preprocessing
-from pipelines.encoding.latent_output import LatentLayout, commit_latents, latents_of, tensor_values, upgrade_part
+from pipelines.encoding.latent_output import LatentLayout, commit_latents, latents_of, remove_rows, tensor_values, upgrade_part
 from pipelines.encoding.ledger import DONE_KEY_COLUMN, REPEAT_OF_COLUMN, look_up, settle
 from pipelines.runtime import io
 from pipelines.runtime.outputs import RunOutput
@@ -213,3 +213,33 @@ def test_a_rerun_rewrites_fixed_shape_tensor_parts_in_place(tmp_path):
     table = pq.read_table(tmp_path / "latents")
     assert table.schema.field("latent").type == pa.list_(pa.list_(pa.list_(pa.float16(), 8), 8), 4)
     np.testing.assert_array_equal(tensor_values(table.column("latent")), latents.astype(np.float16))
+
+
+def test_caption_embeddings_of_their_own_length_survive_conversion_and_removal(tmp_path):
+    """Z-Image, Qwen-Image: a part converted to today's encoding (its footer without shape runs) or rewritten
+    without a superseded copy keeps each caption's tokens, unpadded, and their lengths."""
+    output = RunOutput(str(tmp_path), "latents")
+    shapes, tokens = {"a": (4, 8, 8), "b": (4, 4, 12), "c": (4, 8, 8)}, {"a": 2, "b": 4, "c": 1}
+    latents, embeds = np.empty(3, object), np.empty(3, object)
+    for index, row_id in enumerate(shapes):
+        latents[index], embeds[index] = np.ones(shapes[row_id], np.float32), np.full((tokens[row_id], 3), index, np.float32)
+    batch = {**encoded_batch(list(shapes), latents), "prompt_embeds": embeds, "caption_truncated": np.zeros(3, bool)}
+    layout = LatentLayout(dtype="float32", fixed_shape=False, flip=False, caption=False, text_embeddings=("prompt_embeds",),
+                          fixed_length_embeddings=False)
+    commit_latents(batch, output=output, layout=layout, run=1)
+
+    def check(ids: list[str]) -> None:
+        table = pq.read_table(tmp_path / "latents")
+        assert table.column("id").to_pylist() == ids and table.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float32(), 3))
+        assert table.column("prompt_embeds_length").to_pylist() == [tokens[row_id] for row_id in ids]
+        for row_id, embedding in zip(ids, latents_of(table, "prompt_embeds")):
+            np.testing.assert_array_equal(embedding, np.full((tokens[row_id], 3), "abc".index(row_id), np.float32))
+
+    check(["b", "a", "c"])  # grouped by latent shape
+    [part] = os.listdir(tmp_path / "latents")
+    older = pq.read_table(tmp_path / "latents" / part).take([1, 0, 2]).replace_schema_metadata({})  # no shape runs, not grouped
+    pq.write_table(older, tmp_path / "latents" / part)
+    uri = upgrade_part(output, str(tmp_path / "latents" / part))
+    check(["b", "a", "c"])
+    remove_rows(output, uri, np.array([1]), is_results=True)
+    check(["b", "c"])

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -32,6 +33,8 @@ def run_cli(args, capsys) -> tuple[int, str]:
 # -- generation ---------------------------------------------------------------------------------
 
 
+# tiny-qwenimage split: captions of their own lengths cross the object store from the text stage to the
+# denoiser unpadded, and are padded per call as the pipeline pads them (its result would differ otherwise)
 @pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused"), ("tiny-qwenimage", "split")])
 def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, preset, placement):
     rows = [
@@ -65,7 +68,7 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
         assert_images_match(read_image(output / manifest.loc[row["id"], "image_path"]), image)
     stats = json.load(open(output / "latent_stats.json"))
     assert stats["latent_channels"] == (4 if preset == "tiny-sdxl" else 16)
-    assert record["identity"]["family"] == {"tiny-flux": "flux", "tiny-sdxl": "sdxl", "tiny-qwenimage": "qwenimage"}[preset]
+    assert record["identity"]["family"] == preset.removeprefix("tiny-")
     # the family's own true_cfg_scale default: FLUX 1 (off), Qwen-Image 4, as their pipelines
     assert record["identity"]["true_cfg_scale"] == (4.0 if preset == "tiny-qwenimage" else 1.0)
 
@@ -224,13 +227,66 @@ def test_fingerprint_reads_unchanged_weights_once(tmp_path, monkeypatch, model_c
     assert io.fingerprint_tree(str(model), str(cache)) != first and len(reads) == files + 1
 
 
-def test_zimage_encodes_latents_and_says_why_not_embeddings(ray_session, tmp_path, captioned_images, capsys):
-    status, err = run_cli(["encode", "--images", captioned_images, "--output", str(tmp_path / "refused"), "--model", "tiny-zimage",
-                           "--resolution", "64", "--caption-column", "caption", "--text-embeddings"], capsys)
-    assert status == 2 and "text_embeddings: zimage caption embeddings differ in length per caption" in err
-    record = run_encoding(EncodeConfig(images=captioned_images, output=str(tmp_path / "latents"), model="tiny-zimage", resolution=64))
-    latents = latents_of(pq.read_table(tmp_path / "latents" / "latents"))
-    assert record["counts"]["ok_rows"] == 3 and all(latent.shape == (16, 8, 8) for latent in latents)
+def test_zimage_stores_each_caption_embedding_at_its_own_length(ray_session, tmp_path, captioned_images, capsys):
+    """Z-Image's encoder gives each caption its own tokens: stored unpadded, read by pyarrow, DuckDB and
+    Hugging Face datasets, batched by LatentDataset padded with a mask."""
+    import datasets
+    import duckdb
+    from diffusers import DiffusionPipeline
+
+    from pipelines import LatentDataset
+
+    output = tmp_path / "latents"
+    status, err = run_cli(["encode", "--images", captioned_images, "--output", str(output), "--model", "tiny-zimage", "--resolution", "64",
+                           "--caption-column", "caption", "--text-embeddings", "--latent-dtype", "float32",
+                           # split, batches of 2: embeddings cross the object store between actors, in blocks of mixed lengths
+                           "--placement", "split", "--batch-size", "2"], capsys)
+    assert status == 0, err
+    table = pq.read_table(output / "latents").sort_by("id")
+    assert all(latent.shape == (16, 8, 8) for latent in latents_of(table))
+
+    # 1. per row, encode_prompt's output for its caption ("" for none), at its own length; no pooled embedding
+    pipe = DiffusionPipeline.from_pretrained(materialize_preset("tiny-zimage"), local_files_only=True)
+    captions = [text or "" for text in table.column("caption").to_pylist()]
+    with torch.no_grad():
+        expected, _ = pipe.encode_prompt(list(captions), device="cpu", do_classifier_free_guidance=False)
+    expected = {row_id: embedding.numpy() for row_id, embedding in zip(table.column("id").to_pylist(), expected)}
+    lengths = table.column("prompt_embeds_length").to_pylist()
+    assert len(set(lengths)) == 3 and "pooled_prompt_embeds" not in table.column_names
+    width = next(iter(expected.values())).shape[1]
+    assert table.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float32(), width))  # [tokens][width]
+    for row_id, stored, length in zip(table.column("id").to_pylist(), table.column("prompt_embeds").to_pylist(), lengths):
+        assert np.asarray(stored).shape == expected[row_id].shape == (length, width)  # pyarrow as it is
+        np.testing.assert_allclose(np.asarray(stored), expected[row_id], atol=1e-4)
+    assert table.column("caption_truncated").to_pylist() == [False, False, False]  # Qwen keeps 512 tokens
+    found = duckdb.sql(f"select id, len(prompt_embeds), len(prompt_embeds[1]), prompt_embeds_length from '{output}/latents/*.parquet'").fetchall()
+    assert {row_id: (tokens, dim) for row_id, tokens, dim, _ in found} == {key: value.shape for key, value in expected.items()}
+    assert all(tokens == length for _, tokens, _, length in found)
+
+    # 2. Hugging Face datasets: each row's tensor at its own length
+    hub = datasets.load_dataset("parquet", data_files=f"{output}/latents/*.parquet", split="train", cache_dir=str(tmp_path / "hf"))
+    for row in hub.with_format("torch"):
+        assert int(row["prompt_embeds_length"]) == len(row["prompt_embeds"])
+        np.testing.assert_allclose(row["prompt_embeds"].numpy(), expected[row["id"]], atol=1e-4)
+
+    # 3. LatentDataset: padded to the batch's longest row, True in the mask at real tokens, zeros after
+    batch = next(iter(LatentDataset(str(output), batch_size=3, columns=["id", "latent", "prompt_embeds"])))
+    embeds, mask = batch["prompt_embeds"], batch["prompt_embeds_mask"]
+    assert embeds.shape == (3, max(lengths), width) and mask.dtype == torch.bool and mask.shape == (3, max(lengths))
+    for row_id, row, real in zip(batch["id"], embeds, mask):
+        assert int(real.sum()) == len(expected[row_id]) and bool(real[:len(expected[row_id])].all())
+        np.testing.assert_allclose(row[real].numpy(), expected[row_id], atol=1e-4)
+        assert not row[~real].any()
+
+    # 4. Ray Data: the length column read beside the embeddings pads them the same way
+    import ray.data
+
+    from pipelines.encoding.latent_dataset import collate_nested_arrays
+
+    columns = ["id", "prompt_embeds", "prompt_embeds_length"]
+    for batch in ray.data.read_parquet(str(output / "latents"), columns=columns).iter_torch_batches(batch_size=3, collate_fn=collate_nested_arrays):
+        assert batch["prompt_embeds"].shape == (3, max(lengths), width)
+        assert batch["prompt_embeds_mask"].sum(dim=1).tolist() == batch["prompt_embeds_length"].tolist() == [len(expected[i]) for i in batch["id"]]
 
 
 def test_flux_schnell_defaults_to_its_few_steps_and_no_guidance(tmp_path, model_cache):
@@ -250,13 +306,13 @@ def test_qwenimage_encodes_normalised_latents_and_decodes_them_as_its_pipeline(r
 
     from pipelines.report import decoded_samples
 
-    # 1. latents (VAE only: caption embeddings of their own lengths take Z-Image's path, see above):
-    # the posterior mean of one video frame, normalised per channel, [16, H/8, W/8]
+    # 1. latents: the posterior mean of one video frame, normalised per channel, [16, H/8, W/8]
     output = tmp_path / "latents"
     record = run_encoding(EncodeConfig(images=captioned_images, output=str(output), model="tiny-qwenimage", resolution=64,
-                                       latent_dtype="float32"))
+                                       latent_dtype="float32", caption_column="caption", text_embeddings=True))
     assert record["counts"]["ok_rows"] == 3
-    latents = np.stack(latents_of(pq.read_table(output / "latents").sort_by("id")))
+    table = pq.read_table(output / "latents").sort_by("id")
+    latents = np.stack(latents_of(table))
     pipe = QwenImagePipeline.from_pretrained(materialize_preset("tiny-qwenimage"), local_files_only=True)
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
@@ -269,7 +325,16 @@ def test_qwenimage_encodes_normalised_latents_and_decodes_them_as_its_pipeline(r
     stats = json.load(open(output / "latent_stats.json"))
     assert (len(stats["mean"]), stats["scaling_factor"], stats["shift_factor"]) == (16, 1.0, 0.0)
 
-    # 2. the report decodes them as QwenImagePipeline decodes its latents: latents * std + mean
+    # 2. caption embeddings: encode_prompt's (at __call__'s 512 tokens), each at its own length (the mask's)
+    captions = ["" if caption is None else caption for caption in table.column("caption").to_pylist()]
+    with torch.no_grad():
+        expected_embeds, mask = pipe.encode_prompt(captions, device="cpu", max_sequence_length=512)
+    lengths = mask.sum(dim=1).tolist()
+    assert table.column("prompt_embeds_length").to_pylist() == lengths and len(set(lengths)) == 3
+    for stored, embedding, length in zip(table.column("prompt_embeds").to_pylist(), expected_embeds, lengths):
+        np.testing.assert_allclose(np.array(stored), embedding[:length].numpy(), atol=1e-4)
+
+    # 3. the report decodes them as QwenImagePipeline decodes its latents: latents * std + mean
     samples = decoded_samples(str(output), json.load(open(output / "run.json")), 3)
     with torch.no_grad():
         decoded = vae.decode(torch.from_numpy(latents)[:, :, None] * std + mean).sample[:, :, 0]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from image_helpers import picture, png, write_table
-from latent_helpers import BUCKET_SHAPES, row_value, write_latent_dataset
+from latent_helpers import BUCKET_SHAPES, row_value, token_count, write_latent_dataset
 from pipelines import LatentDataset
 from pipelines.encoding.encode import run_encoding
 from pipelines.encoding.latent_dataset import collate_nested_arrays, plan_epoch
@@ -312,6 +312,41 @@ def test_rows_without_batch_size_for_a_dataloader_that_batches(tmp_path):
     assert row["latent"].shape == (4, 8, 8) and row["target_size"].tolist() == [64, 64] and isinstance(row["id"], str)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
     assert sorted(row_id for batch in loader for row_id in batch["id"]) == sorted(ids)
+
+
+def test_caption_embeddings_of_their_own_length_read_everywhere_and_batch_padded_with_a_mask(tmp_path):
+    """Z-Image and Qwen-Image captions have lengths of their own: stored unpadded (a list of fixed-size lists,
+    the length beside), seen at their length by pyarrow, DuckDB and HF datasets; LatentDataset pads each
+    batch to its longest row, with prompt_embeds_mask True at real tokens (2 ranks, 2 DataLoader workers)."""
+    import datasets
+    import duckdb
+
+    ids = write_latent_dataset(str(tmp_path), [13, 9], buckets=True, ragged=True, tokens=6)
+    folder = str(tmp_path / "latents")
+    table = pq.read_table(folder)
+    assert table.schema.field("prompt_embeds").type == pa.list_(pa.list_(pa.float16(), 3))
+    assert table.schema.field("pooled_prompt_embeds").type == pa.list_(pa.float16(), 3)  # no tokens: one shape
+    for row_id, value, length in zip(table.column("id").to_pylist(), table.column("prompt_embeds").to_pylist(),
+                                     table.column("prompt_embeds_length").to_pylist()):
+        assert np.asarray(value).shape == (token_count(row_id, 6), 3) == (length, 3)
+    found = duckdb.sql(f"select id, len(prompt_embeds), prompt_embeds[1][1] from '{folder}/*.parquet'").fetchall()
+    assert {row_id: (tokens, value) for row_id, tokens, value in found} == {row_id: (token_count(row_id, 6), row_value(row_id)) for row_id in ids}
+    hub = datasets.load_dataset("parquet", data_files=f"{folder}/*.parquet", split="train", cache_dir=str(tmp_path / "hf")).with_format("torch")
+    assert {row["id"]: tuple(row["prompt_embeds"].shape) for row in hub} == {row_id: (token_count(row_id, 6), 3) for row_id in ids}
+
+    seen = []
+    for rank in range(2):
+        dataset = LatentDataset(str(tmp_path), batch_size=4, shuffle=True, seed=1, rank=rank, world_size=2)
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2):
+            embeds, mask, lengths = batch["prompt_embeds"], batch["prompt_embeds_mask"], [token_count(row_id, 6) for row_id in batch["id"]]
+            assert embeds.shape == (4, max(lengths), 3) and embeds.dtype == torch.float16 and mask.shape == (4, max(lengths))
+            assert mask.sum(dim=1).tolist() == lengths and batch["pooled_prompt_embeds"].shape == (4, 3)
+            for row_id, row, real in zip(batch["id"], embeds, mask):
+                assert bool(real[:token_count(row_id, 6)].all()) and bool((row[real] == row_value(row_id)).all()) and not row[~real].any()
+            seen += batch["id"]
+    assert set(seen) == set(ids)
+    row = next(iter(LatentDataset(str(tmp_path), columns=["id", "prompt_embeds"])))  # a row alone: its own length
+    assert tuple(row["prompt_embeds"].shape) == (token_count(row["id"], 6), 3) and bool(row["prompt_embeds_mask"].all())
 
 
 def test_older_encodings_still_read(tmp_path):

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import ray.data
 
-from pipelines.encoding.encode_rows import PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
+from pipelines.encoding.encode_rows import CAPTION_COLUMNS, PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
 from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
 from pipelines.runtime.config import EncodeConfig, parse_bucket_list
@@ -126,7 +126,7 @@ class EncodingPlan:
         return build_model_stages(self.config, self.model, placement, cluster)
 
     def stage_input_columns(self) -> set[str]:
-        return set(PREPARED_COLUMNS) | ({"caption"} if self.layout.caption else set())
+        return set(PREPARED_COLUMNS) | (set(CAPTION_COLUMNS) if self.layout.caption else set())
 
     def row_work(self) -> tuple[int, int]:
         """The largest target size, one VAE pass per row."""
@@ -159,8 +159,6 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
     family = model.family
     if config.text_embeddings:
         family.check_options(scheduler=None, max_sequence_length=config.max_sequence_length, true_cfg_scale=1.0)
-        if not family.fixed_length_embeddings:
-            raise ValueError(f"text_embeddings: {family.name} caption embeddings differ in length per caption; latentray does not store them yet")
     resolution = config.resolution or model.shape.default_height
     preprocessing = _preprocessing(config, model, resolution)
 
@@ -188,7 +186,8 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
         ),
         layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
                             caption=config.caption_column is not None,
-                            text_embeddings=family.embedding_columns if config.text_embeddings else ()),
+                            text_embeddings=family.embedding_columns if config.text_embeddings else (),
+                            fixed_length_embeddings=family.fixed_length_embeddings),
     )
 
 

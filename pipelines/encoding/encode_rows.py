@@ -24,8 +24,13 @@ from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
 from workers.runtime.columns import stack_column  # numpy only: this task loads no torch
 
 PREPARE_STAGE = "prepare"  # the ``stage`` of errors found here
-# what a prepared row carries to the encoders (and ``caption`` when the table has captions)
+# what a prepared row carries to the encoders (and ``CAPTION_COLUMNS`` when the table has captions)
 PREPARED_COLUMNS = ("id", "row", "source", "content_hash", "cache_key", "seed", "pixels", "original_size", "crop_top_left", "target_size")
+# Between stages a missing caption travels as "" with ``caption_null`` True, never as None: Ray Data
+# stores a block's column of Nones as Arrow nulls, hands them to the next numpy stage as float NaN,
+# and then cannot concatenate that block with blocks of strings (the run stops). The commit task
+# stores null again.
+CAPTION_COLUMNS = ("caption", "caption_null")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,5 +176,6 @@ def crops_batch(rows: list[dict], with_caption: bool) -> dict[str, np.ndarray]:
         "pixels": stack_column([r["pixels"] for r in rows]),
     }
     if with_caption:
-        batch["caption"] = strings("caption")
+        batch["caption"] = np.array(["" if r["caption"] is None else r["caption"] for r in rows], dtype=object)
+        batch["caption_null"] = np.array([r["caption"] is None for r in rows], dtype=bool)
     return batch

@@ -6,7 +6,8 @@
         dataset.set_epoch(epoch)
         for batch in loader:
             batch["latent"]          # (64, 4, 64, 64), as stored (float16 by default); one shape per batch
-            batch["prompt_embeds"]   # (64, 77, 768) with --text-embeddings
+            batch["prompt_embeds"]   # (64, 77, 768) with --text-embeddings; Z-Image, Qwen-Image: (64, longest, dim)
+            batch["prompt_embeds_mask"]  # Z-Image, Qwen-Image only: (64, longest) bool, True at real tokens
             batch["original_size"], batch["crop_top_left"], batch["target_size"]  # (64, 2) int64: SDXL micro-conditioning
             batch["id"], batch["caption"]  # lists of strings
 
@@ -53,7 +54,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.encoding.latent_output import shape_runs, tensor_values
 from pipelines.runtime import io
-from pipelines.runtime.schemas import SHAPE_RUNS_METADATA_KEY, is_tensor_type
+from pipelines.runtime.schemas import LENGTH_SUFFIX, MASK_SUFFIX, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type
 
 SIZE_COLUMNS = ("original_size", "crop_top_left", "target_size")
 TEXT_COLUMNS = ("id", "caption")
@@ -218,6 +219,25 @@ def _positions_by_shape(window: list[PartFooter], generator) -> dict[tuple[int, 
 
 
 class LatentDataset(IterableDataset):
+    """Batches of a latent dataset for torch training (see the module doc for the plan, ranks and resume).
+
+    A batch is a dict: tensor columns as torch tensors in their stored dtype, (batch, *shape),
+    with one latent shape per batch (``latent``, ``latent_flipped``: (B, C, H, W)); the size
+    columns as (B, 2) int64; ``id`` and ``caption`` as lists of strings ("" for a null caption).
+
+    Caption embeddings of families that give each caption its own number of tokens (Z-Image,
+    Qwen-Image: ``ModelFamily.fixed_length_embeddings`` False; stored unpadded, each row's
+    tokens in ``<name>_length``) come padded to the batch's longest row, with a mask:
+
+        batch["prompt_embeds"]       # (B, longest in the batch, dim), zeros after each row's tokens
+        batch["prompt_embeds_mask"]  # (B, longest in the batch) bool, True at real tokens
+
+    as diffusers' Qwen-Image pipeline takes them (``prompt_embeds``, ``prompt_embeds_mask``);
+    Z-Image's transformer takes a list of unpadded rows: ``[e[m] for e, m in zip(embeds, mask)]``.
+    Fixed-length embeddings (SD, SDXL, SD3, FLUX) come stacked as they are, with no mask.
+    Without ``batch_size`` a row comes alone, at its own length (its mask all True).
+    """
+
     def __init__(
         self, uri: str, *, columns: Sequence[str] | None = None, batch_size: int | None = None, shuffle: bool = False,
         shuffle_parts: bool = False, seed: int = 0, shuffle_buffer: int = 4096, drop_last: bool = False,
@@ -227,7 +247,8 @@ class LatentDataset(IterableDataset):
 
         ``columns``: the subset to yield (default: every tensor column, the size columns, ``id``
         and ``caption``). ``batch_size``: rows per batch (stacked tensors, lists of strings);
-        None yields single rows, for a DataLoader that batches them (fixed-size latents only).
+        None yields single rows, for a DataLoader that batches them (fixed-size latents and
+        embeddings only).
         ``shuffle``: rows in an order drawn from ``seed`` and the epoch, within windows of about
         ``shuffle_buffer`` rows of consecutive parts (whole parts; ``shuffle_parts`` alone shuffles
         only the order of parts). ``drop_last``: see the module doc. ``rank``/``world_size``:
@@ -454,10 +475,13 @@ def _column_values(column: pa.ChunkedArray, data_type: pa.DataType, name: str, s
 
 
 def column_kind(data_type: pa.DataType) -> str:
-    """How a column batches: "text" (a list of strings), "rows" (per-row arrays of any shape, stacked per
-    batch: bucket latents), "array" (one numpy array for all rows, sliced per batch)."""
+    """How a column batches: "text" (a list of strings), "padded" (rows of their own length, padded to the
+    batch's longest with a mask: caption embeddings of Z-Image, Qwen-Image), "rows" (per-row arrays of any
+    shape, stacked per batch: bucket latents), "array" (one numpy array for all rows, sliced per batch)."""
     if pa.types.is_string(data_type) or pa.types.is_large_string(data_type):
         return "text"
+    if is_ragged_type(data_type):
+        return "padded"
     if (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)) and not isinstance(data_type, pa.FixedShapeTensorType):
         return "rows"
     return "array"
@@ -472,17 +496,14 @@ def _assemble(pieces: list[tuple[np.ndarray, dict, np.ndarray]], kinds: dict[str
     batch = {}
     for name, kind in kinds.items():
         if kind == "text":
-            rows: list = [None] * size
-            for in_batch, values, local in pieces:
-                for slot, value in zip(in_batch, values[name][local]):
-                    rows[slot] = value
-            batch[name] = rows
+            batch[name] = _in_slots(pieces, name, size)
+            continue
+        if kind == "padded":
+            batch[name], batch[name + MASK_SUFFIX] = _padded(_in_slots(pieces, name, size), shared)
             continue
         _, values, local = pieces[0]
         sample = np.asarray(values[name][local[0]])  # a row: shape and dtype of the batch's rows
-        tensor = torch.empty((size, *sample.shape), dtype=torch.from_numpy(sample.reshape(-1)[:0].copy()).dtype)
-        if shared:
-            tensor.share_memory_()
+        tensor = _new_tensor((size, *sample.shape), sample.dtype, shared)
         target = tensor.numpy()
         for in_batch, values, local in pieces:
             if kind == "rows":  # per-row arrays (bucket latents): one shape within a batch
@@ -492,6 +513,35 @@ def _assemble(pieces: list[tuple[np.ndarray, dict, np.ndarray]], kinds: dict[str
                 target[in_batch] = values[name][local]
         batch[name] = tensor
     return batch
+
+
+def _in_slots(pieces: list[tuple[np.ndarray, dict, np.ndarray]], name: str, size: int) -> list:
+    """A column's values of one batch as a list, rows in the plan's order."""
+    rows: list = [None] * size
+    for in_batch, values, local in pieces:
+        for slot, value in zip(in_batch, values[name][local]):
+            rows[slot] = value
+    return rows
+
+
+def _padded(rows: list[np.ndarray], shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of their own length as one (rows, longest, *inner) tensor, zeros after each row's end, and the
+    (rows, longest) mask, True at real tokens: the shape a batched attention takes."""
+    longest = max(len(row) for row in rows)
+    tensor = _new_tensor((len(rows), longest, *rows[0].shape[1:]), rows[0].dtype, shared).zero_()
+    mask = _new_tensor((len(rows), longest), np.dtype(bool), shared).zero_()
+    target, real = tensor.numpy(), mask.numpy()
+    for slot, row in enumerate(rows):
+        target[slot, :len(row)] = row
+        real[slot, :len(row)] = True
+    return tensor, mask
+
+
+def _new_tensor(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor of a numpy dtype; in a DataLoader worker in shared memory, so handing
+    the batch to the training process copies nothing more."""
+    tensor = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
+    return tensor.share_memory_() if shared else tensor
 
 
 # -- other readers --------------------------------------------------------------------------------
@@ -505,17 +555,27 @@ def collate_nested_arrays(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     Ray Data turns nested list columns into numpy arrays of arrays (it makes n-dimensional arrays
     only of its own or Arrow's tensor extension types, which Hugging Face datasets refuses);
     this stacks them into (rows, C, H, W) tensors and leaves strings as lists.
+
+    Caption embeddings of their own length (Z-Image, Qwen-Image): read ``<name>_length`` too, and
+    ``<name>`` comes padded to the batch's longest row with ``<name>_mask`` True at real tokens, as
+    ``LatentDataset`` batches it (the length column says which columns to pad, in every batch alike).
     """
     collated = {}
     for name, values in batch.items():
         if values.dtype == object and len(values) and isinstance(values[0], str):
             collated[name] = values.tolist()
+        elif name + LENGTH_SUFFIX in batch:
+            collated[name], collated[name + MASK_SUFFIX] = _padded([_stack_nested(np.asarray(value)) for value in values], shared=False)
         else:
-            collated[name] = torch.from_numpy(_stack_nested(values))
+            collated[name] = torch.from_numpy(_stack_nested(values, name))
     return collated
 
 
-def _stack_nested(values: np.ndarray) -> np.ndarray:
+def _stack_nested(values: np.ndarray, name: str | None = None) -> np.ndarray:
     if values.dtype != object:
         return values
-    return np.stack([_stack_nested(np.asarray(value)) for value in values])
+    rows = [_stack_nested(np.asarray(value)) for value in values]
+    if name is not None and len({row.shape for row in rows}) > 1:
+        hint = f"; to pad them with a mask, read {name}{LENGTH_SUFFIX} too" if len({row.shape[1:] for row in rows}) == 1 else ""
+        raise ValueError(f"{name}: rows of shapes {sorted({row.shape for row in rows})} in one batch{hint}")
+    return np.stack(rows)

@@ -25,7 +25,8 @@ from pipelines.runtime import io
 from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput, write_errors_part
 from pipelines.runtime.schemas import (
-    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, SHAPE_RUNS_METADATA_KEY, is_tensor_type, latents_schema, tensor_type,
+    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, LENGTH_SUFFIX, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type,
+    latents_schema, tensor_type,
 )
 from pipelines.runtime.stats import stats_of_latents
 
@@ -42,6 +43,8 @@ class LatentLayout:
     caption: bool
     # the caption embedding columns (the family's, named as diffusers' encode_prompt returns them); () for none
     text_embeddings: tuple[str, ...] = ()
+    # the family's ``fixed_length_embeddings``: False stores [tokens, dim] embeddings at each caption's own length
+    fixed_length_embeddings: bool = True
 
 
 # -- the write task -------------------------------------------------------------------------------
@@ -87,9 +90,10 @@ def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flip
     kept = [latents[i] for i in keep]
     embedding_names = [name for name in EMBEDDING_COLUMNS if name in batch] if layout.text_embeddings else []
     embeddings = {name: [np.asarray(batch[name][i]).astype(layout.dtype) for i in keep] for name in embedding_names}
+    embedding_shapes = {name: stored_shape(values, layout.fixed_length_embeddings) for name, values in embeddings.items()}
     schema = latents_schema(
         latent_shape=kept[0].shape if layout.fixed_shape else None, dtype=layout.dtype, flip=layout.flip,
-        caption=layout.caption, embedding_shapes={name: values[0].shape for name, values in embeddings.items()},
+        caption=layout.caption, embedding_shapes=embedding_shapes,
     )
     columns = {
         "id": pa.array([str(batch["id"][i]) for i in keep], pa.string()),
@@ -108,12 +112,29 @@ def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flip
     if layout.flip:
         columns["latent_flipped"] = tensor_column([flipped[i] for i in keep], schema.field("latent_flipped").type)
     if layout.caption:
-        columns["caption"] = pa.array([batch["caption"][i] for i in keep], pa.string())
+        columns["caption"] = captions_column(batch, keep)
     for name, values in embeddings.items():
         columns[name] = tensor_column(values, schema.field(name).type)
+        if embedding_shapes[name][0] is None:
+            columns[name + LENGTH_SUFFIX] = pa.array([len(value) for value in values], pa.int32())
     if embeddings:
         columns["caption_truncated"] = pa.array(batch["caption_truncated"][keep], pa.bool_())
     return with_shape_runs(pa.Table.from_arrays([columns[field.name] for field in schema], schema=schema))
+
+
+def captions_column(batch: dict, keep: np.ndarray) -> pa.Array:
+    """The kept rows' captions, null where the row had none (``caption_null``: see ``encode_rows.CAPTION_COLUMNS``)."""
+    captions = batch["caption"]
+    nulls = batch["caption_null"] if "caption_null" in batch else [caption is None for caption in captions]
+    return pa.array([None if nulls[i] else str(captions[i]) for i in keep], pa.string())
+
+
+def stored_shape(values: list[np.ndarray], fixed_length: bool) -> tuple[int | None, ...]:
+    """An embedding column's shape in the schema: its rows' shape, tokens (the first of [tokens, dim]) left
+    free when the family's captions have lengths of their own. Set by the family, never by the rows: a
+    part whose captions happen to share a length has the type of every other part."""
+    shape = values[0].shape
+    return shape if fixed_length or len(shape) < 2 else (None, *shape[1:])
 
 
 def _shape_order(shapes: list[tuple[int, ...]]) -> np.ndarray:
@@ -150,17 +171,15 @@ def _list_levels(data_type: pa.DataType) -> list[int | None]:
 
 
 def tensor_column(arrays: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
-    """Same-dtype arrays as a column of ``arrow_type``: nested fixed-size lists (one shape) or nested lists."""
-    flat = pa.array(np.concatenate([np.ascontiguousarray(array).ravel() for array in arrays]))
+    """Same-dtype arrays as a column of ``arrow_type``: each level a fixed-size list where the type fixes its
+    size (one shape: [C][H][W]; one width: [tokens][dim]), else a list of each row's own size."""
+    column = pa.array(np.concatenate([np.ascontiguousarray(array).ravel() for array in arrays]))
     levels = _list_levels(arrow_type)
-    if all(size is not None for size in levels):
-        column = flat
-        for size in reversed(levels):
-            column = pa.FixedSizeListArray.from_arrays(column, size)
-        return column
-    # variable shapes: level d has one list per index of the first d dimensions of every row
-    column = flat
     for depth in reversed(range(len(levels))):
+        if levels[depth] is not None:
+            column = pa.FixedSizeListArray.from_arrays(column, levels[depth])
+            continue
+        # a variable level d has one list per index of the first d dimensions of every row
         lengths = np.concatenate([np.full(int(np.prod(array.shape[:depth])), array.shape[depth]) for array in arrays])
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         column = pa.ListArray.from_arrays(pa.array(offsets), column)
@@ -265,7 +284,8 @@ def _in_current_encoding(table: pa.Table) -> pa.Table:
     fields, columns = [], []
     for field in table.schema:
         column = table.column(field.name)
-        if is_tensor_type(field.type):
+        # caption embeddings at their own length were never stored otherwise: only their rows move
+        if is_tensor_type(field.type) and not is_ragged_type(field.type):
             arrays = latents_of(table, field.name)
             dtype = str(arrays[0].dtype)
             shape = arrays[0].shape if fixed or not field.name.startswith("latent") else None

@@ -151,18 +151,28 @@ LATENT_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # from the schema (see ``is_tensor_type``).
 EMBEDDING_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
 
+# Families whose encoder gives each caption its own number of tokens (``ModelFamily.
+# fixed_length_embeddings`` False: Z-Image, Qwen-Image) store [tokens, dim] embeddings at
+# that length, no padding: a variable-size list of fixed-size lists (``is_ragged_type``), and
+# the tokens in ``<name>_length``. Readers that batch them pad to the batch's longest row
+# and add ``<name>_mask`` (True at real tokens).
+LENGTH_SUFFIX = "_length"
+MASK_SUFFIX = "_mask"
+
 # Footer key of a latents/ part: its rows' latent shapes as runs [[shape, first_row, rows], ...].
 # Parts are written sorted by shape (one run per shape), so a reader plans bucket batches
 # from footers alone, never reading a row to learn its shape.
 SHAPE_RUNS_METADATA_KEY = b"latentray.latent_shape_runs"
 
 
-def tensor_type(shape: tuple[int, ...] | None, dtype: str, dimensions: int | None = None) -> pa.DataType:
+def tensor_type(shape: tuple[int | None, ...] | None, dtype: str, dimensions: int | None = None) -> pa.DataType:
     """A tensor column's type: nested lists, one level per dimension.
 
     With ``shape`` (every row has it) the lists are fixed-size, so the type itself says
     [C, H, W]; ``None`` (aspect buckets: shapes differ between rows) gives variable-size
-    nested lists of ``dimensions`` levels, each row still nested [C][H][W].
+    nested lists of ``dimensions`` levels, each row still nested [C][H][W]. A ``None``
+    inside ``shape`` makes that level alone variable-size: ``(None, 2560)`` is a caption
+    embedding of its own number of tokens, each 2560 wide (``is_ragged_type``).
 
     Why not Arrow's ``fixed_shape_tensor`` extension type: Hugging Face ``datasets``
     refuses extension types ("does not have a datasets dtype equivalent"), and a
@@ -178,8 +188,22 @@ def tensor_type(shape: tuple[int, ...] | None, dtype: str, dimensions: int | Non
             value_type = pa.list_(value_type)
         return value_type
     for size in reversed(shape):
-        value_type = pa.list_(value_type, size)
+        value_type = pa.list_(value_type) if size is None else pa.list_(value_type, size)
     return value_type
+
+
+def is_ragged_type(data_type: pa.DataType) -> bool:
+    """Rows of their own length and one fixed inner shape: a variable-size list of fixed-size lists of floats
+    ([tokens][dim] caption embeddings of Z-Image or Qwen-Image). Bucket latents ([C][H][W], every level
+    variable) are not: a batch holds one latent shape, while token counts differ within a batch."""
+    if not (pa.types.is_list(data_type) or pa.types.is_large_list(data_type)):
+        return False
+    inner = data_type.value_type
+    if not pa.types.is_fixed_size_list(inner):
+        return False
+    while pa.types.is_fixed_size_list(inner):
+        inner = inner.value_type
+    return pa.types.is_floating(inner)
 
 
 def is_tensor_type(data_type: pa.DataType) -> bool:
@@ -203,7 +227,8 @@ def latents_schema(
     """The ``latents/`` table of `latentray encode`; optional columns follow the run's options.
 
     ``embedding_shapes``: shape per text-encoder output column (``EMBEDDING_COLUMNS``),
-    empty or None without --text-embeddings.
+    empty or None without --text-embeddings; a shape ``(None, dim)`` stores each caption at
+    its own number of tokens, which ``<name>_length`` holds.
     """
     unknown = set(embedding_shapes or ()) - set(EMBEDDING_COLUMNS)
     if unknown:
@@ -224,7 +249,10 @@ def latents_schema(
         fields.append(pa.field("caption", pa.string()))
     for name in EMBEDDING_COLUMNS:  # fixed order, whatever order the encoders returned them in
         if name in (embedding_shapes or {}):
-            fields.append(pa.field(name, tensor_type(tuple(embedding_shapes[name]), dtype)))
+            shape = tuple(embedding_shapes[name])
+            fields.append(pa.field(name, tensor_type(shape, dtype)))
+            if shape and shape[0] is None:
+                fields.append(pa.field(name + LENGTH_SUFFIX, pa.int32()))  # tokens of this row's caption
     if embedding_shapes:
         fields.append(pa.field("caption_truncated", pa.bool_()))
     fields += [

@@ -61,7 +61,9 @@ class ModelFamily:
     scheduler_component: ClassVar[str] = "scheduler"
     # per-text outputs of the text stage; each also travels as ``negative_<name>``
     embedding_columns: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
-    # every text's embedding has one shape (padded to the tokenizer's length); Z-Image's do not
+    # every text's embedding has one shape (padded to the tokenizer's length). False (Z-Image,
+    # Qwen-Image): [tokens, dim] embeddings are as long as each text's tokens, and travel,
+    # are stored (with ``<name>_length``) and reach the denoiser at that length, unpadded
     fixed_length_embeddings: ClassVar[bool] = True
     default_steps: ClassVar[int]
     default_guidance: ClassVar[float]
