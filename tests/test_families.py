@@ -13,7 +13,7 @@ from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.presets import materialize_preset
 
-FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage"]
+FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-flux2"]
 LONG_PROMPT = "word " * 40  # 200 byte-level tokens: past CLIP's 77
 
 
@@ -58,8 +58,8 @@ def test_each_row_equals_the_family_pipeline_alone(family_model):
     for image, expected in zip(out["image"], diffusers_reference(model_dir, rows)):
         assert_images_match(image, expected)
     assert [image.shape for image in out["image"]] == [(64, 64, 3), (64, 64, 3), (32, 48, 3), (64, 64, 3)]
-    # the long prompt loses tokens to CLIP's 77; Z-Image's Qwen encoder keeps 512
-    assert out["prompt_truncated"].tolist() == [False, False, False, preset != "tiny-zimage"]
+    # the long prompt loses tokens to CLIP's 77; the Qwen encoders of Z-Image and FLUX.2 keep 512
+    assert out["prompt_truncated"].tolist() == [False, False, False, preset not in ("tiny-zimage", "tiny-flux2")]
 
 
 def test_batch_size_and_split_placement_change_nothing(family_model):

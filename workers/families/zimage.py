@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from workers.families.base import ModelFamily, to_numpy
+from workers.families.tokenizers import chat_token_count
 
 
 class ZImage(ModelFamily):
@@ -40,10 +41,8 @@ class ZImage(ModelFamily):
         return {"prompt_embeds": [to_numpy(embedding.unsqueeze(0))[0] for embedding in embeddings]}
 
     def is_truncated(self, pipe: Any, text: str, max_sequence_length: int | None) -> bool:
-        templated = pipe.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True,
-        )
-        return len(pipe.tokenizer(templated).input_ids) > (max_sequence_length or self.default_max_sequence_length)
+        limit = max_sequence_length or self.default_max_sequence_length
+        return chat_token_count(pipe.tokenizer, text, enable_thinking=True) > limit
 
     def denoise_arguments(self, pipe: Any, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> dict[str, Any]:
         import torch

@@ -29,6 +29,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "small-flux": ("flux", "small"),
     "tiny-zimage": ("zimage", "tiny"),
     "small-zimage": ("zimage", "small"),
+    "tiny-flux2": ("flux2", "tiny"),  # FLUX.2 [klein] base; distilled: is_distilled in model_index.json
+    "small-flux2": ("flux2", "small"),
 }
 
 
