@@ -18,6 +18,22 @@ def write_prompts(path, rows: list[dict] | dict) -> str:
     return str(path)
 
 
+def export_variant(preset: str, directory, **pipeline_config) -> str:
+    """A built-in model written to ``directory`` with pipeline settings of its ``model_index.json`` changed
+    (FLUX.2 [klein]'s ``is_distilled``: the variants differ in nothing else a tiny model has)."""
+    import json
+
+    from workers.runtime.presets import export_preset
+
+    export_preset(preset, str(directory))
+    index_path = os.path.join(str(directory), "model_index.json")
+    with open(index_path) as index_file:
+        index = json.load(index_file)
+    with open(index_path, "w") as index_file:
+        json.dump({**index, **pipeline_config}, index_file)
+    return str(directory)
+
+
 def diffusers_reference(
     model_dir: str, rows: list[dict], scheduler: str | None = None, load_options: dict | None = None, **call_options,
 ) -> list[np.ndarray]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_images_match, diffusers_reference
+from helpers import assert_images_match, diffusers_reference, export_variant
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
 from workers.generation.text_encoder import TextEncoderWorker
@@ -91,4 +91,12 @@ def test_flow_match_scheduler_variant_as_diffusers(model_cache):
     rows = rows_for("tiny-sd3")[:2]
     out = FusedGenerationWorker("tiny-sd3", scheduler="flow-euler-karras", threads=2)(request_batch(rows))
     for image, expected in zip(out["image"], diffusers_reference(model_dir, rows, scheduler="flow-euler-karras")):
+        assert_images_match(image, expected)
+
+
+def test_flux2_klein_distilled_ignores_guidance_and_negatives_as_diffusers(tmp_path, model_cache):
+    model = export_variant("tiny-flux2", tmp_path / "distilled", is_distilled=True)
+    rows = rows_for("tiny-flux2")[:2]  # guidance 4.5, then 3.0 with the negative prompt "blurry"
+    out = FusedGenerationWorker(model, threads=2)(request_batch(rows))
+    for image, expected in zip(out["image"], diffusers_reference(model, rows)):
         assert_images_match(image, expected)
