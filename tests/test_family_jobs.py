@@ -147,6 +147,10 @@ def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_ses
     channels, cells = LATENT_LAYOUTS[preset]
     assert latents.shape == (3, channels, cells, cells)
     np.testing.assert_allclose(latents, reference_latents(pipe, pixels).numpy(), atol=1e-4)
+    if preset == "tiny-flux2":  # a trainer packs a stored row into the tokens the pipeline feeds its transformer
+        with torch.no_grad():
+            tokens, _ = pipe.prepare_image_latents([pixels[:1]], batch_size=1, generator=None, device="cpu", dtype=torch.float32)
+        np.testing.assert_allclose(pipe._pack_latents(torch.from_numpy(latents[:1])).numpy(), tokens.numpy(), atol=1e-4)
 
     # 2. embeddings: what the family's encode_prompt returns for the caption ("" for none), within 1e-4
     captions = [text or "" for text in table.column("caption").to_pylist()]

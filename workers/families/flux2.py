@@ -8,11 +8,14 @@ tells apart (``is_distilled``): base (classifier-free guidance against a negativ
 step-distilled (a few steps, no guidance). FLUX.2 [dev] (``Flux2Pipeline``: Mistral3,
 a guidance embedding, packed ``"latent"`` output) would be a second subclass of ``Flux2``.
 
-Latents between stages and in a latent dataset are what the transformer sees:
-``(patchify(z) - bn.running_mean) / sqrt(bn.running_var + bn_eps)``, ``[128, H/16, W/16]``,
-as the pipeline's ``_encode_vae_image`` computes them for its image conditioning. A trainer
-turns a stored row into transformer tokens with ``Flux2KleinPipeline._pack_latents``
-(``[1, H/16 * W/16, 128]``) and their positions with ``_prepare_latent_ids``.
+Latents between stages and in a latent dataset are what the transformer sees: the VAE's
+latents z (posterior mode) cut into 2x2 patches and normalised by the VAE's batch-norm
+running statistics, ``(patchify(z) - bn.running_mean) / sqrt(bn.running_var + bn.eps)``,
+``[128, H/16, W/16]``, as the pipeline's ``_encode_vae_image`` computes them for its image
+conditioning. A trainer feeds a stored row to the transformer as the pipeline does:
+``hidden_states = Flux2KleinPipeline._pack_latents(latent[None])`` (``[1, H/16 * W/16, 128]``)
+with ``img_ids = _prepare_latent_ids(latent[None])``, and ``encoder_hidden_states =
+prompt_embeds[None]`` (``[1, 512, 3 x text width]``) with ``txt_ids = _prepare_text_ids(...)``.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class Flux2Klein(Flux2):
     @property
     def denoiser_components(self) -> tuple[str, ...]:
         # the pipeline's "latent" output is de-normalised by the VAE's batch-norm statistics:
-        # the denoiser needs the VAE's weights too (~2% of the 4B model's)
+        # the denoiser needs the VAE's weights too (a few percent of the transformer's)
         return (*super().denoiser_components, self.vae_component)
 
     def describe(self, read_config: ConfigReader) -> ModelShape:
@@ -113,7 +116,7 @@ class Flux2Klein(Flux2):
 
     def unpack_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
         # the pipeline returns VAE latents (de-normalised, 32 channels): back to what the transformer saw
-        return normalise(pipe.vae, latents)
+        return normalise(pipe.vae, latents.float())  # float32: no second rounding in half precision
 
 
 def batch_norm_statistics(vae: Any, latents: Any) -> tuple[Any, Any]:
