@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -21,8 +22,6 @@ def write_prompts(path, rows: list[dict] | dict) -> str:
 def export_variant(preset: str, directory, **pipeline_config) -> str:
     """A built-in model written to ``directory`` with pipeline settings of its ``model_index.json`` changed
     (FLUX.2 [klein]'s ``is_distilled``: the variants differ in nothing else a tiny model has)."""
-    import json
-
     from workers.runtime.presets import export_preset
 
     export_preset(preset, str(directory))
