@@ -146,6 +146,7 @@ def build_preset(size):
     """A base (CFG) ``Flux2KleinPipeline`` of ``size``, seeded random weights; set ``is_distilled``
     in its ``model_index.json`` for the distilled variant (the weights' layout is the same)."""
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
 
     from workers.families import preset_parts as parts
     from workers.families.tokenizers import qwen_tokenizer
@@ -158,13 +159,16 @@ def build_preset(size):
         in_channels=32 * PATCH**2, num_layers=max(1, size.transformer_depth // 2), num_single_layers=size.transformer_depth,
         attention_head_dim=head_dim, num_attention_heads=heads,
         joint_attention_dim=3 * size.text_width,  # three hidden-state layers side by side
-        axes_dims_rope=(head_dim // 4,) * 4,  # (time, height, width, sequence): the head width
+        axes_dims_rope=(head_dim // 4,) * 4,  # time, height, width, sequence: adding up to the head width
         guidance_embeds=False,  # [klein] has none: the pipeline passes guidance=None
     )
     parts.seeded(1)
     vae = flux2_vae(size)
     parts.seeded(2)
-    text_encoder = qwen3_causal_lm(size, tokenizer)
+    # the released model's 28 layers at the preset's width; the byte vocabulary has no BOS
+    text_encoder = Qwen3ForCausalLM(parts.qwen3_config(
+        size, tokenizer, num_hidden_layers=TEXT_LAYERS, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    ))
     scheduler = parts.flow_scheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
     )
@@ -187,15 +191,3 @@ def flux2_vae(size):
         vae.bn.running_var.uniform_(0.5, 2.0)
     return vae
 
-
-def qwen3_causal_lm(size, tokenizer):
-    """Qwen3 with the released model's 28 layers at the preset's width (the byte vocabulary has no BOS)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=size.text_width, intermediate_size=size.text_width * 2,
-        num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=size.text_width // 4,  # Qwen3Config defaults it to 128 whatever the width
-        max_position_embeddings=1024, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    ))
