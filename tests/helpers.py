@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -18,6 +19,20 @@ def write_prompts(path, rows: list[dict] | dict) -> str:
     return str(path)
 
 
+def export_variant(preset: str, directory, **pipeline_config) -> str:
+    """A built-in model written to ``directory`` with pipeline settings of its ``model_index.json`` changed
+    (FLUX.2 [klein]'s ``is_distilled``: the variants differ in nothing else a tiny model has)."""
+    from workers.runtime.presets import export_preset
+
+    export_preset(preset, str(directory))
+    index_path = os.path.join(str(directory), "model_index.json")
+    with open(index_path) as index_file:
+        index = json.load(index_file)
+    with open(index_path, "w") as index_file:
+        json.dump({**index, **pipeline_config}, index_file)
+    return str(directory)
+
+
 def diffusers_reference(
     model_dir: str, rows: list[dict], scheduler: str | None = None, load_options: dict | None = None, **call_options,
 ) -> list[np.ndarray]:
@@ -26,6 +41,8 @@ def diffusers_reference(
     A row's "" negative prompt is diffusers' ``negative_prompt=None``; ``call_options``
     (and SDXL's per-row micro-conditioning) go to the pipeline's ``__call__`` as they are
     (Qwen-Image: its own default true_cfg_scale of 4 unless they say otherwise).
+    FLUX.2 [klein] takes no negative text: a row's negative prompt goes in as
+    ``negative_prompt_embeds`` from the pipeline's own ``encode_prompt``.
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -44,13 +61,22 @@ def diffusers_reference(
             ("original_size", "original_size"), ("crop_top_left", "crops_coords_top_left"), ("target_size", "target_size"),
         ) if row.get(column) is not None}
         result = pipe(
-            row["prompt"], negative_prompt=row.get("negative_prompt") or None, num_inference_steps=row["num_inference_steps"],
-            guidance_scale=row["guidance_scale"] if reads_guidance else None,
+            **text_arguments(pipe, row["prompt"], row.get("negative_prompt") or None),
+            num_inference_steps=row["num_inference_steps"], guidance_scale=row["guidance_scale"] if reads_guidance else None,
             height=row["height"], width=row["width"], generator=torch.Generator("cpu").manual_seed(row["seed"]),
             output_type="np", **conditioning, **call_options,
         ).images[0]
         images.append((result * 255).round().astype(np.uint8))
     return images
+
+
+def text_arguments(pipe, prompt: str, negative_prompt: str | None) -> dict:
+    """The prompt and negative prompt as the pipeline's ``__call__`` takes them (by name: FLUX.2 [klein]'s first argument is ``image``)."""
+    if type(pipe).__name__ != "Flux2KleinPipeline":
+        return {"prompt": prompt, "negative_prompt": negative_prompt}
+    if negative_prompt is None:  # the pipeline encodes "" itself
+        return {"prompt": prompt}
+    return {"prompt": prompt, "negative_prompt_embeds": pipe.encode_prompt(negative_prompt)[0]}
 
 
 def assert_images_match(actual: np.ndarray, expected: np.ndarray) -> None:

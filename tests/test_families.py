@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_images_match, diffusers_reference
+from helpers import assert_images_match, diffusers_reference, export_variant
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.presets import materialize_preset
 
-FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"]
+FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"]
 # families whose Qwen text encoder keeps 512 tokens (the long prompt fits)
-QWEN_TEXT_PRESETS = ("tiny-zimage", "tiny-qwenimage")
+QWEN_TEXT_PRESETS = ("tiny-zimage", "tiny-qwenimage", "tiny-flux2")
 LONG_PROMPT = "word " * 40  # 200 byte-level tokens: past CLIP's 77
 
 
@@ -61,7 +61,7 @@ def test_each_row_equals_the_family_pipeline_alone(family_model):
     for image, expected in zip(out["image"], diffusers_reference(model_dir, rows)):
         assert_images_match(image, expected)
     assert [image.shape for image in out["image"]] == [(64, 64, 3), (64, 64, 3), (32, 48, 3), (64, 64, 3)]
-    # the long prompt loses tokens to CLIP's 77; Z-Image's and Qwen-Image's Qwen encoders keep 512
+    # the long prompt loses tokens to CLIP's 77; the Qwen encoders of Z-Image, Qwen-Image and FLUX.2 keep 512
     assert out["prompt_truncated"].tolist() == [False, False, False, preset not in QWEN_TEXT_PRESETS]
 
 
@@ -130,3 +130,11 @@ def test_qwenimage_captions_keep_their_own_length_within_the_token_budget(model_
         blurry = pipe.encode_prompt("blurry", max_sequence_length=budget)[0][0]
     for stored, expected in zip([*out["prompt_embeds"], out["negative_prompt_embeds"][0]], [short, long, blurry]):
         np.testing.assert_allclose(stored, expected.numpy(), atol=1e-5)
+
+
+def test_flux2_klein_distilled_ignores_guidance_and_negatives_as_diffusers(tmp_path, model_cache):
+    model = export_variant("tiny-flux2", tmp_path / "distilled", is_distilled=True)
+    rows = rows_for("tiny-flux2")[:2]  # guidance 4.5, then 3.0 with the negative prompt "blurry"
+    out = FusedGenerationWorker(model, threads=2)(request_batch(rows))
+    for image, expected in zip(out["image"], diffusers_reference(model, rows)):
+        assert_images_match(image, expected)

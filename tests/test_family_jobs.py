@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
+from helpers import assert_images_match, diffusers_reference, export_variant, read_image, write_prompts
 from image_helpers import picture, png, write_table
 from jobs.cli import main
 from pipelines.encoding.encode import run_encoding
@@ -33,9 +33,14 @@ def run_cli(args, capsys) -> tuple[int, str]:
 # -- generation ---------------------------------------------------------------------------------
 
 
+# preset -> (size multiple, latent channels, family name)
+FAMILY_SHAPES = {"tiny-flux": (16, 16, "flux"), "tiny-sdxl": (8, 4, "sdxl"), "tiny-flux2": (16, 128, "flux2-klein"),
+                 "tiny-qwenimage": (16, 16, "qwenimage")}
+
+
 # tiny-qwenimage split: captions of their own lengths cross the object store from the text stage to the
 # denoiser unpadded, and are padded per call as the pipeline pads them (its result would differ otherwise)
-@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused"), ("tiny-qwenimage", "split")])
+@pytest.mark.parametrize("preset, placement", [("tiny-flux", "split"), ("tiny-sdxl", "fused"), ("tiny-flux2", "fused"), ("tiny-qwenimage", "split")])
 def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, preset, placement):
     rows = [
         {"id": "a", "prompt": "a red circle", "negative_prompt": "", "seed": 5, "height": 64, "width": 64},
@@ -51,7 +56,7 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
     record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model=preset, steps=3, guidance=4.0, placement=placement))
 
     # the odd size goes to errors naming the family's multiple; the others equal diffusers
-    multiple = 8 if preset == "tiny-sdxl" else 16
+    multiple, channels, family = FAMILY_SHAPES[preset]
     counts = record["counts"]
     if multiple == 16:
         errors = pd.read_parquet(output / "errors").set_index("id")
@@ -67,8 +72,8 @@ def test_generation_draws_what_the_family_pipeline_draws(ray_session, tmp_path, 
     for row, image in zip(good, expected):
         assert_images_match(read_image(output / manifest.loc[row["id"], "image_path"]), image)
     stats = json.load(open(output / "latent_stats.json"))
-    assert stats["latent_channels"] == (4 if preset == "tiny-sdxl" else 16)
-    assert record["identity"]["family"] == preset.removeprefix("tiny-")
+    assert stats["latent_channels"] == channels and len(stats["mean"]) == channels
+    assert record["identity"]["family"] == family
     # the family's own true_cfg_scale default: FLUX 1 (off), Qwen-Image 4, as their pipelines
     assert record["identity"]["true_cfg_scale"] == (4.0 if preset == "tiny-qwenimage" else 1.0)
 
@@ -84,54 +89,89 @@ def captioned_images(tmp_path_factory) -> str:
     return write_table(folder / "images.parquet", rows)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+# preset -> (latent channels, latent cells per side of a 64-pixel image): FLUX.2 stores 2x2 patches
+LATENT_LAYOUTS = {"tiny-sdxl": (4, 8), "tiny-sd3": (16, 8), "tiny-flux": (16, 8), "tiny-flux2": (128, 4)}
+# the long text encoder's token budget: short enough that the long caption loses tokens
+# (FLUX.2's chat template alone takes 38 of them); SDXL's CLIP keeps 77
+TOKEN_BUDGETS = {"tiny-sdxl": None, "tiny-sd3": 32, "tiny-flux": 32, "tiny-flux2": 64}
+
+
+def reference_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """What the family's denoiser trains on, by diffusers' own functions (posterior means)."""
+    vae = pipe.vae
+    with torch.no_grad():
+        if type(pipe).__name__ == "Flux2KleinPipeline":  # patchified, batch-norm normalised: its image conditioning
+            return pipe._encode_vae_image(pixels, generator=None)
+        return (vae.encode(pixels).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def reference_embeddings(pipe, preset: str, captions: list[str]) -> dict[str, torch.Tensor]:
+    """What the family's encode_prompt returns for each caption, named as latentray stores it."""
+    budget = TOKEN_BUDGETS[preset]
+    with torch.no_grad():
+        if preset == "tiny-flux2":
+            return {"prompt_embeds": pipe.encode_prompt(captions, max_sequence_length=budget)[0]}
+        if preset == "tiny-flux":
+            prompt_embeds, pooled, _ = pipe.encode_prompt(captions, None, max_sequence_length=budget)
+        elif preset == "tiny-sd3":
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False, max_sequence_length=budget)
+        else:
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+
+def reference_decode(pipe, latents: np.ndarray) -> np.ndarray:
+    """uint8 images of latents as the denoiser sees them, decoded as the family's pipeline decodes its final latents."""
+    vae, latents = pipe.vae, torch.from_numpy(latents)
+    with torch.no_grad():
+        if type(pipe).__name__ == "Flux2KleinPipeline":  # the tail of its __call__: de-normalise, unpatchify
+            mean = vae.bn.running_mean.view(1, -1, 1, 1)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+            latents = pipe._unpatchify_latents(latents * std + mean)
+        else:
+            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        decoded = vae.decode(latents).sample
+    return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"])
 def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_session, tmp_path, captioned_images, preset):
     from diffusers import DiffusionPipeline
 
     output = tmp_path / "latents"
     record = run_encoding(EncodeConfig(
         images=captioned_images, output=str(output), model=preset, resolution=64, caption_column="caption",
-        text_embeddings=True, latent_dtype="float32", max_sequence_length=32 if preset != "tiny-sdxl" else None,
+        text_embeddings=True, latent_dtype="float32", max_sequence_length=TOKEN_BUDGETS[preset],
     ))
     assert record["counts"]["ok_rows"] == 3
     table = pq.read_table(output / "latents").sort_by("id")
     pipe = DiffusionPipeline.from_pretrained(materialize_preset(preset), local_files_only=True)
 
-    # 1. latents: the family's VAE, shifted and scaled, unpacked [C, H/8, W/8]
-    vae = pipe.vae
+    # 1. latents: what the family's denoiser sees, [C, H/f, W/f]
     pixels = torch.from_numpy(np.stack([picture(index, 64, 64) for index in range(3)])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        expected = (vae.encode(pixels).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     latents = np.stack(latents_of(table))
-    channels = 4 if preset == "tiny-sdxl" else 16
-    assert latents.shape == (3, channels, 8, 8)
-    np.testing.assert_allclose(latents, expected.numpy(), atol=1e-4)
+    channels, cells = LATENT_LAYOUTS[preset]
+    assert latents.shape == (3, channels, cells, cells)
+    np.testing.assert_allclose(latents, reference_latents(pipe, pixels).numpy(), atol=1e-4)
+    if preset == "tiny-flux2":  # a trainer packs a stored row into the tokens the pipeline feeds its transformer
+        with torch.no_grad():
+            tokens, _ = pipe.prepare_image_latents([pixels[:1]], batch_size=1, generator=None, device="cpu", dtype=torch.float32)
+        np.testing.assert_allclose(pipe._pack_latents(torch.from_numpy(latents[:1])).numpy(), tokens.numpy(), atol=1e-4)
 
     # 2. embeddings: what the family's encode_prompt returns for the caption ("" for none), within 1e-4
     captions = [text or "" for text in table.column("caption").to_pylist()]
-    with torch.no_grad():
-        if preset == "tiny-flux":
-            prompt_embeds, pooled, _ = pipe.encode_prompt(captions, None, max_sequence_length=32)
-        elif preset == "tiny-sd3":
-            prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False, max_sequence_length=32)
-        else:
-            prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
-    stored = {name: np.stack(latents_of(table, name)) for name in ("prompt_embeds", "pooled_prompt_embeds")}
-    np.testing.assert_allclose(stored["prompt_embeds"], prompt_embeds.numpy(), atol=1e-4)
-    np.testing.assert_allclose(stored["pooled_prompt_embeds"], pooled.numpy(), atol=1e-4)
-    assert table.column("caption_truncated").to_pylist() == [False, True, False]  # CLIP's 77 tokens
+    for name, expected in reference_embeddings(pipe, preset, captions).items():
+        np.testing.assert_allclose(np.stack(latents_of(table, name)), expected.numpy(), atol=1e-4)
+    assert table.column("caption_truncated").to_pylist() == [False, True, False]  # the long caption past the budget
     stats = json.load(open(output / "latent_stats.json"))
     assert len(stats["mean"]) == channels
 
     # 3. the report decodes sample latents with the family's VAE, as the family's pipeline decodes
-    if preset == "tiny-flux":
+    if preset in ("tiny-flux", "tiny-flux2"):
         from pipelines.report import decoded_samples, write_report
 
         samples = decoded_samples(str(output), json.load(open(output / "run.json")), 3)
-        with torch.no_grad():
-            decoded = vae.decode(torch.from_numpy(latents) / vae.config.scaling_factor + vae.config.shift_factor).sample
-        expected_pixels = (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
-        for sample, pixels in zip(samples, expected_pixels):
+        for sample, pixels in zip(samples, reference_decode(pipe, latents)):
             assert_images_match(np.asarray(sample.image), pixels)
         assert os.path.isfile(write_report(str(output), samples=3).contact_sheet)
 
@@ -146,7 +186,7 @@ def test_unknown_pipeline_class_is_named_with_the_supported_ones(tmp_path, capsy
     json.dump({**index, "_class_name": "KandinskyV22Pipeline"}, open(model / "model_index.json", "w"))
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
     status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
-    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline" in err
+    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline" in err
     assert "Traceback" not in err
 
 
@@ -200,6 +240,8 @@ def test_sd3_without_t5_runs_as_diffusers_allows(tmp_path, model_cache):
     ("tiny-flux", ["--width", "72"], "width: flux models need a multiple of 16, got 72"),
     ("tiny-qwenimage", ["--width", "72", "--true-cfg-scale", "2"], "width: qwenimage models need a multiple of 16, got 72"),
     ("tiny-qwenimage", ["--max-sequence-length", "1100"], "max_sequence_length: qwenimage models take at most 1024 tokens, got 1100"),
+    ("tiny-flux2", ["--true-cfg-scale", "2"], "true_cfg_scale: FLUX.2 [klein] has no true CFG; base models run classifier-free guidance"),
+    ("tiny-flux2", ["--height", "40"], "height: flux2-klein models need a multiple of 16, got 40"),
 ])
 def test_options_that_do_not_fit_the_family_stop_the_run(tmp_path, capsys, model_cache, model, flags, message):
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
@@ -360,3 +402,22 @@ def test_qwenimage_exports_a_pipeline_directory_and_describes_it(tmp_path, capsy
     config_path = model / "transformer" / "config.json"
     json.dump({**json.load(open(config_path)), "guidance_embeds": True}, open(config_path, "w"))
     assert describe_model(str(model)).shape.default_guidance == 4.0
+
+
+def test_flux2_klein_exports_for_diffusers_and_describes_each_variant(tmp_path, model_cache):
+    from diffusers import Flux2KleinPipeline
+
+    from pipelines.runtime.model_source import describe_model
+
+    # `latentray model export` writes what Flux2KleinPipeline loads: the base variant
+    assert main(["model", "export", "tiny-flux2", str(tmp_path / "base")]) == 0
+    pipe = Flux2KleinPipeline.from_pretrained(str(tmp_path / "base"), local_files_only=True)
+    assert not pipe.config.is_distilled and pipe.text_encoder.config.num_hidden_layers == 28
+    assert pipe.transformer.config.joint_attention_dim == 3 * pipe.text_encoder.config.hidden_size
+    assert not list((tmp_path / "base").rglob("*.bin"))  # safetensors only
+
+    # the distilled variant is the same layout with is_distilled: its few steps, guidance ignored
+    distilled = export_variant("tiny-flux2", tmp_path / "distilled", is_distilled=True)
+    base, step_distilled = describe_model(str(tmp_path / "base")).shape, describe_model(distilled).shape
+    assert (base.default_steps, base.default_guidance, step_distilled.default_steps, step_distilled.default_guidance) == (50, 4.0, 4, 1.0)
+    assert (base.size_multiple, base.latent_channels, base.vae_scale_factor, base.default_height) == (16, 128, 16, 1024)

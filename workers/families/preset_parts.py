@@ -73,6 +73,18 @@ def t5_encoder(size: PresetSize, tokenizer, *, width: int):
     ))
 
 
+def qwen3_config(size: PresetSize, tokenizer, **options):
+    """A Qwen3 text encoder's config at the preset's width (Z-Image, FLUX.2 [klein]); ``options`` override."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**{
+        "vocab_size": len(tokenizer), "hidden_size": size.text_width, "intermediate_size": size.text_width * 2,
+        "num_hidden_layers": size.text_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": size.text_width // 4,  # Qwen3Config defaults it to 128 whatever the width
+        "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id, **options,
+    })
+
+
 def flow_scheduler(**options):
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -3,6 +3,7 @@
 Each covers every text without unknown tokens (byte-level pieces), so a preset
 tokenizes any prompt the way the real tokenizer's class does, only with more tokens.
 They save and load as the real classes do (``save_pretrained`` / ``from_pretrained``).
+``chat_token_count`` counts a prompt's tokens as Qwen-based pipelines send it (any tokenizer).
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
+
+
+def chat_token_count(tokenizer, text: str, *, enable_thinking: bool) -> int:
+    """Tokens of ``text`` as a Qwen text encoder receives it: one user message in the chat template."""
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking,
+    )
+    return len(tokenizer(templated).input_ids)
 
 
 def qwen_tokenizer(model_max_length: int = 32768):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from workers.families.base import ModelFamily, to_numpy
+from workers.families.tokenizers import chat_token_count
 
 
 class ZImage(ModelFamily):
@@ -40,10 +41,8 @@ class ZImage(ModelFamily):
         return {"prompt_embeds": [to_numpy(embedding.unsqueeze(0))[0] for embedding in embeddings]}
 
     def is_truncated(self, pipe: Any, text: str, max_sequence_length: int | None) -> bool:
-        templated = pipe.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True,
-        )
-        return len(pipe.tokenizer(templated).input_ids) > (max_sequence_length or self.default_max_sequence_length)
+        limit = max_sequence_length or self.default_max_sequence_length
+        return chat_token_count(pipe.tokenizer, text, enable_thinking=True) > limit
 
     def denoise_arguments(self, pipe: Any, batch: dict[str, np.ndarray], rows: list[int], options: dict) -> dict[str, Any]:
         import torch
@@ -61,7 +60,7 @@ class ZImage(ModelFamily):
 def build_preset(size):
     """A ``ZImagePipeline`` of ``size``: a Qwen3 text encoder, a single-stream transformer, seeded random weights."""
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     from workers.families import preset_parts as parts
     from workers.families.tokenizers import qwen_tokenizer
@@ -85,12 +84,7 @@ def build_preset(size):
     parts.seeded(1)
     vae = parts.vae(size, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     parts.seeded(2)
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=size.text_width, intermediate_size=size.text_width * 2,
-        num_hidden_layers=size.text_layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=size.text_width // 4,  # Qwen3Config defaults it to 128 whatever the width
-        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = Qwen3Model(parts.qwen3_config(size, tokenizer))
     return ZImagePipeline(
         scheduler=parts.flow_scheduler(shift=3.0), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
     )

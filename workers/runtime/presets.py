@@ -31,6 +31,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "small-zimage": ("zimage", "small"),
     "tiny-qwenimage": ("qwenimage", "tiny"),
     "small-qwenimage": ("qwenimage", "small"),
+    "tiny-flux2": ("flux2", "tiny"),  # FLUX.2 [klein] base; distilled: is_distilled in model_index.json
+    "small-flux2": ("flux2", "small"),
 }
 
 
