@@ -90,9 +90,9 @@ class Flux2Klein(Flux2):
         # step-distilled: 4 steps, and guidance 1 (ignored by the pipeline, which warns above 1)
         return ModelShape(**{**vars(shape), "default_steps": 4, "default_guidance": 1.0})
 
-    def check_options(self, *, scheduler: str | None, max_sequence_length: int | None, true_cfg_scale: float) -> None:
+    def check_options(self, *, scheduler: str | None, max_sequence_length: int | None, true_cfg_scale: float | None) -> None:
         super().check_options(scheduler=scheduler, max_sequence_length=max_sequence_length, true_cfg_scale=1.0)
-        if true_cfg_scale != 1.0:
+        if true_cfg_scale is not None and true_cfg_scale != 1.0:  # None: not asked for
             raise ValueError(
                 "true_cfg_scale: FLUX.2 [klein] has no true CFG; base models run classifier-free guidance "
                 "with guidance_scale > 1, distilled models take no guidance"
