@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(options.output, exist_ok=True)
     for start in range(0, len(table), options.batch_size):
         rows = table[start:start + options.batch_size]
-        images = pipe(
-            [row["prompt"] for row in rows], num_inference_steps=options.steps, guidance_scale=options.guidance,
+        images = pipe(  # prompt= by name: Flux2KleinPipeline's first positional argument is an image
+            prompt=[row["prompt"] for row in rows], num_inference_steps=options.steps, guidance_scale=options.guidance,
             height=options.size, width=options.size, generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in rows],
         ).images
         for row, image in zip(rows, images):
