@@ -79,7 +79,7 @@ def process_tree_stacks() -> str:
             parts.append("(py-spy is not installed: no stacks of child processes)")
             break
         try:
-            dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=20)
+            dump = subprocess.run(["py-spy", "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=20)
             parts.append(f"--- pid {pid}:\n{dump.stdout or dump.stderr}")
         except subprocess.TimeoutExpired:
             parts.append(f"--- pid {pid}: py-spy did not answer in 20 s")
