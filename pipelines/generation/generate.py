@@ -23,6 +23,7 @@ from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
 from pipelines.runtime.resume import ResumePlan, check_input_unchanged, input_versions, plan_resume, read_pending_rows
 from pipelines.runtime.schemas import PROMPT_OPTIONAL_COLUMNS, check_prompt_schema
@@ -45,6 +46,8 @@ SHARES = {
         "vae_decoder": StageShare(cpu=0.25, gpu=0.2, heavy=False),
     },
 }
+# the model roles each stage runs: a run's precision is recorded per role, whatever the placement
+ROLES = {"fused": tuple(SPLIT_WORKERS), **{name: (name,) for name in SPLIT_WORKERS}}
 
 
 def resolve_placement(placement: str, cluster: ClusterShape) -> str:
@@ -68,6 +71,7 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
         if worker in (DenoiserWorker, FusedGenerationWorker):
             kwargs["scheduler"] = config.scheduler
         stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
+    resolve_stages(stages, model.family, config.dtype)
     return stages
 
 
@@ -112,7 +116,9 @@ class GenerationPlan:
         return resolve_placement(self.config.placement, cluster)
 
     def model_stages(self, placement: str, cluster: ClusterShape) -> list[Stage]:
-        return build_model_stages(self.config, self.model, placement, cluster)
+        stages = build_model_stages(self.config, self.model, placement, cluster)
+        settle_precision(self.identity, stage_precision(stages, ROLES), self.output.uri)
+        return stages
 
     def stage_input_columns(self) -> set[str]:
         return set(PROMPT_ROW_COLUMNS) | set(self.model.family.conditioning_columns)
@@ -154,6 +160,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         **config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint,
         "family": model.family.name,
     }
+    carry_precision(identity, output.uri, config.overwrite)
     previous = output.prepare(identity, config.overwrite)
     # 2. what earlier runs committed, from the output's listing: rows are matched by input position
     input_files = input_versions(fragments)

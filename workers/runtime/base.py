@@ -28,10 +28,11 @@ class ModelWorker:
     REQUIRED_COLUMNS: ClassVar[dict[str, str]]  # column -> what it holds, for every family
     OUTPUT_COLUMNS: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: ModelSource | ModelDirectory, *, dtype: str = "auto", threads: int | None = None):
+    def __init__(self, model: ModelSource | ModelDirectory, *, dtype: str = "auto", device: str | None = None, threads: int | None = None):
         self.model = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         self.family: ModelFamily = self.model.family
-        self.device, self.dtype = pick_device(dtype)
+        # the driver resolves both (``pipelines.runtime.precision``); None / "auto": decided here
+        self.device, self.dtype = pick_device(dtype, device, self.family)
         if self.device.type == "cpu":
             set_torch_threads(threads)
 
