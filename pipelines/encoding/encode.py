@@ -31,7 +31,7 @@ from pipelines.encoding.latent_output import LatentLayout, commit_latents
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.job import RunTotals, run_job
-from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.schemas import check_image_schema
 from pipelines.runtime.stages import Stage, cut_into_blocks
@@ -66,12 +66,13 @@ def resolve_placement(placement: str, text_embeddings: bool) -> str:
 
 def build_model_stages(config: EncodeConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     shares = VAE_ONLY if placement == "vae_only" else SHARES[placement]
-    options = stage_options(shares, cluster, config.batch_size, config.stages, placement)
+    overrides, vae_batch = vae_micro_batch(config.stages, "vae_encoder", shares)
+    options = stage_options(shares, cluster, config.batch_size, overrides, placement)
     stages = []
     for name in shares:
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
         if name != "text_encoder":
-            kwargs.update(sample=config.sample, flip=config.flip)
+            kwargs.update(sample=config.sample, flip=config.flip, vae_batch_size=vae_batch)
         if name != "vae_encoder":
             kwargs.update(max_sequence_length=config.max_sequence_length)
         stages.append(Stage(name=name, worker=WORKERS[name], options=options[name], family=model.family, constructor_kwargs=kwargs))

@@ -22,7 +22,7 @@ from pipelines.runtime.config import GenerateConfig
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import RunOutput
-from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
 from pipelines.runtime.resume import ResumePlan, check_input_unchanged, input_versions, plan_resume, read_pending_rows
@@ -60,7 +60,8 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
     shares = SHARES[placement]
     if placement == "split":  # the GPU split is the family's: T5 and Qwen3 need more of a GPU than CLIP
         shares = {name: replace(share, gpu=model.family.split_gpu_shares[name]) for name, share in shares.items()}
-    options = stage_options(shares, cluster, config.batch_size, config.stages, placement)
+    overrides, vae_batch = vae_micro_batch(config.stages, "vae_decoder", shares)
+    options = stage_options(shares, cluster, config.batch_size, overrides, placement)
     stages = []
     for name, worker in workers.items():
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
@@ -70,6 +71,8 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
             kwargs["true_cfg_scale"] = config.true_cfg_scale
         if worker in (DenoiserWorker, FusedGenerationWorker):
             kwargs["scheduler"] = config.scheduler
+        if worker in (VaeDecoderWorker, FusedGenerationWorker):
+            kwargs["vae_batch_size"] = vae_batch
         stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
     resolve_stages(stages, model.family, config.dtype)
     return stages
