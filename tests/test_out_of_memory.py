@@ -271,3 +271,46 @@ def test_vae_batch_size_reaches_the_fused_actor_and_other_options_there_are_refu
     assert split.constructor_kwargs["vae_batch_size"] == 2 and split.options.batch_size == 2
     with pytest.raises(ValueError, match="vae_decoder runs inside the fused actor here, where only vae_decoder.batch_size applies"):
         stages("fused", num_gpus=0.5)
+
+
+def out_of_memory_actor(worker: type) -> type:
+    """``worker`` whose pipeline raises CUDA's out-of-memory error above one row, and always at 48 px
+    high. Defined in a function, the class travels to the actors by value."""
+
+    class OutOfMemory(worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pipeline_class = type(self.denoiser.pipe)
+            original = pipeline_class.__call__
+
+            def call(pipe, *call_args, **call_kwargs):
+                if len(call_kwargs["generator"]) > 1 or call_kwargs["height"] == 48:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+                return original(pipe, *call_args, **call_kwargs)
+
+            pipeline_class.__call__ = call  # in the actor's process only
+
+    OutOfMemory.__name__ = OutOfMemory.__qualname__ = f"OutOfMemory{worker.__name__}"
+    return OutOfMemory
+
+
+def test_a_job_on_ray_goes_on_past_a_row_that_never_fits_and_records_the_halvings(ray_session, tmp_path):
+    from dataclasses import replace
+
+    from helpers import write_prompts
+    from pipelines.generation.generate import plan_generation, run_generation
+    from pipelines.runtime.config import GenerateConfig
+
+    rows = [{"id": f"r{index}", "prompt": f"shape {index}", "height": 32} for index in range(3)] + [{"id": "tall", "prompt": "tall", "height": 48}]
+    prompts = write_prompts(tmp_path / "prompts.parquet", rows)
+    plan = plan_generation(GenerateConfig(prompts=prompts, output=str(tmp_path / "out"), model="tiny", steps=2, height=32, width=32,
+                                          batch_size=4, placement="fused"))
+    build = plan.model_stages
+    plan.model_stages = lambda placement, cluster: [replace(stage, worker=out_of_memory_actor(stage.worker)) for stage in build(placement, cluster)]
+    record = run_generation(plan)
+
+    assert record["status"] == "complete" and record["counts"]["ok_rows"] == 3 and record["counts"]["error_rows"] == 1
+    assert record["oom_splits"] == {"denoiser": 2}  # [r0, r1, r2] -> [r0, r1] + [r2] -> [r0] + [r1]
+    errors = pd.read_parquet(tmp_path / "out" / "errors")
+    assert errors[["id", "stage", "reason"]].values.tolist() == [["tall", "denoiser", "out of GPU memory at 32x48"]]
+    assert sorted(path.name for path in (tmp_path / "out" / "images").iterdir()) == ["r0.png", "r1.png", "r2.png"]
