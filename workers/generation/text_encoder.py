@@ -50,7 +50,7 @@ class TextEncoderWorker(ModelWorker):
             # 1. encode each distinct text of the batch once; a row whose texts do not fit in GPU memory fails
             embedded = self.embed(prompts + [text for text in negatives if text])
             by_text = dict(zip(prompts + [text for text in negatives if text], embedded))
-            by_text[""] = by_text.get("") or self._empty
+            by_text[""] = self._empty  # the negative of every row without one (or when negatives are not sent)
             failed = [by_text[prompt] is None or by_text[negative] is None for prompt, negative in zip(prompts, negatives)]
             mark_failed(batch, {row: (OUT_OF_MEMORY, text_out_of_memory(prompts[row])) for row in range(len(prompts)) if failed[row]}, self.STAGE)
 
