@@ -24,9 +24,11 @@ def add_stage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per model batch (default: 8)")
     parser.add_argument("--stage", action="append", default=[], metavar="STAGE.OPTION=VALUE",
                         help="per-stage scheduling, repeatable: e.g. denoiser.num_gpus=1, text_encoder.batch_size=64, "
-                             "fused.concurrency=4; options: batch_size, concurrency, num_gpus, num_cpus, threads")
+                             "fused.concurrency=4; options: batch_size, concurrency, num_gpus, num_cpus, threads. "
+                             "vae_decoder.batch_size / vae_encoder.batch_size: rows per VAE call, also inside the fused actor")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                        help="model precision (default: fp16/bf16 on CUDA, fp32 on CPU)")
+                        help="model precision (default: bfloat16 on CUDA, float32 on CPU; float16 only for SD 1.x/2.x and SDXL: "
+                             "the transformer families overflow in it). Part of the output's identity")
     parser.add_argument("--overwrite", action="store_true", help="delete what the output holds and start fresh")
 
 

@@ -31,12 +31,14 @@ from pipelines.encoding.latent_output import LatentLayout, commit_latents
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.job import RunTotals, run_job
-from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
+from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.schemas import check_image_schema
 from pipelines.runtime.stages import Stage, cut_into_blocks
 from workers.encoding.caption_encoder import CaptionEncoderWorker
 from workers.encoding.fused import FusedEncodingWorker
 from workers.encoding.vae_encoder import VaeEncoderWorker
+from workers.runtime.devices import check_dtype
 
 # Share of the cluster per stage. Without caption embeddings the VAE encoder is the only
 # model: fused and split are the same single stage. The VAE encoder is the heavy one.
@@ -48,6 +50,8 @@ SHARES = {
 # what latent_stats.json covers
 LATENT_STATS_OVER = "the latent column (flipped latents excluded)"
 WORKERS = {"vae_encoder": VaeEncoderWorker, "text_encoder": CaptionEncoderWorker, "fused": FusedEncodingWorker}
+# the model roles each stage runs: a run's precision is recorded per role, whatever the placement
+ROLES = {"vae_encoder": ("vae_encoder",), "text_encoder": ("text_encoder",), "fused": ("text_encoder", "vae_encoder")}
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -62,15 +66,17 @@ def resolve_placement(placement: str, text_embeddings: bool) -> str:
 
 def build_model_stages(config: EncodeConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     shares = VAE_ONLY if placement == "vae_only" else SHARES[placement]
-    options = stage_options(shares, cluster, config.batch_size, config.stages, placement)
+    overrides, vae_batch = vae_micro_batch(config.stages, "vae_encoder", shares)
+    options = stage_options(shares, cluster, config.batch_size, overrides, placement)
     stages = []
     for name in shares:
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
         if name != "text_encoder":
-            kwargs.update(sample=config.sample, flip=config.flip)
+            kwargs.update(sample=config.sample, flip=config.flip, vae_batch_size=vae_batch)
         if name != "vae_encoder":
             kwargs.update(max_sequence_length=config.max_sequence_length)
         stages.append(Stage(name=name, worker=WORKERS[name], options=options[name], family=model.family, constructor_kwargs=kwargs))
+    resolve_stages(stages, model.family, config.dtype)
     return stages
 
 
@@ -123,7 +129,11 @@ class EncodingPlan:
         return resolve_placement(self.config.placement, self.config.text_embeddings)
 
     def model_stages(self, placement: str, cluster: ClusterShape) -> list[Stage]:
-        return build_model_stages(self.config, self.model, placement, cluster)
+        stages = build_model_stages(self.config, self.model, placement, cluster)
+        # the encoders' dtypes join the identity, and so every row's cache key
+        settle_precision(self.identity, stage_precision(stages, ROLES), self.output.uri)
+        self.settings = replace(self.settings, encoding_key=encoding_key(self.identity))
+        return stages
 
     def stage_input_columns(self) -> set[str]:
         return set(PREPARED_COLUMNS) | (set(CAPTION_COLUMNS) if self.layout.caption else set())
@@ -159,6 +169,7 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
     family = model.family
     if config.text_embeddings:
         family.check_options(scheduler=None, max_sequence_length=config.max_sequence_length, true_cfg_scale=1.0)
+    check_dtype(family, config.dtype)
     resolution = config.resolution or model.shape.default_height
     preprocessing = _preprocessing(config, model, resolution)
 
@@ -170,6 +181,7 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
         "model": model.location.uri, "model_fingerprint": component_fingerprint(config.model, components),
     }
     output = RunOutput(config.output, "latents")
+    carry_precision(identity, output.uri, config.overwrite)
     previous = output.prepare(identity, config.overwrite)
     previous_run = (previous or {}).get("run", 0)
 
@@ -181,7 +193,7 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
         id_column=id_column,
         settings=RowSettings(
             columns=columns, preprocessing=preprocessing, seed=config.seed, run=previous_run + 1,
-            encoding_key=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+            encoding_key=encoding_key(identity),
             file_starts=tuple(sorted((start, uri) for uri, start in io.file_starts(fragments).items())),
         ),
         layout=LatentLayout(dtype=config.latent_dtype, fixed_shape=config.buckets is None, flip=config.flip,
@@ -189,6 +201,11 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
                             text_embeddings=family.embedding_columns if config.text_embeddings else (),
                             fixed_length_embeddings=family.fixed_length_embeddings),
     )
+
+
+def encoding_key(identity: dict) -> str:
+    """What every row's cache key holds of the run: model, preprocessing and precision."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def _preprocessing(config: EncodeConfig, model: ModelDescription, resolution: int) -> Preprocessing:

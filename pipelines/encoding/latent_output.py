@@ -29,6 +29,7 @@ from pipelines.runtime.schemas import (
     latents_schema, tensor_type,
 )
 from pipelines.runtime.stats import stats_of_latents
+from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, OOM_SPLITS_COLUMN_PREFIX, failed_rows, pop_counts
 
 ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
 
@@ -52,7 +53,7 @@ class LatentLayout:
 
 def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: LatentLayout, run: int) -> dict[str, np.ndarray]:
     """Ray Data task: encoded rows -> one ``latents/`` part (non-finite rows to ``errors/``) -> a summary row."""
-    busy = pop_busy_seconds(batch)
+    busy, oom_splits = pop_busy_seconds(batch), pop_counts(batch, OOM_SPLITS_COLUMN_PREFIX)
     rows = len(batch["id"])
 
     # 1. the values as stored: checks and statistics are of what readers will see
@@ -60,28 +61,38 @@ def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: L
     with np.errstate(over="ignore"):  # values beyond float16 become infinite: those rows go to errors below
         latents = [np.asarray(latent).astype(dtype) for latent in batch["latent"]]
         flipped = [np.asarray(latent).astype(dtype) for latent in batch["latent_flipped"]] if layout.flip else None
-    finite = np.array([np.isfinite(latents[i]).all() and (flipped is None or np.isfinite(flipped[i]).all()) for i in range(rows)], dtype=bool)
+    failed = failed_rows(batch)  # an encoder could not compute them (out of GPU memory): placeholders, no latent
+    finite = np.array([not failed[i] and np.isfinite(latents[i]).all() and (flipped is None or np.isfinite(flipped[i]).all())
+                       for i in range(rows)], dtype=bool)
 
-    # 2. rows the VAE returned no usable latent for
-    errors = _non_finite_errors(batch, np.flatnonzero(~finite), layout, run)
+    # 2. rows an encoder failed, and rows the VAE returned no usable latent for
+    errors = _error_rows(batch, np.flatnonzero(failed), run) + _non_finite_errors(batch, np.flatnonzero(~finite & ~failed), layout, run)
+    errors_table = pa.Table.from_pylist(errors, schema=ENCODE_ERRORS_SCHEMA) if errors else None
 
     # 3. one part of the good rows, with the exact statistics of their latents in its footer
     keep = np.flatnonzero(finite)
     table = latents_table(batch, keep, latents, flipped, layout, run) if len(keep) else None
     stats = stats_of_latents([latents[i] for i in keep])
-    output.commit(table, errors, stats)
-    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy)
+    output.commit(table, errors_table, stats)
+    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy, oom_splits=oom_splits)
 
 
-def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run: int) -> pa.Table | None:
-    if not len(rows):
-        return None
+def _error_row(batch: dict, i: int, run: int, **fields) -> dict:
+    return {"id": str(batch["id"][i]), "row": int(batch["row"][i]), "source": str(batch["source"][i]),
+            "content_hash": str(batch["content_hash"][i]), "cache_key": str(batch["cache_key"][i]), "run": run, **fields}
+
+
+def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run: int) -> list[dict]:
     overflow = "; values beyond float16's range (65504) overflow: try --latent-dtype float32" if layout.dtype == "float16" else ""
-    return pa.Table.from_pylist([{
-        "id": str(batch["id"][i]), "row": int(batch["row"][i]), "stage": ENCODE_STAGE, "code": "non_finite_latent",
-        "reason": f"the latent has NaN or infinite values{overflow}", "source": str(batch["source"][i]),
-        "content_hash": str(batch["content_hash"][i]), "cache_key": str(batch["cache_key"][i]), "run": run,
-    } for i in rows], schema=ENCODE_ERRORS_SCHEMA)
+    return [_error_row(batch, i, run, stage=ENCODE_STAGE, code="non_finite_latent", reason=f"the latent has NaN or infinite values{overflow}")
+            for i in rows]
+
+
+def _error_rows(batch: dict, rows: np.ndarray, run: int) -> list[dict]:
+    """Rows a model stage marked failed, with its stage, code and reason. No cache key: a rerun
+    (a larger GPU, smaller images) retries them, as it retries unreadable paths."""
+    return [_error_row(batch, i, run, stage=str(batch[FAILED_STAGE_COLUMN][i]), code=str(batch[FAILED_CODE_COLUMN][i]),
+                       reason=str(batch[FAILED_REASON_COLUMN][i]), cache_key=None) for i in rows]
 
 
 def latents_table(batch: dict, keep: np.ndarray, latents: list[np.ndarray], flipped: list[np.ndarray] | None, layout: LatentLayout, run: int) -> pa.Table:

@@ -22,7 +22,8 @@ from pipelines.runtime.config import GenerateConfig
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import RunOutput
-from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options
+from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
+from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
 from pipelines.runtime.resume import ResumePlan, check_input_unchanged, input_versions, plan_resume, read_pending_rows
 from pipelines.runtime.schemas import PROMPT_OPTIONAL_COLUMNS, check_prompt_schema
@@ -45,6 +46,8 @@ SHARES = {
         "vae_decoder": StageShare(cpu=0.25, gpu=0.2, heavy=False),
     },
 }
+# the model roles each stage runs: a run's precision is recorded per role, whatever the placement
+ROLES = {"fused": tuple(SPLIT_WORKERS), **{name: (name,) for name in SPLIT_WORKERS}}
 
 
 def resolve_placement(placement: str, cluster: ClusterShape) -> str:
@@ -57,7 +60,8 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
     shares = SHARES[placement]
     if placement == "split":  # the GPU split is the family's: T5 and Qwen3 need more of a GPU than CLIP
         shares = {name: replace(share, gpu=model.family.split_gpu_shares[name]) for name, share in shares.items()}
-    options = stage_options(shares, cluster, config.batch_size, config.stages, placement)
+    overrides, vae_batch = vae_micro_batch(config.stages, "vae_decoder", shares)
+    options = stage_options(shares, cluster, config.batch_size, overrides, placement)
     stages = []
     for name, worker in workers.items():
         kwargs: dict[str, Any] = {"model": model.location, "dtype": config.dtype}
@@ -67,7 +71,10 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
             kwargs["true_cfg_scale"] = config.true_cfg_scale
         if worker in (DenoiserWorker, FusedGenerationWorker):
             kwargs["scheduler"] = config.scheduler
+        if worker in (VaeDecoderWorker, FusedGenerationWorker):
+            kwargs["vae_batch_size"] = vae_batch
         stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
+    resolve_stages(stages, model.family, config.dtype)
     return stages
 
 
@@ -112,7 +119,9 @@ class GenerationPlan:
         return resolve_placement(self.config.placement, cluster)
 
     def model_stages(self, placement: str, cluster: ClusterShape) -> list[Stage]:
-        return build_model_stages(self.config, self.model, placement, cluster)
+        stages = build_model_stages(self.config, self.model, placement, cluster)
+        settle_precision(self.identity, stage_precision(stages, ROLES), self.output.uri)
+        return stages
 
     def stage_input_columns(self) -> set[str]:
         return set(PROMPT_ROW_COLUMNS) | set(self.model.family.conditioning_columns)
@@ -154,6 +163,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         **config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint,
         "family": model.family.name,
     }
+    carry_precision(identity, output.uri, config.overwrite)
     previous = output.prepare(identity, config.overwrite)
     # 2. what earlier runs committed, from the output's listing: rows are matched by input position
     input_files = input_versions(fragments)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.runtime import io
+from workers.runtime.columns import FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, failed_rows
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -72,13 +73,23 @@ def write_with_retries(uri: str, data: bytes) -> str | None:
 def write_generated_images(batch: dict[str, np.ndarray], output: str, image_format: str, quality: int, keep_latents: bool) -> dict[str, np.ndarray]:
     """Ray Data task: store each row's image; replace pixels by per-channel latent aggregates.
 
-    A row whose latent is not finite (stage ``denoiser``) or whose image cannot be
-    written (stage ``write``) gets an error reason instead of an image; the other rows
-    go on. Runs apart from the model actors and imports no model code (no torch here).
+    A row a model stage failed (out of GPU memory, a non-finite image: the stage and
+    reason it recorded), whose latent is not finite (stage ``denoiser``) or whose image
+    cannot be written (stage ``write``) gets an error reason instead of an image; the
+    other rows go on. Runs apart from the model actors and imports no model code (no torch here).
     """
     paths, reasons, stages = [], [], []
     aggregates: dict[str, list] = {"latent_count": [], "latent_mean": [], "latent_std": [], "latent_min": [], "latent_max": []}
+    failed = failed_rows(batch)
+    channels = next((np.shape(latent)[0] for latent, fail in zip(batch["latents"], failed) if not fail), 1)
     for index, row_id in enumerate(batch["id"]):
+        if failed[index]:  # no latent (a placeholder): no statistics, no image
+            for name in aggregates:
+                aggregates[name].append(0 if name == "latent_count" else np.full(channels, np.nan))
+            paths.append("")
+            reasons.append(str(batch[FAILED_REASON_COLUMN][index]))
+            stages.append(str(batch[FAILED_STAGE_COLUMN][index]))
+            continue
         values = np.asarray(batch["latents"][index], np.float64)
         values = values.reshape(values.shape[0], -1)
         for name, value in zip(aggregates, (values.shape[1], values.mean(1), values.std(1), values.min(1), values.max(1))):

@@ -120,7 +120,10 @@ class GenerateConfig:
 
         from workers.runtime.presets import recommended_guidance
 
+        from workers.runtime.devices import check_dtype
+
         model.family.check_options(scheduler=self.scheduler, max_sequence_length=self.max_sequence_length, true_cfg_scale=self.true_cfg_scale)
+        check_dtype(model.family, self.dtype)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and value % model.shape.size_multiple:
@@ -232,8 +235,8 @@ class EncodeConfig:
     OUTPUT_FIELDS = (
         "resolution", "crop", "buckets", "bucket_step", "flip", "image_column", "path_column", "caption_column",
         "id_column", "text_embeddings", "sample", "latent_dtype", "seed", "max_image_pixels", "min_image_size",
-        "background", "dtype", "max_sequence_length",
-    )
+        "background", "max_sequence_length",
+    )  # the dtype each encoder ran in is added once the cluster is known (``pipelines.runtime.precision``)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -69,9 +69,11 @@ def pop_busy_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
             for column in list(batch) if column.startswith(BUSY_COLUMN_PREFIX)}
 
 
-def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float]) -> dict[str, np.ndarray]:
-    """The one row a commit task sends the driver per block: counts and busy seconds, no row data."""
-    return {"ok_rows": np.array([ok_rows]), "error_rows": np.array([error_rows]), "busy": np.array([json.dumps(busy)], dtype=object)}
+def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float], oom_splits: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """The one row a commit task sends the driver per block: counts, busy seconds and
+    out-of-memory batch halvings per stage, no row data."""
+    return {"ok_rows": np.array([ok_rows]), "error_rows": np.array([error_rows]), "busy": np.array([json.dumps(busy)], dtype=object),
+            "oom_splits": np.array([json.dumps(oom_splits or {})], dtype=object)}
 
 
 @dataclass
@@ -81,14 +83,16 @@ class RunTotals:
     ok_rows: int = 0
     error_rows: int = 0
     busy_seconds: dict[str, float] = field(default_factory=dict)
+    oom_splits: dict[str, int] = field(default_factory=dict)  # batches halved after out-of-memory errors, per stage
 
     def add(self, summary: dict[str, np.ndarray]) -> int:
         ok, errors = int(summary["ok_rows"].sum()), int(summary["error_rows"].sum())
         self.ok_rows += ok
         self.error_rows += errors
-        for text in summary["busy"]:
-            for stage, seconds in json.loads(text).items():
-                self.busy_seconds[stage] = self.busy_seconds.get(stage, 0.0) + seconds
+        for totals, column in ((self.busy_seconds, "busy"), (self.oom_splits, "oom_splits")):
+            for text in summary.get(column, ()):
+                for stage, value in json.loads(text).items():
+                    totals[stage] = totals.get(stage, 0) + value
         return ok + errors
 
 
@@ -157,6 +161,7 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         finished_at=utc_now(), counts=counts, error_reasons=plan.error_reasons(), wall_seconds=round(wall, 3),
         images_per_second=round(produced / wall, 4) if wall > 0 else None,
         stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
+        oom_splits={name: int(count) for name, count in (totals.oom_splits if totals else {}).items() if count},
     )
     plan.output.write_json("run.json", record)
     if record["status"] != "complete":

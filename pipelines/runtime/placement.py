@@ -8,7 +8,7 @@ Imports no model code: the driver sizes stages before any model loads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import ray
 
@@ -88,6 +88,22 @@ def stage_options(
             f"{FREE_CPUS:g} free or the run stalls: lower num_cpus or concurrency of {', '.join(options)}"
         )
     return options
+
+
+def vae_micro_batch(overrides: dict[str, StageOptions], stage: str, shares: dict[str, StageShare]) -> tuple[dict[str, StageOptions], int | None]:
+    """Rows per VAE call of ``stage`` (None: a whole batch), and the overrides left for ``stage_options``.
+
+    ``--stage vae_decoder.batch_size=N`` (or ``vae_encoder``) sizes the VAE's own calls, whose
+    memory grows with the pixels: the stage's batches where the VAE is a stage of its own,
+    the calls inside the fused actor otherwise (only ``batch_size`` applies there).
+    """
+    chosen = overrides.get(stage)
+    if chosen is None or stage in shares:
+        return overrides, chosen.batch_size if chosen else None
+    others = [field.name for field in fields(chosen) if field.name != "batch_size" and getattr(chosen, field.name) is not None]
+    if others:
+        raise ValueError(f"stages: {stage} runs inside the fused actor here, where only {stage}.batch_size applies (not {', '.join(others)})")
+    return {name: options for name, options in overrides.items() if name != stage}, chosen.batch_size
 
 
 # -- work granularity -----------------------------------------------------------------------------

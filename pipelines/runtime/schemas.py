@@ -278,6 +278,7 @@ ENCODE_ERROR_CODES = {
     "null_id": "the row's id is null",
     "duplicate_id": "the row repeats the id of an earlier row (the earlier row is kept)",
     "non_finite_latent": "the VAE returned NaN or infinity for the row",
+    "out_of_memory": "the row did not fit in GPU memory even alone (its batch was halved down to it); a rerun retries it",
 }
 # errors that belong to an input position rather than to an id (the id is missing or taken)
 ROW_KEYED_CODES = frozenset({"null_id", "duplicate_id"})

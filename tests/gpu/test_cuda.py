@@ -40,3 +40,27 @@ def test_every_family_runs_in_half_precision_on_cuda(preset, model_cache):
     half = FusedGenerationWorker(preset)(dict(batch))["image"][0].astype(int)
     full = FusedGenerationWorker(preset, dtype="float32")(dict(batch))["image"][0].astype(int)
     assert np.abs(half - full).mean() < 8
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_loaded_module_is_on_cuda_in_the_dtype_the_driver_resolved(tiny_model_dir, dtype):
+    from workers.generation.fused import FusedGenerationWorker
+
+    worker = FusedGenerationWorker(tiny_model_dir, device="cuda", dtype=dtype)
+    pipe = worker.denoiser.pipe
+    upcast = dtype == "float16" and pipe.vae.config.force_upcast
+    for name in ("text_encoder", "unet", "vae"):
+        expected = torch.float32 if name == "vae" and upcast else getattr(torch, dtype)
+        assert {(p.device.type, p.dtype) for p in getattr(pipe, name).parameters()} == {("cuda", expected)}, name
+
+
+def test_a_real_cuda_out_of_memory_error_is_recognised_and_halved():
+    from workers.runtime.memory import run_in_halves
+
+    def compute(rows):
+        if len(rows) > 1:
+            torch.empty(2**50, dtype=torch.uint8, device="cuda")  # a petabyte: CUDA's own out-of-memory error
+        return rows
+
+    run = run_in_halves([0, 1], compute)
+    assert run.outputs == {0: 0, 1: 1} and run.splits == 1 and run.failed == []

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from workers.families import ModelFamily
-from workers.generation.text_encoder import TextEncoderWorker
+from workers.generation.text_encoder import TextEncoderWorker, text_out_of_memory
 from workers.runtime.base import Batch, embedding_columns
-from workers.runtime.columns import stack_column
+from workers.runtime.columns import mark_failed, stack_column, with_placeholders
 from workers.runtime.devices import on_compute_thread
+from workers.runtime.memory import OUT_OF_MEMORY
 
 
 class CaptionEncoderWorker(TextEncoderWorker):
@@ -28,10 +29,13 @@ class CaptionEncoderWorker(TextEncoderWorker):
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
             captions = ["" if text is None else str(text) for text in batch["caption"]]
-            # 1. encode each distinct caption once
+            # 1. encode each distinct caption once; a caption that does not fit in GPU memory fails its row
             embedded = self.embed(captions)
+            mark_failed(batch, {row: (OUT_OF_MEMORY, text_out_of_memory(captions[row]))
+                                for row, embedding in enumerate(embedded) if embedding is None}, self.STAGE)
             for name in self.family.embedding_columns:
-                batch[name] = stack_column([embedding[name] for embedding in embedded]) if captions else np.empty((0,))
+                values = [None if embedding is None else embedding[name] for embedding in embedded]
+                batch[name] = stack_column(with_placeholders(values)) if captions else np.empty((0,))
             # 2. which captions lost tokens to a tokenizer's limit
             batch["caption_truncated"] = np.array([self.is_truncated(text) for text in captions], dtype=bool)
         return batch

@@ -29,12 +29,13 @@ class FusedEncodingWorker:
 
     @on_compute_thread
     def __init__(self, model, *, sample: str = "mean", flip: bool = False, max_sequence_length: int | None = None,
-                 dtype: str = "auto", **options):
+                 dtype: str = "auto", device: str | None = None,
+                 vae_batch_size: int | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
-        directory.preload((*family.text_components, family.vae_component), dtype)
-        self.caption_encoder = CaptionEncoderWorker(directory, max_sequence_length=max_sequence_length, dtype=dtype, **options)
-        self.vae_encoder = VaeEncoderWorker(directory, sample=sample, flip=flip, dtype=dtype, **options)
+        directory.preload((*family.text_components, family.vae_component), dtype, device)
+        self.caption_encoder = CaptionEncoderWorker(directory, max_sequence_length=max_sequence_length, dtype=dtype, device=device, **options)
+        self.vae_encoder = VaeEncoderWorker(directory, sample=sample, flip=flip, vae_batch_size=vae_batch_size, dtype=dtype, device=device, **options)
 
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:

@@ -80,6 +80,11 @@ class ModelFamily:
     # split placement on GPUs: each stage's share of one GPU per actor set (Ray's fractional GPUs).
     # CLIP is small next to a U-Net; T5-XXL and Qwen3 are the second largest models of their families
     split_gpu_shares: ClassVar[dict[str, float]] = {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}
+    # precision on CUDA (CPU always runs float32): what ``--dtype auto`` resolves to, and whether
+    # ``--dtype float16`` is allowed. Transformer families (and any new family, unless it says
+    # otherwise) overflow in float16 (NaN or black images): bfloat16, float16 refused
+    cuda_dtype: ClassVar[str] = "bfloat16"
+    float16_safe: ClassVar[bool] = False
 
     @property
     def denoiser_components(self) -> tuple[str, ...]:

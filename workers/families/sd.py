@@ -17,6 +17,7 @@ class StableDiffusion(ModelFamily):
     default_steps = 30
     default_guidance = 7.5
     guidance_rule = "classifier-free guidance when guidance_scale > 1"
+    float16_safe = True  # U-Net: float16 allowed (the VAE stays in float32 where its config says force_upcast)
 
     def encode_texts(self, pipe: Any, texts: list[str], device: Any, max_sequence_length: int | None) -> dict[str, list[np.ndarray]]:
         prompt_embeds, _ = pipe.encode_prompt(texts, device, 1, False)

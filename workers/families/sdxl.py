@@ -26,6 +26,7 @@ class StableDiffusionXL(ModelFamily):
     default_guidance = 5.0
     guidance_rule = "classifier-free guidance when guidance_scale > 1"
     conditioning_columns = MICRO_CONDITIONING
+    float16_safe = True  # U-Net: float16 allowed (the VAE stays in float32 where its config says force_upcast)
 
     def encode_texts(self, pipe: Any, texts: list[str], device: Any, max_sequence_length: int | None) -> dict[str, list[np.ndarray]]:
         # both encoders' penultimate hidden states, concatenated; the pooled projection of the second

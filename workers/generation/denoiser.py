@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows
-from workers.runtime.columns import stack_column
+from workers.runtime.columns import stack_column, with_placeholders
 from workers.families import ModelFamily
 from workers.runtime.schedulers import make_scheduler
 from workers.runtime.devices import inference_mode, on_compute_thread
+from workers.runtime.memory import out_of_memory_reason
 
 
 class DenoiserWorker(ModelWorker):
@@ -54,15 +55,20 @@ class DenoiserWorker(ModelWorker):
             ]
             latents: list[np.ndarray | None] = [None] * len(keys)
 
-            # 2. denoise each group
+            # 2. denoise each group (rows the text stage failed are skipped), halved when out of GPU memory
             for (height, width, steps, guidance, *_), rows in group_rows(keys).items():
-                for row, latent in zip(rows, self._denoise(batch, rows, height, width, steps, guidance)):
+                outputs = self.compute_rows(
+                    batch, self.rows_to_compute(batch, rows),
+                    lambda part: self._denoise(batch, part, height, width, steps, guidance),
+                    lambda row: out_of_memory_reason(height, width),
+                )
+                for row, latent in outputs.items():
                     latents[row] = latent
 
             # 3. embeddings are large and no later stage needs them
             for column in embedding_columns(self.family):
                 batch.pop(column)
-            batch["latents"] = stack_column(latents)
+            batch["latents"] = stack_column(with_placeholders(latents))
         return batch
 
     @inference_mode

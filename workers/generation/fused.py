@@ -31,15 +31,16 @@ class FusedGenerationWorker:
 
     @on_compute_thread
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None,
-                 max_sequence_length: int | None = None, dtype: str = "auto", **options):
+                 max_sequence_length: int | None = None, dtype: str = "auto", device: str | None = None,
+                 vae_batch_size: int | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
-        directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype)
+        directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype, device)
         self.text_encoder = TextEncoderWorker(
-            directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, **options,
+            directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device, **options,
         )
-        self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, **options)
-        self.vae_decoder = VaeDecoderWorker(directory, dtype=dtype, **options)
+        self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device, **options)
+        self.vae_decoder = VaeDecoderWorker(directory, vae_batch_size=vae_batch_size, dtype=dtype, device=device, **options)
 
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:

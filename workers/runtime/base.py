@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 
-from workers.runtime.columns import BUSY_COLUMN_PREFIX
+from workers.runtime.columns import BUSY_COLUMN_PREFIX, OOM_SPLITS_COLUMN_PREFIX, failed_rows, mark_failed
 from workers.runtime.devices import pick_device, set_torch_threads
 from workers.families import ModelFamily
+from workers.runtime.memory import OUT_OF_MEMORY, run_in_halves
 from workers.runtime.models import ModelDirectory, ModelSource
 
 Batch = dict[str, np.ndarray]
@@ -28,10 +29,12 @@ class ModelWorker:
     REQUIRED_COLUMNS: ClassVar[dict[str, str]]  # column -> what it holds, for every family
     OUTPUT_COLUMNS: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: ModelSource | ModelDirectory, *, dtype: str = "auto", threads: int | None = None):
+    def __init__(self, model: ModelSource | ModelDirectory, *, dtype: str = "auto", device: str | None = None, threads: int | None = None):
         self.model = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         self.family: ModelFamily = self.model.family
-        self.device, self.dtype = pick_device(dtype)
+        # the driver resolves both (``pipelines.runtime.precision``); None / "auto": decided here
+        self.device, self.dtype = pick_device(dtype, device, self.family)
+        self._oom_splits = 0  # batch halvings after out-of-memory errors, in the batch being computed
         if self.device.type == "cpu":
             set_torch_threads(threads)
 
@@ -57,10 +60,31 @@ class ModelWorker:
         Summing the column over all rows gives the stage's total compute time,
         whatever batches and workers the rows went through.
         """
-        started = time.perf_counter()
+        started, self._oom_splits = time.perf_counter(), 0
         yield
         rows = len(next(iter(batch.values())))
         batch[self.busy_column()] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
+        mark_failed(batch, {}, self.STAGE)  # every batch carries the failure columns, whatever its stages
+        # the batch's halvings on its first row: summed over rows, the stage's count
+        batch[f"{OOM_SPLITS_COLUMN_PREFIX}{self.STAGE}"] = np.array([self._oom_splits] + [0] * (rows - 1), dtype=np.int64)[:rows]
+
+    def rows_to_compute(self, batch: Batch, rows: list[int]) -> list[int]:
+        """``rows`` without those an earlier stage could not compute."""
+        failed = failed_rows(batch)
+        return [row for row in rows if not failed[row]]
+
+    def compute_rows(self, batch: Batch, rows: list[int], compute: Callable[[list[int]], Sequence[Any]],
+                     reason: Callable[[int], str]) -> dict[int, Any]:
+        """``compute(rows)``, halved on out-of-memory errors (``workers.runtime.memory``); the outputs per row.
+
+        A row that does not fit alone is marked failed in ``batch`` with ``reason(row)``;
+        the caller leaves it out of its output column (a placeholder) and the job goes on.
+        """
+        run = run_in_halves(rows, compute)
+        self._oom_splits += run.splits
+        if run.failed:
+            mark_failed(batch, {row: (OUT_OF_MEMORY, reason(row)) for row in run.failed}, self.STAGE)
+        return run.outputs
 
 
 def embedding_columns(family: ModelFamily, *, negative: bool = True) -> tuple[str, ...]:

@@ -20,3 +20,43 @@ def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
     column = np.empty(len(arrays), dtype=object)
     column[:] = arrays
     return column
+
+# Rows a model stage could not compute (out of GPU memory, a non-finite image) carry why in
+# these columns ("" for the others); later stages skip them, and the commit tasks write them
+# to errors/ with their stage and reason. Each worker also adds "oom_splits_<stage>": how
+# often it halved a batch after running out of GPU memory (the batch's count on its first row).
+FAILED_STAGE_COLUMN = "failed_stage"
+FAILED_CODE_COLUMN = "failed_code"
+FAILED_REASON_COLUMN = "failed_reason"
+OOM_SPLITS_COLUMN_PREFIX = "oom_splits_"
+
+
+def failed_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Which rows an earlier stage marked failed (all False when none did)."""
+    rows = len(next(iter(batch.values()))) if batch else 0
+    if FAILED_REASON_COLUMN not in batch:
+        return np.zeros(rows, dtype=bool)
+    return np.array([bool(reason) for reason in batch[FAILED_REASON_COLUMN]], dtype=bool)
+
+
+def mark_failed(batch: dict[str, np.ndarray], failures: dict[int, tuple[str, str]], stage: str) -> None:
+    """Record ``failures`` (row -> (code, reason)) in the batch's failure columns, first failure kept."""
+    rows = len(next(iter(batch.values())))
+    for column in (FAILED_STAGE_COLUMN, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN):
+        if column not in batch:
+            batch[column] = np.array([""] * rows, dtype=object)
+    for row, (code, reason) in failures.items():
+        if not batch[FAILED_REASON_COLUMN][row]:
+            batch[FAILED_STAGE_COLUMN][row], batch[FAILED_CODE_COLUMN][row], batch[FAILED_REASON_COLUMN][row] = stage, code, reason
+
+
+def with_placeholders(values: list[np.ndarray | None], dtype=np.float32) -> list[np.ndarray]:
+    """Per-row outputs with an empty array for each failed row (``None``): of the others' number of
+    dimensions, so the column stays a tensor column that Ray Data can carry."""
+    ndim = next((value.ndim for value in values if value is not None), 1)
+    return [np.zeros((0,) * ndim, dtype) if value is None else value for value in values]
+
+
+def pop_counts(batch: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    """Remove the columns named ``<prefix><stage>``; their sum per stage."""
+    return {column.removeprefix(prefix): float(np.sum(batch.pop(column))) for column in list(batch) if column.startswith(prefix)}

@@ -15,23 +15,61 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
 
+    from workers.families import ModelFamily
 
-def pick_device(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """CUDA in half precision when present (bf16 where supported), else CPU in fp32.
 
-    ``dtype`` may force float32, float16 or bfloat16; half precision on CPU is refused because
-    it is slow and numerically different from every reference we compare against.
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def check_dtype(family: ModelFamily, dtype: str) -> None:
+    """Refuse float16 for a family that overflows in it (NaN or black images), before any model loads."""
+    if dtype == "float16" and not family.float16_safe:
+        raise ValueError(
+            f"dtype: float16 overflows in {family.name} models (NaN or black images); "
+            f"use bfloat16 (their default on CUDA) or float32"
+        )
+
+
+def resolve_dtype(family: ModelFamily, dtype: str, device: str) -> str:
+    """The dtype a stage runs in, as a plain string: the driver resolves it (no torch there).
+
+    ``auto`` is the family's ``cuda_dtype`` on CUDA and float32 on CPU. Half precision on
+    CPU is refused: slow, and numerically unlike every reference we compare against.
+    """
+    check_dtype(family, dtype)
+    if device == "cpu":
+        if dtype not in ("auto", "float32"):
+            raise ValueError(f"dtype: {dtype!r} needs a GPU; this stage runs on CPU (no GPU in the cluster, or num_gpus=0), in float32")
+        return "float32"
+    return family.cuda_dtype if dtype == "auto" else dtype
+
+
+def pick_device(dtype: str = "auto", device: str | None = None, family: ModelFamily | None = None) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype a worker loads its models in.
+
+    The driver passes both resolved (``device`` "cuda" or "cpu", ``dtype`` a concrete
+    name): the worker uses exactly those, so what a run records is what ran. Called
+    directly (``device`` None, ``dtype`` "auto"): CUDA when present, in the family's dtype.
     """
     import torch
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        if dtype == "auto":
-            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return device, getattr(torch, dtype)
-    if dtype not in ("auto", "float32"):
-        raise ValueError(f"dtype: {dtype!r} needs a GPU; this worker runs on CPU in float32")
-    return torch.device("cpu"), torch.float32
+    # 1. the device: as given, else CUDA when torch sees one
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and dtype not in ("auto", "float32"):
+            raise ValueError(f"dtype: {dtype!r} needs a GPU; this worker runs on CPU in float32")
+    if device not in DEVICE_KINDS:
+        raise ValueError(f"device: must be one of {', '.join(DEVICE_KINDS)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: this stage was given a GPU, but torch sees none (CUDA_VISIBLE_DEVICES, driver, or a CPU build of torch)")
+
+    # 2. the dtype: as given, else the family's for this device
+    if dtype == "auto":
+        if family is not None:
+            dtype = resolve_dtype(family, dtype, device)
+        else:  # no family: any bf16-capable GPU in bf16
+            dtype = "float32" if device == "cpu" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    return torch.device(device), getattr(torch, dtype)
 
 
 def set_torch_threads(threads: int | None) -> int:

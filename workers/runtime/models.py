@@ -86,11 +86,11 @@ class ModelDirectory:
         self._pipeline, self._loaded = pipe, frozenset(wanted)
         return pipe
 
-    def preload(self, components: tuple[str, ...], dtype: str) -> None:
+    def preload(self, components: tuple[str, ...], dtype: str, device: str | None = None) -> None:
         """Load every component a fused actor's stages use, once; each stage then gets this pipeline."""
         from workers.runtime.devices import pick_device
 
-        device, torch_dtype = pick_device(dtype)
+        device, torch_dtype = pick_device(dtype, device, self.family)
         self.pipeline(components, device, torch_dtype)
 
     def _config_only(self, component: str) -> torch.nn.Module:
