@@ -168,12 +168,8 @@ def _part_reasons(uri: str, column: str) -> dict:
 
 
 def _part_uris(folder: str) -> list[str]:
-    if not io.exists(folder):
-        return []
-    try:
-        return io.list_parquet_files(folder)
-    except ValueError:  # the folder holds no part yet
-        return []
+    # a folder not there yet holds no part; a listing that failed raises io.StorageError, never "no parts"
+    return io.list_parts(folder)
 
 
 def _describe_changes(before: dict, after: dict) -> str:
