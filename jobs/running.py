@@ -69,6 +69,8 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
     Storage that failed (``io.StorageError``, in the driver or in a Ray task) ends the
     command with exit 3 and the location, never a traceback.
     """
+    from pipelines.runtime import lease
+
     try:
         return _plan_and_run(verb, plan_job, run_job, config_from_args, args, summary_keys)
     except Exception as error:
@@ -76,6 +78,8 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
         if storage is None:
             raise
         return fail_storage(storage)
+    finally:
+        lease.release_all()  # a plan that failed after taking the output's lease (a run gives it back itself)
 
 
 def _plan_and_run(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:

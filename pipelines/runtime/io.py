@@ -118,8 +118,12 @@ def read_bytes(uri: str) -> bytes:
         return fs.cat_file(path)
 
 
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(uri: str, value: Any) -> None:
-    write_bytes(uri, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(uri, json_bytes(value))
 
 
 def read_json(uri: str) -> Any | None:
