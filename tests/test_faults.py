@@ -403,3 +403,53 @@ def test_refused_listings_on_a_finished_rerun_exit_3_naming_the_location_and_cha
 
     ids = io.read_parquet_folder(f"{output}/manifest", ["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(f"listed-{index}" for index in range(rows))
+
+
+# -- one writer per output --------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_live_runs_output_is_refused_and_a_stale_lease_is_taken_over(tmp_path, model_cache):
+    import socket
+
+    from pipelines.runtime import io, lease
+
+    rows = 12
+    table = {"id": [f"leased-{index:02d}" for index in range(rows)], "prompt": [f"a yellow circle {index}" for index in range(rows)],
+             "seed": list(range(rows))}
+    prompts = write_prompts(tmp_path / "prompts.parquet", table)
+    output = str(tmp_path / "out")
+    lease_uri = io.join(output, lease.LEASE_NAME)
+    command = job_command(prompts, output, steps=4)
+
+    # 1. a first run, holding the output's lease
+    first = start_job(command)
+    try:
+        holder = wait_for(lambda: io.read_json(lease_uri), first, 300, "the first run's lease")
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+
+        # 2. a second run into the same output is refused with exit 2, naming the first (host, pid, since)
+        second = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"host {holder['host']}, pid {first.pid}, since {holder['since']}" in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        _, first_stderr = first.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+
+    # 3. the first completes, every row once, and gives the lease back
+    assert first.returncode == 0, first_stderr[-3000:]
+    record = json.loads(open(os.path.join(output, "run.json")).read())
+    assert record["status"] == "complete" and record["counts"]["generated_this_run"] == rows
+    assert sorted(manifest_ids(output)) == sorted(table["id"])
+    assert io.read_json(lease_uri) is None
+
+    # 4. a stale lease (its process no longer runs, it expired) is taken over: the finished rerun exits 0
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"token": "stale", "host": socket.gethostname(), "pid": int(gone.stdout), "since": "2026-12-01T00:00:00+00:00",
+             "renewed_at": "2026-12-01T00:00:00+00:00", "expires_at": time.time() - 1}
+    io.write_json(lease_uri, stale)
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the lease of host {stale['host']}, pid {stale['pid']}" in rerun.stderr
+    assert json.loads(rerun.stdout)["counts"]["generated_this_run"] == 0 and io.read_json(lease_uri) is None

@@ -140,15 +140,21 @@ class _S3Store:
                 except (FileExistsError, FileNotFoundError):  # created, or removed, since it was read
                     return None
         except io.StorageError as error:
-            if _precondition_failed(error):
-                return None
-            raise
+            if not _precondition_failed(error):
+                raise
+        # refused; but a write that went through on a connection cut before its answer is retried by the client
+        # and refused by itself: the lease is then ours, exactly as written
+        current, etag = self.read()
+        return etag if current == lease else None
 
     def remove(self, expected: str) -> None:
         fs, bucket, key = self._path()
         try:
             with io.storage_errors("remove", io.join(self.uri, LEASE_NAME)):
-                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=expected)
+                try:
+                    fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=expected)
+                except FileNotFoundError:  # gone already (a retried delete whose first try went through)
+                    pass
         except io.StorageError as error:
             if not _precondition_failed(error):
                 raise
