@@ -93,3 +93,44 @@ def test_the_lease_is_renewed_and_a_run_whose_lease_was_taken_knows(output):
         lease.check(output)
     lease.release(output)
     assert json.loads(io.read_bytes(io.join(output, lease.LEASE_NAME)))["host"] == "elsewhere"  # not removed: not ours
+
+
+def test_a_conditional_write_retried_after_it_went_through_is_ours(s3_endpoint):
+    # a connection cut after the store acted: the client sends the same PUT again and the store refuses it (412)
+    boto3.client("s3").create_bucket(Bucket="lease-retried")
+    store = lease._store("s3://lease-retried/out")
+    written = {"token": "mine", "expires_at": 1.5}
+    first = store.swap(written, None)
+    assert store.swap(written, None) == first  # the retried create: refused by itself, the lease is ours
+    assert store.swap({"token": "other"}, None) is None  # another run's create is refused
+    renewed = {"token": "mine", "expires_at": 2.5}
+    second = store.swap(renewed, first)
+    assert second is not None and store.swap(renewed, first) == second  # the same for a retried renewal
+
+
+def test_both_jobs_take_the_lease_in_their_plan(tmp_path, model_cache):
+    from helpers import write_prompts
+    from image_helpers import png, picture, write_table
+    from pipelines.encoding.encode import plan_encoding
+    from pipelines.generation.generate import plan_generation
+    from pipelines.runtime.config import EncodeConfig, GenerateConfig
+
+    prompts = write_prompts(tmp_path / "prompts.parquet", {"id": ["a"], "prompt": ["a red circle"]})
+    images = write_table(tmp_path / "images.parquet", [{"id": "a", "image": png(picture(0, 64, 64))}])
+    plans = {
+        "generate": lambda output: plan_generation(GenerateConfig(prompts=prompts, output=output, model="tiny")),
+        "encode": lambda output: plan_encoding(EncodeConfig(images=images, output=output, model="tiny", resolution=64)),
+    }
+    for name, plan in plans.items():
+        output = str(tmp_path / name)
+        holder = hold_in_another_process(output)
+        try:
+            with pytest.raises(lease.LeaseHeld, match=f"pid {holder.pid}"):
+                plan(output)
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        planned = plan(output)  # the holder is gone: the plan takes the lease, a run would give it back
+        assert io.read_json(io.join(output, lease.LEASE_NAME))["pid"] == os.getpid()
+        lease.release(planned.output.uri)
+        assert io.read_json(io.join(output, lease.LEASE_NAME)) is None

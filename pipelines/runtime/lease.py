@@ -135,15 +135,12 @@ class _S3Store:
         data = io.json_bytes(lease)
         try:
             with io.storage_errors("write", io.join(self.uri, LEASE_NAME)):
-                try:
-                    return fs.pipe_file(f"{bucket}/{key}", data, **condition)["ETag"]
-                except (FileExistsError, FileNotFoundError):  # created, or removed, since it was read
-                    return None
+                return fs.pipe_file(f"{bucket}/{key}", data, **condition)["ETag"]
         except io.StorageError as error:
-            if not _precondition_failed(error):
+            if not _refused(error):
                 raise
-        # refused; but a write that went through on a connection cut before its answer is retried by the client
-        # and refused by itself: the lease is then ours, exactly as written
+        # refused (created, changed or removed since it was read); but a write that went through on a connection
+        # cut before its answer is retried by the client and refused by itself: the lease is then ours, as written
         current, etag = self.read()
         return etag if current == lease else None
 
@@ -156,13 +153,16 @@ class _S3Store:
                 except FileNotFoundError:  # gone already (a retried delete whose first try went through)
                     pass
         except io.StorageError as error:
-            if not _precondition_failed(error):
+            if not _refused(error):
                 raise
 
 
-def _precondition_failed(error: BaseException | None) -> bool:
-    """A 412 answer (the object is not the one the write was conditioned on), anywhere in the chain."""
+def _refused(error: BaseException | None) -> bool:
+    """A 412 answer (the object is not the one the write was conditioned on), anywhere in the chain; s3fs
+    translates it to FileExistsError for a create, to an OSError with S3's text for If-Match."""
     while error is not None:
+        if isinstance(error, (FileExistsError, FileNotFoundError)):
+            return True
         response = getattr(error, "response", None)
         if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
             return True
