@@ -45,10 +45,11 @@ def fail(message: str, status: int = BAD_JOB) -> int:
 
 
 def storage_error_in(error: BaseException) -> StorageError | None:
-    """The ``io.StorageError`` behind ``error``: itself, or the cause Ray wrapped (a task's, a dataset's)."""
+    """The ``io.StorageError`` behind ``error``: itself, the cause Ray wrapped (a task's), or the one
+    whose text a dataset's error carries (Ray Data keeps only the text of a UDF's error)."""
     from pipelines.runtime.io import StorageError
 
-    seen = set()
+    first, seen = error, set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         ray_cause = getattr(error, "cause", None)  # a RayTaskError keeps the task's own exception here
@@ -56,7 +57,7 @@ def storage_error_in(error: BaseException) -> StorageError | None:
             # Ray raises a task's error as a class that is both RayTaskError and the cause's: report the plain one
             return ray_cause if isinstance(ray_cause, StorageError) else error
         error = ray_cause if isinstance(ray_cause, BaseException) else (error.__cause__ or error.__context__)
-    return None
+    return StorageError.in_text(str(first))
 
 
 def fail_storage(error: StorageError) -> int:

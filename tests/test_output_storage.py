@@ -63,3 +63,18 @@ def test_a_local_folder_that_cannot_be_read_raises(tmp_path):
             io.list_parts(str(folder))
     finally:
         folder.chmod(0o755)
+
+
+def test_a_storage_error_is_found_behind_the_errors_ray_raises():
+    from jobs.running import storage_error_in
+
+    error = io.StorageError("list", "s3://b/out/manifest", "OSError: [Errno 16] Please reduce your request rate.")
+    try:
+        raise RuntimeError("a task failed") from error
+    except RuntimeError as wrapped:
+        assert storage_error_in(wrapped) is error
+    # Ray Data hands the driver a UDF's error as text only (tried with Ray 2.60: RayTaskError(UserCodeException))
+    text = f"ray::MapBatches(commit)()\n  File ...\npipelines.runtime.io.StorageError: {error}\n\nThe above exception ..."
+    found = storage_error_in(RuntimeError(text))
+    assert (found.action, found.uri, found.reason) == (error.action, error.uri, error.reason)
+    assert storage_error_in(ValueError("bad input")) is None

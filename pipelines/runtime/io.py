@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -43,6 +44,12 @@ class StorageError(Exception):
 
     def __reduce__(self):  # raised in Ray tasks: it reaches the driver whole
         return type(self), (self.action, self.uri, self.reason)
+
+    @classmethod
+    def in_text(cls, text: str) -> "StorageError | None":
+        """The StorageError a traceback's text shows: Ray Data hands the driver only the text of a UDF's error."""
+        found = re.search(r"pipelines\.runtime\.io\.StorageError: cannot (.+?) '([^']*)': (.*)", text)
+        return cls(*found.groups()) if found else None
 
 
 @contextmanager
