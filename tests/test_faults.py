@@ -453,3 +453,32 @@ def test_a_second_run_into_a_live_runs_output_is_refused_and_a_stale_lease_is_ta
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"took over the lease of host {stale['host']}, pid {stale['pid']}" in rerun.stderr
     assert json.loads(rerun.stdout)["counts"]["generated_this_run"] == 0 and io.read_json(lease_uri) is None
+
+
+def test_a_killed_drivers_lease_is_taken_over_at_once_by_the_rerun_on_the_same_host(tmp_path, model_cache):
+    from pipelines.runtime import io, lease
+
+    rows = 24
+    table = {"id": [f"killed-{index:02d}" for index in range(rows)], "prompt": [f"a white triangle {index}" for index in range(rows)],
+             "seed": list(range(rows))}
+    prompts = write_prompts(tmp_path / "prompts.parquet", table)
+    output = str(tmp_path / "out")
+    command = job_command(prompts, output, steps=4)
+
+    # 1. the driver SIGKILLed once its first images are written: its lease stays behind, unexpired
+    job = start_job(command)
+    try:
+        wait_for(lambda: images_written(output), job, 300, "the first images")
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    left = io.read_json(io.join(output, lease.LEASE_NAME))
+    assert left["pid"] == job.pid and left["expires_at"] > time.time()
+
+    # 2. the rerun at once: its process on this host is gone, so the lease is taken over and the run completes, every row once
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the lease of host {left['host']}, pid {job.pid} (its process on this host is gone)" in rerun.stderr
+    assert sorted(manifest_ids(output)) == sorted(table["id"]) and not temporary_files(output)
