@@ -11,7 +11,7 @@ import sys
 from jobs import encode as encode_job
 from jobs import generate as generate_job
 from jobs.options import add_ray_options
-from jobs.running import end_command, fail, run_encode, run_generate
+from jobs.running import end_command, fail, fail_storage, run_encode, run_generate
 from jobs.submit import add_submit_parsers
 
 DEMO_PROMPTS = [
@@ -39,11 +39,14 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from pipelines.report import write_report
+    from pipelines.runtime.io import StorageError
 
     try:
         written = write_report(args.output, samples=args.samples)
     except ValueError as error:
         return fail(str(error))
+    except StorageError as error:  # the output could not be listed or read: exit 3, as a run
+        return fail_storage(error)
     print(f"latentray: wrote {written.html} and {written.contact_sheet}", file=sys.stderr)
     return 0
 

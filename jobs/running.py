@@ -2,6 +2,11 @@
 
 Plan first (bad input fails there, with exit 2, before Ray starts or any model loads),
 then connect to Ray, run, and print the run's summary.
+
+Exit codes: 0 complete; 1 the counts do not add up; 2 a problem with the whole job (bad
+input or options, an output another run is writing, no Ray); 3 the output (or input)
+could not be listed, read or written after the file system's retries: nothing committed
+was lost, rerun the same command.
 """
 
 from __future__ import annotations
@@ -10,9 +15,13 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from jobs import reaper
 from jobs.options import encode_config, generate_config
+
+if TYPE_CHECKING:  # pipelines (pyarrow, fsspec) load only when a job runs
+    from pipelines.runtime.io import StorageError
 
 
 _started_embedded_ray: list[bool] = []  # a job of this command started the local Ray it ran on
@@ -27,13 +36,54 @@ def end_command(status: int) -> int:
     return status
 
 
-def fail(message: str) -> int:
+BAD_JOB, STORAGE_FAILED = 2, 3  # exit codes (see the module's docstring)
+
+
+def fail(message: str, status: int = BAD_JOB) -> int:
     print(f"latentray: error: {message}", file=sys.stderr)
-    return 2
+    return status
+
+
+def storage_error_in(error: BaseException) -> StorageError | None:
+    """The ``io.StorageError`` behind ``error``: itself, the cause Ray wrapped (a task's), or the one
+    whose text a dataset's error carries (Ray Data keeps only the text of a UDF's error)."""
+    from pipelines.runtime.io import StorageError
+
+    first, seen = error, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        ray_cause = getattr(error, "cause", None)  # a RayTaskError keeps the task's own exception here
+        if isinstance(error, StorageError):
+            # Ray raises a task's error as a class that is both RayTaskError and the cause's: report the plain one
+            return ray_cause if isinstance(ray_cause, StorageError) else error
+        error = ray_cause if isinstance(ray_cause, BaseException) else (error.__cause__ or error.__context__)
+    return StorageError.in_text(str(first))
+
+
+def fail_storage(error: StorageError) -> int:
+    return fail(f"{error}. Nothing committed was lost: rerun the same command once the storage answers again.", STORAGE_FAILED)
 
 
 def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:
-    """Plan (bad input fails here, before Ray starts), connect to Ray, run, print the summary."""
+    """Plan (bad input fails here, before Ray starts), connect to Ray, run, print the summary.
+
+    Storage that failed (``io.StorageError``, in the driver or in a Ray task) ends the
+    command with exit 3 and the location, never a traceback.
+    """
+    from pipelines.runtime import lease
+
+    try:
+        return _plan_and_run(verb, plan_job, run_job, config_from_args, args, summary_keys)
+    except Exception as error:
+        storage = storage_error_in(error)
+        if storage is None:
+            raise
+        return fail_storage(storage)
+    finally:
+        lease.release_all()  # a plan that failed after taking the output's lease (a run gives it back itself)
+
+
+def _plan_and_run(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:
     from jobs.ray_runtime import EMBEDDED, RayConnectionError, connect
 
     try:

@@ -218,9 +218,8 @@ def error_summary(output: str) -> list[dict]:
     Streamed: memory holds one read of rows and a count per group, not the errors table.
     """
     folder = io.join(output, "errors")
-    try:
-        parts = io.list_parquet_files(folder)
-    except ValueError:  # no errors/ folder, or no part in it
+    parts = io.list_parts(folder)  # none: no errors/ folder, or no part in it (a failed listing raises)
+    if not parts:
         return []
     key = "code" if "code" in schema_names(folder) else "reason"
     groups: dict[tuple[str, str], dict] = {}

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from io import BytesIO
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -227,16 +228,17 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Co
 class FaultyS3Proxy:
     """A small HTTP proxy in front of the S3 server: answers one request in ``slow_down_every`` with
     503 SlowDown and cuts one connection in ``cut_every`` mid-response (after the server acted).
-    Counted, not drawn: every run injects the same share of faults."""
+    Counted, not drawn: every run injects the same share of faults (``0``: none). ``refuse(method, path)``:
+    requests answered 503 SlowDown every time (a listing that keeps failing through the client's retries)."""
 
-    def __init__(self, upstream: str, slow_down_every: int, cut_every: int):
+    def __init__(self, upstream: str, slow_down_every: int = 0, cut_every: int = 0, refuse: Callable[[str, str], bool] | None = None):
         import http.server
         import threading
         import urllib.parse
 
         upstream_host, upstream_port = urllib.parse.urlsplit(upstream).hostname, urllib.parse.urlsplit(upstream).port
         lock = threading.Lock()
-        self.counts = {"requests": 0, "slow_down": 0, "cut": 0}
+        self.counts = {"requests": 0, "slow_down": 0, "cut": 0, "refused": 0}
         counts = self.counts
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -253,9 +255,10 @@ class FaultyS3Proxy:
                 with lock:
                     counts["requests"] += 1
                     number = counts["requests"]
-                if number % slow_down_every == 3:
+                refused = refuse is not None and refuse(self.command, self.path)
+                if refused or (slow_down_every and number % slow_down_every == 3):
                     with lock:
-                        counts["slow_down"] += 1
+                        counts["refused" if refused else "slow_down"] += 1
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(SLOW_DOWN)))
@@ -268,7 +271,7 @@ class FaultyS3Proxy:
                 response = connection.getresponse()
                 data = response.read()
                 connection.close()
-                if number % cut_every == 7:  # the server acted; the client sees half an answer
+                if cut_every and number % cut_every == 7:  # the server acted; the client sees half an answer
                     with lock:
                         counts["cut"] += 1
                     self.send_response(response.status)
@@ -343,3 +346,139 @@ def test_object_store_throttling_and_cut_connections_lose_and_repeat_nothing(s3_
     np.testing.assert_allclose(stats["mean"], expected.mean, rtol=1e-9)
     np.testing.assert_allclose(stats["std"], expected.std, rtol=1e-9)
     assert stats["min"] == expected.minimum.tolist() and stats["max"] == expected.maximum.tolist()
+
+
+# -- a listing of the output that keeps failing -----------------------------------------------------
+
+
+def object_versions(bucket: str, prefix: str) -> dict[str, str]:
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {item["Key"]: item["ETag"] for page in pages for item in page.get("Contents", [])}
+
+
+def test_refused_listings_on_a_finished_rerun_exit_3_naming_the_location_and_change_nothing(s3_endpoint, model_cache, tmp_path):
+    import boto3
+
+    rows = 6
+    prompts = write_prompts(tmp_path / "prompts.parquet", {
+        "id": [f"listed-{index}" for index in range(rows)], "prompt": [f"a red square {index}" for index in range(rows)],
+        "seed": list(range(rows)),
+    })
+    boto3.client("s3").create_bucket(Bucket="listing-bucket")
+    output = "s3://listing-bucket/out"
+    command = job_command(prompts, output, steps=4)
+
+    # 1. a finished output
+    started = time.monotonic()
+    first = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    print(f"first run {time.monotonic() - started:.1f} s")
+    before = object_versions("listing-bucket", "out/")
+
+    # 2. its rerun, with every listing of out/manifest/ answered 503 (through one client attempt, then s3fs's retries)
+    proxy = FaultyS3Proxy(s3_endpoint, refuse=lambda method, path: "list-type" in path and "prefix=out/manifest" in path.replace("%2F", "/"))
+    try:
+        environment = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"}
+        started = time.monotonic()
+        rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600, env=environment)
+    finally:
+        proxy.close()
+    print(f"refused rerun {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    assert proxy.counts["refused"] > 0, proxy.counts
+    assert rerun.returncode == 3, rerun.stderr[-3000:]
+    assert "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
+    assert f"cannot list '{output}/manifest'" in rerun.stderr and "rerun" in rerun.stderr, rerun.stderr[-3000:]
+
+    # 3. nothing regenerated, nothing written: every object as the first run left it
+    assert object_versions("listing-bucket", "out/") == before
+
+    # 4. once the listings answer, the rerun finds the output finished: nothing generated, every row once
+    again = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    counts = json.loads(again.stdout)["counts"]
+    assert counts["generated_this_run"] == 0 and counts["ok_rows"] == rows
+    from pipelines.runtime import io
+
+    ids = io.read_parquet_folder(f"{output}/manifest", ["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"listed-{index}" for index in range(rows))
+
+
+# -- one writer per output --------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_live_runs_output_is_refused_and_a_stale_lease_is_taken_over(tmp_path, model_cache):
+    import socket
+
+    from pipelines.runtime import io, lease
+
+    rows = 12
+    table = {"id": [f"leased-{index:02d}" for index in range(rows)], "prompt": [f"a yellow circle {index}" for index in range(rows)],
+             "seed": list(range(rows))}
+    prompts = write_prompts(tmp_path / "prompts.parquet", table)
+    output = str(tmp_path / "out")
+    lease_uri = io.join(output, lease.LEASE_NAME)
+    command = job_command(prompts, output, steps=4)
+
+    # 1. a first run, holding the output's lease
+    first = start_job(command)
+    try:
+        holder = wait_for(lambda: io.read_json(lease_uri), first, 300, "the first run's lease")
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+
+        # 2. a second run into the same output is refused with exit 2, naming the first (host, pid, since)
+        second = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"host {holder['host']}, pid {first.pid}, since {holder['since']}" in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        _, first_stderr = first.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+
+    # 3. the first completes, every row once, and gives the lease back
+    assert first.returncode == 0, first_stderr[-3000:]
+    record = json.loads(open(os.path.join(output, "run.json")).read())
+    assert record["status"] == "complete" and record["counts"]["generated_this_run"] == rows
+    assert sorted(manifest_ids(output)) == sorted(table["id"])
+    assert io.read_json(lease_uri) is None
+
+    # 4. a stale lease (its process no longer runs, it expired) is taken over: the finished rerun exits 0
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"token": "stale", "host": socket.gethostname(), "pid": int(gone.stdout), "since": "2026-12-01T00:00:00+00:00",
+             "renewed_at": "2026-12-01T00:00:00+00:00", "expires_at": time.time() - 1}
+    io.write_json(lease_uri, stale)
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the lease of host {stale['host']}, pid {stale['pid']}" in rerun.stderr
+    assert json.loads(rerun.stdout)["counts"]["generated_this_run"] == 0 and io.read_json(lease_uri) is None
+
+
+def test_a_killed_drivers_lease_is_taken_over_at_once_by_the_rerun_on_the_same_host(tmp_path, model_cache):
+    from pipelines.runtime import io, lease
+
+    rows = 24
+    table = {"id": [f"killed-{index:02d}" for index in range(rows)], "prompt": [f"a white triangle {index}" for index in range(rows)],
+             "seed": list(range(rows))}
+    prompts = write_prompts(tmp_path / "prompts.parquet", table)
+    output = str(tmp_path / "out")
+    command = job_command(prompts, output, steps=4)
+
+    # 1. the driver SIGKILLed once its first images are written: its lease stays behind, unexpired
+    job = start_job(command)
+    try:
+        wait_for(lambda: images_written(output), job, 300, "the first images")
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    left = io.read_json(io.join(output, lease.LEASE_NAME))
+    assert left["pid"] == job.pid and left["expires_at"] > time.time()
+
+    # 2. the rerun at once: its process on this host is gone, so the lease is taken over and the run completes, every row once
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the lease of host {left['host']}, pid {job.pid} (its process on this host is gone)" in rerun.stderr
+    assert sorted(manifest_ids(output)) == sorted(table["id"]) and not temporary_files(output)

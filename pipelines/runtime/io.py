@@ -3,6 +3,11 @@
 Every path a user gives is an fsspec URI (a local path, ``file://``, ``s3://``, ...).
 Objects are written whole: on object stores a PUT is atomic; on local disks files
 are written under a temporary name and renamed, so a reader never sees half a file.
+
+"Nothing there" and "could not look" are never the same answer: a folder or object that
+does not exist is an empty folder or ``None``; a listing, read or write that the backend
+refused after the file system's own retries raises ``StorageError`` naming the location,
+which stops a run with exit 3 (never read as "no parts yet").
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +29,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+
+class StorageError(Exception):
+    """A listing, read or write that failed after the file system's own retries (exit 3).
+
+    Not a ValueError (bad input, exit 2), and never caught as "nothing there": the caller
+    stops, and a rerun finds everything committed so far.
+    """
+
+    def __init__(self, action: str, uri: str, reason: str):
+        super().__init__(f"cannot {action} {uri!r}: {reason}")
+        self.action, self.uri, self.reason = action, uri, reason
+
+    def __reduce__(self):  # raised in Ray tasks: it reaches the driver whole
+        return type(self), (self.action, self.uri, self.reason)
+
+    @classmethod
+    def in_text(cls, text: str) -> "StorageError | None":
+        """The StorageError a traceback's text shows: Ray Data hands the driver only the text of a UDF's error."""
+        found = re.search(r"pipelines\.runtime\.io\.StorageError: cannot (.+?) '([^']*)': (.*)", text)
+        return cls(*found.groups()) if found else None
+
+
+@contextmanager
+def storage_errors(action: str, uri: str) -> Iterator[None]:
+    """Any backend error inside (OSError, botocore's, ...) becomes a ``StorageError`` naming ``uri``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        raise StorageError(action, uri, f"{type(error).__name__}: {error}") from error
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -51,6 +90,11 @@ TEMPORARY_PREFIX = ".tmp-"  # local files being written; renamed into place when
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    with storage_errors("write", uri):
+        _write_bytes(uri, data)
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     if is_local(uri):
         directory = os.path.dirname(path)
@@ -76,31 +120,41 @@ def _remove_quietly(path: str) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    with storage_errors("read", uri):
+        fs, path = filesystem(uri)
+        return fs.cat_file(path)
+
+
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
 def write_json(uri: str, value: Any) -> None:
-    write_bytes(uri, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(uri, json_bytes(value))
 
 
 def read_json(uri: str) -> Any | None:
-    """The JSON object at ``uri``, or None when there is none."""
-    fs, path = filesystem(uri)
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
+    """The JSON object at ``uri``, or None when there is none (a failed read raises ``StorageError``)."""
+    with storage_errors("read", uri):
+        fs, path = filesystem(uri)
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+    return json.loads(data)
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
+    with storage_errors("look up", uri):
+        fs, path = filesystem(uri)
+        return fs.exists(path)
 
 
 def remove_tree(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with storage_errors("remove", uri):
+        fs, path = filesystem(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def resolve_reference(base_uri: str, reference: str) -> str:
@@ -130,18 +184,48 @@ def check_writable(uri: str) -> None:
 
 
 def list_parquet_files(uri: str) -> list[str]:
-    """The Parquet files of a file or folder URI, sorted, as URIs of the same filesystem."""
-    fs, path = filesystem(uri)
-    try:
-        if fs.isfile(path):
-            paths = [path]
-        else:
-            paths = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
-    except Exception as error:
-        raise ValueError(f"cannot read {uri!r}: {type(error).__name__}: {error}") from error
+    """The Parquet files of a file or folder URI, sorted, as URIs of the same filesystem.
+
+    None there: ValueError (bad input); a listing that failed: ``StorageError``.
+    """
+    with storage_errors("list", uri):
+        fs, path = filesystem(uri)
+        paths = [path] if _is_file(fs, path) else _find_parquet(fs, path)
     if not paths:
         raise ValueError(f"no Parquet files at {uri!r}")
     return [fs.unstrip_protocol(p) for p in paths]
+
+
+def list_parts(folder_uri: str) -> list[str]:
+    """The Parquet parts of an output folder, sorted; none when the folder does not exist.
+
+    A listing that failed raises ``StorageError``: an output that could not be listed is
+    never taken for an empty one (resume would redo it, statistics would leave parts out).
+    """
+    with storage_errors("list", folder_uri):
+        fs, path = filesystem(folder_uri)
+        return [fs.unstrip_protocol(p) for p in _find_parquet(fs, path)]
+
+
+def _is_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    # fs.isfile answers False for any error (a refused HEAD too): ask info, where only "not found" is False
+    try:
+        return fs.info(path)["type"] == "file"
+    except FileNotFoundError:
+        return False
+
+
+def _find_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    # fsspec's walk skips folders it fails to list unless told to raise; a folder that is not there lists nothing
+    try:
+        found = fs.find(path, on_error="raise") if "file" in _protocols(fs) else fs.find(path)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 
 
 @dataclass(frozen=True)
@@ -209,9 +293,10 @@ def read_parquet_columns(uri: str, columns: list[str] | None) -> pa.Table:
 
 def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file (a part), with its schema metadata."""
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+    with storage_errors("read", uri):
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
 
 
 def iter_parquet_batches(uri: str, columns: list[str] | None, rows_per_batch: int) -> Iterator[pa.RecordBatch]:
@@ -222,34 +307,35 @@ def iter_parquet_batches(uri: str, columns: list[str] | None, rows_per_batch: in
 
 
 def read_parquet_folder(uri: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All parts of an output table folder, or None when it has none yet."""
-    if not exists(uri):
+    """All parts of an output table folder, or None when it has none yet (a failed listing raises ``StorageError``)."""
+    parts = list_parts(uri)
+    if not parts:
         return None
-    try:
-        return read_parquet_columns(uri, columns)
-    except ValueError:  # the folder holds no part yet
-        return None
+    return pa.concat_tables([read_parquet_file(part, columns) for part in parts], promote_options="permissive")
 
 
 def parquet_schema(uri: str) -> pa.Schema:
     """The Arrow schema of a Parquet file (read from the footer)."""
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).schema_arrow
+    with storage_errors("read", uri):
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).schema_arrow
 
 
 def parquet_metadata(uri: str) -> dict[bytes, bytes]:
     """The key-value metadata of a Parquet file's schema (read from the footer)."""
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).schema_arrow.metadata or {}
+    with storage_errors("read", uri):
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).schema_arrow.metadata or {}
 
 
 def parquet_footer(uri: str) -> pq.FileMetaData:
     """The footer of a Parquet file: row groups, their row counts, schema and key-value metadata (no data read)."""
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata
+    with storage_errors("read", uri):
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
 
 
 def read_parquet_row_groups(uri: str, row_groups: list[int], columns: list[str] | None, use_threads: bool = True) -> pa.Table:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import ray.data
 
+from pipelines.runtime import lease
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import BlockWork, ClusterShape, rows_per_block
 from pipelines.runtime.progress import ProgressReporter
@@ -100,7 +101,17 @@ class RunTotals:
 
 
 def run_job(plan: PlannedJob) -> dict:
-    """Run a planned job on the connected Ray cluster (none needed when it is finished); return run.json."""
+    """Run a planned job on the connected Ray cluster (none needed when it is finished); return run.json.
+
+    The output's lease (taken by the plan, ``RunOutput.prepare``) is given back at the end, however it ends.
+    """
+    try:
+        return _run_job(plan)
+    finally:
+        lease.release(plan.output.uri)
+
+
+def _run_job(plan: PlannedJob) -> dict:
     started = time.time()
     if plan.finished:
         progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
@@ -163,6 +174,7 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
         oom_splits={name: int(count) for name, count in (totals.oom_splits if totals else {}).items() if count},
     )
+    lease.check(plan.output.uri)  # a run whose lease another run took does not write the record over the other's
     plan.output.write_json("run.json", record)
     if record["status"] != "complete":
         logger.warning("counts do not add up: %s", record["counts"])

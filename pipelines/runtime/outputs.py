@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.runtime import io
+from pipelines.runtime import io, lease
 from pipelines.runtime.stats import ChannelStats, merge_all
 
 STATS_METADATA_KEY = b"latentray.latent_stats"
@@ -84,15 +84,26 @@ class RunOutput:
 
         A previous run with another identity (model, settings that change outputs) is
         refused: mixing two configurations in one output would make it meaningless.
+        The output's lease is taken first (``lease.take``: another live run is refused,
+        exit 2) and held until ``run_job`` ends; it is given back when preparing fails.
         """
         io.check_writable(self.uri)
+        lease.take(self.uri)
+        try:
+            return self._prepare(identity, overwrite)
+        except BaseException:
+            lease.release(self.uri)
+            raise
+
+    def _prepare(self, identity: dict, overwrite: bool) -> dict | None:
         previous = io.read_json(io.join(self.uri, "run.json"))
         if overwrite:
             for name in (self.results_folder, ERRORS_FOLDER, "images", "run.json", "latent_stats.json"):
                 io.remove_tree(io.join(self.uri, name))
             return None
         if previous is not None and previous.get("status") == "running":
-            # the previous run was killed: its writes in flight left temporary files
+            # the previous run was killed (this run holds the lease: no live run writes here); its writes in
+            # flight left temporary files
             io.remove_temporary_files(self.uri)
         if previous is not None and previous.get("identity") != identity:
             changes = _describe_changes(previous.get("identity", {}), identity)
@@ -168,12 +179,8 @@ def _part_reasons(uri: str, column: str) -> dict:
 
 
 def _part_uris(folder: str) -> list[str]:
-    if not io.exists(folder):
-        return []
-    try:
-        return io.list_parquet_files(folder)
-    except ValueError:  # the folder holds no part yet
-        return []
+    # a folder not there yet holds no part; a listing that failed raises io.StorageError, never "no parts"
+    return io.list_parts(folder)
 
 
 def _describe_changes(before: dict, after: dict) -> str:
