@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.runtime import io
-from pipelines.runtime.job import part_summary, pop_busy_seconds
+from pipelines.runtime.job import part_summary, pop_busy_seconds, pop_counts
 from pipelines.runtime.outputs import RunOutput, write_errors_part
 from pipelines.runtime.schemas import (
     EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, LENGTH_SUFFIX, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type,
@@ -52,7 +52,7 @@ class LatentLayout:
 
 def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: LatentLayout, run: int) -> dict[str, np.ndarray]:
     """Ray Data task: encoded rows -> one ``latents/`` part (non-finite rows to ``errors/``) -> a summary row."""
-    busy = pop_busy_seconds(batch)
+    busy, counts = pop_busy_seconds(batch), pop_counts(batch)
     rows = len(batch["id"])
 
     # 1. the values as stored: checks and statistics are of what readers will see
@@ -70,7 +70,7 @@ def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: L
     table = latents_table(batch, keep, latents, flipped, layout, run) if len(keep) else None
     stats = stats_of_latents([latents[i] for i in keep])
     output.commit(table, errors, stats)
-    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy)
+    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy, counts=counts)
 
 
 def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run: int) -> pa.Table | None:

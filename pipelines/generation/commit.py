@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.generation.images import write_generated_images
-from pipelines.runtime.job import part_summary, pop_busy_seconds
+from pipelines.runtime.job import part_summary, pop_busy_seconds, pop_counts
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.schemas import ERRORS_SCHEMA, manifest_schema
 from pipelines.runtime.stats import stats_of_rows
@@ -24,7 +24,7 @@ def commit_generated(
     batch: dict[str, np.ndarray], *, output: RunOutput, image_format: str, quality: int, scheduler: str, save_latents: bool,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a block of generated rows -> images, one manifest part, one errors part -> a summary row."""
-    busy = pop_busy_seconds(batch)
+    busy, counts = pop_busy_seconds(batch), pop_counts(batch)
     # 1. images first: a manifest row never points to an image that is not there
     batch = write_generated_images(batch, output.uri, image_format, quality, keep_latents=save_latents)
 
@@ -36,7 +36,7 @@ def commit_generated(
         results = manifest_table(ok, scheduler, save_latents)
         stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
     output.commit(results, errors_table(batch, failed), stats)
-    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy)
+    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, counts=counts)
 
 
 def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table | None:

@@ -7,20 +7,30 @@ them to diffusers unchanged.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns
-from workers.runtime.columns import stack_column
+from workers.runtime.columns import COUNT_COLUMN_PREFIX, stack_column
 from workers.families import ModelFamily
 from workers.runtime.devices import inference_mode, on_compute_thread
+from workers.runtime.text_cache import Embedding, JobTextCache, LruBytes, embedding_bytes
 
-# embeddings kept per actor for repeated texts; T5 embeddings are megabytes each, so the
-# cache is bounded by bytes, not entries
+logger = logging.getLogger(__name__)
+
+# embeddings kept per actor for the texts it saw last, before asking the job cache; T5
+# embeddings are megabytes each, so the cache is bounded by bytes, not entries
 CACHE_BYTES = 256 * 2**20
+# per-row count columns the commit tasks sum into run.json: distinct texts of a batch
+# encoded, and served from a cache (this actor's or the job's)
+ENCODED_COLUMN = f"{COUNT_COLUMN_PREFIX}texts_encoded"
+REUSED_COLUMN = f"{COUNT_COLUMN_PREFIX}texts_reused"
 
 
 class TextEncoderWorker(ModelWorker):
     STAGE = "text_encoder"
+    USES_TEXT_CACHE = True  # takes the job's text cache (``text_cache``); CaptionEncoderWorker inherits it
     REQUIRED_COLUMNS = {"prompt": "text to draw", "negative_prompt": "text to steer away from ('' for none)"}
 
     @classmethod
@@ -28,15 +38,18 @@ class TextEncoderWorker(ModelWorker):
         return (*embedding_columns(family), "prompt_truncated")
 
     @on_compute_thread
-    def __init__(self, model, *, max_sequence_length: int | None = None, true_cfg_scale: float | None = None, **options):
+    def __init__(self, model, *, max_sequence_length: int | None = None, true_cfg_scale: float | None = None,
+                 text_cache: JobTextCache | None = None, **options):
         super().__init__(model, **options)
         self.max_sequence_length = max_sequence_length
         # FLUX and Qwen-Image read negative embeddings only with true CFG: 8 MB of T5 states per row are not sent for nothing
         self.sends_negative = self.family.reads_negative(self.family.true_cfg_scale(true_cfg_scale))
         self.pipe = self.load_pipeline(self.family.text_components, config_only=self.family.text_stage_configs)
-        # most rows have no negative prompt: the empty text is encoded once per actor
-        self._cache: dict[str, dict[str, np.ndarray]] = {}
-        self._cache_bytes = 0
+        # most rows have no negative prompt: the empty text is encoded once per actor, as it
+        # starts (not counted in texts_encoded); other texts go through the caches
+        self._cache: LruBytes[str, Embedding] = LruBytes(CACHE_BYTES)
+        self.text_cache = text_cache  # None (no Ray, or --text-cache off): this actor's cache only
+        self._counts = {ENCODED_COLUMN: 0, REUSED_COLUMN: 0}
         self._empty = self._encode([""])[0]
         self._no_negative = self.family.empty_negative(self.pipe, self._empty)
 
@@ -59,19 +72,55 @@ class TextEncoderWorker(ModelWorker):
 
             # 3. which prompts lost tokens to a tokenizer's limit (diffusers truncates silently)
             batch["prompt_truncated"] = np.array([self.is_truncated(text) for text in prompts], dtype=bool)
+        self.take_counts(batch)
         return batch
 
     def embed(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
-        """Embeddings per text; each distinct text not seen recently is encoded once."""
-        new_texts = list(dict.fromkeys(text for text in texts if text != "" and text not in self._cache))
-        if new_texts:
-            for text, embedding in zip(new_texts, self._encode(new_texts)):
-                self._cache[text] = embedding
-                self._cache_bytes += sum(array.nbytes for array in embedding.values())
-        embeddings = [self._empty if text == "" else self._cache[text] for text in texts]
-        if self._cache_bytes > CACHE_BYTES:  # prompts rarely repeat across batches
-            self._cache, self._cache_bytes = {}, 0
-        return embeddings
+        """Embeddings per text; each distinct text is encoded once per job (once per actor without a job cache)."""
+        # 1. the batch's distinct texts ("" was encoded at start-up)
+        distinct = list(dict.fromkeys(text for text in texts if text != ""))
+        # 2. this actor's own cache, then 3. one lookup in the job cache for the rest
+        found = {text: embedding for text in distinct if (embedding := self._cache.get(text)) is not None}
+        fetched = self._fetch([text for text in distinct if text not in found])
+        # 4. encode only the misses, in one call; 5. put them in the object store and register them
+        missing = [text for text in distinct if text not in found and text not in fetched]
+        encoded = dict(zip(missing, self._encode(missing))) if missing else {}
+        self._store(encoded)
+        for text, embedding in {**fetched, **encoded}.items():
+            self._cache.put(text, embedding, embedding_bytes(embedding))
+        self._counts[ENCODED_COLUMN] += len(encoded)
+        self._counts[REUSED_COLUMN] += len(distinct) - len(encoded)
+        by_text = {**found, **fetched, **encoded}
+        return [self._empty if text == "" else by_text[text] for text in texts]
+
+    def take_counts(self, batch: Batch) -> None:
+        """The counts since the last batch, on this batch's first row (whole numbers, summed exactly by the commit tasks)."""
+        rows = len(next(iter(batch.values())))
+        for column, count in self._counts.items():
+            batch[column] = np.zeros(rows, np.int64)
+            if rows:
+                batch[column][0], self._counts[column] = count, 0
+
+    def _fetch(self, texts: list[str]) -> dict[str, Embedding]:
+        if not texts or self.text_cache is None:
+            return {}
+        try:
+            return self.text_cache.fetch(texts)
+        except Exception as error:  # the cache only saves work: without it, this actor encodes on its own
+            self._lose_job_cache(error)
+            return {}
+
+    def _store(self, encoded: dict[str, Embedding]) -> None:
+        if not encoded or self.text_cache is None:
+            return
+        try:
+            self.text_cache.store(encoded)
+        except Exception as error:
+            self._lose_job_cache(error)
+
+    def _lose_job_cache(self, error: Exception) -> None:
+        logger.warning("text cache: %s: %s; this actor goes on with its own cache", type(error).__name__, error)
+        self.text_cache = None
 
     def is_truncated(self, text: str) -> bool:
         return self.family.is_truncated(self.pipe, text, self.max_sequence_length)
@@ -79,4 +128,5 @@ class TextEncoderWorker(ModelWorker):
     @inference_mode
     def _encode(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
         columns = self.family.encode_texts(self.pipe, texts, self.device, self.max_sequence_length)
-        return [{name: columns[name][index] for name in columns} for index in range(len(texts))]
+        # copies: a row of the batch's array would keep the whole batch alive in the caches
+        return [{name: np.array(columns[name][index]) for name in columns} for index in range(len(texts))]

@@ -7,6 +7,9 @@ import numpy as np
 # each model worker adds a column "busy_seconds_<stage>": seconds its model was busy on the batch,
 # spread over the rows; the pipelines' commit tasks sum and remove it
 BUSY_COLUMN_PREFIX = "busy_seconds_"
+# a worker may add columns "count_<name>": whole numbers (e.g. texts encoded) the commit tasks sum
+# and remove like the busy seconds; run.json holds each total as <name>
+COUNT_COLUMN_PREFIX = "count_"
 
 
 def stack_column(arrays: list[np.ndarray]) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Each distinct text encoded once per job: the cache's byte bound, the text stage's use of it
+(directly, no Ray), and generation and encoding jobs on a real local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
+from pipelines.runtime.config import EncodeConfig, GenerateConfig
+from workers.generation.text_encoder import ENCODED_COLUMN, REUSED_COLUMN, TextEncoderWorker
+from workers.runtime.text_cache import ENTRY_OVERHEAD_BYTES, LruBytes, TextCacheShard, embedding_bytes
+
+
+# -- the cache, no Ray ----------------------------------------------------------------------------
+
+
+def test_lru_keeps_the_most_recently_used_entries_within_its_byte_budget():
+    cache: LruBytes[str, str] = LruBytes(budget_bytes=100)
+    for key in "abcd":
+        assert cache.put(key, key.upper(), 30)
+    # 4 x 30 bytes > 100: the least recently used ("a") left
+    assert "a" not in cache and len(cache) == 3 and cache.bytes == 90 and cache.evicted == 1
+    # reading "b" makes it the most recent: "c" leaves next
+    assert cache.get("b") == "B"
+    assert cache.put("e", "E", 30)
+    assert [key for key in "bcde" if key in cache] == ["b", "d", "e"] and cache.bytes == 90
+    # an entry above the whole budget is refused and evicts nothing
+    assert not cache.put("huge", "H", 101) and len(cache) == 3
+    # a replaced entry counts once, at its new size: the least recent ("d") makes room
+    assert cache.put("e", "E2", 50) and cache.bytes == 30 + 50 and "d" not in cache and cache.get("e") == "E2"
+    with pytest.raises(ValueError, match="budget_bytes"):
+        LruBytes(-1)
+
+
+def test_a_shard_counts_hits_duplicates_and_bounds_its_embeddings_by_bytes():
+    embedding = {"prompt_embeds": np.zeros((77, 32), np.float32)}
+    size = embedding_bytes(embedding)
+    assert size == 77 * 32 * 4 + ENTRY_OVERHEAD_BYTES
+    shard = TextCacheShard(budget_bytes=3 * size)
+    shard.register([(key, ["ref-" + key], size) for key in ("a", "b")])
+    shard.register([("b", ["another ref"], size)])  # a second actor encoded "b" at the same time
+    assert shard.lookup(["a", "b", "c"]) == [["ref-a"], ["ref-b"], None]
+    shard.register([(key, ["ref-" + key], size) for key in ("c", "d")])  # 4 entries > budget: "a" goes
+    assert shard.lookup(["a", "d"]) == [None, ["ref-d"]]
+    assert shard.stats() == {"entries": 3, "bytes": 3 * size, "budget_bytes": 3 * size, "lookups": 5, "hits": 3,
+                             "registered": 4, "evicted": 1, "duplicates": 1, "too_large": 0}
+
+
+class InProcessCache:
+    """A job cache without Ray: what two text-stage actors share (``JobTextCache``'s fetch and store)."""
+
+    def __init__(self):
+        self.entries: dict[str, dict] = {}
+        self.lookups: list[list[str]] = []
+
+    def fetch(self, texts):
+        self.lookups.append(list(texts))
+        return {text: self.entries[text] for text in texts if text in self.entries}
+
+    def store(self, embeddings):
+        self.entries.update(embeddings)
+
+
+def test_text_stage_actors_share_one_job_cache_and_count_what_they_encode(tiny_model_dir, monkeypatch):
+    cache = InProcessCache()
+    first, second = (TextEncoderWorker(tiny_model_dir, threads=1, text_cache=cache) for _ in range(2))
+    encoded: list[list[str]] = []
+    for worker in (first, second):
+        original = worker._encode
+        monkeypatch.setattr(worker, "_encode", lambda texts, original=original: encoded.append(texts) or original(texts))
+
+    def batch(prompts, negatives):
+        return {"prompt": np.array(prompts, dtype=object), "negative_prompt": np.array(negatives, dtype=object)}
+
+    # 1. the first actor encodes its batch's distinct texts ("" was encoded at start-up)
+    one = first(batch(["cat", "dog", "cat"], ["", "ugly", ""]))
+    assert encoded == [["cat", "dog", "ugly"]] and cache.lookups == [["cat", "dog", "ugly"]]
+    assert one[ENCODED_COLUMN].tolist() == [3, 0, 0] and one[REUSED_COLUMN].tolist() == [0, 0, 0]
+    # 2. the second actor finds them in the job cache, and encodes only what is new
+    two = second(batch(["dog", "owl"], ["ugly", ""]))
+    assert encoded[1:] == [["owl"]] and cache.lookups[1:] == [["dog", "owl", "ugly"]]
+    assert two[ENCODED_COLUMN].tolist() == [1, 0] and two[REUSED_COLUMN].tolist() == [2, 0]
+    np.testing.assert_array_equal(two["prompt_embeds"][0], one["prompt_embeds"][1])
+    np.testing.assert_array_equal(two["negative_prompt_embeds"][0], one["negative_prompt_embeds"][1])
+    # 3. its own cache answers before the job cache is asked
+    three = second(batch(["owl"], [""]))
+    assert len(cache.lookups) == 2 and three[REUSED_COLUMN].tolist() == [1]
+
+
+def test_without_a_job_cache_the_text_stage_encodes_as_before(tiny_model_dir):
+    worker = TextEncoderWorker(tiny_model_dir, threads=1)
+    assert worker.text_cache is None
+    out = worker({"prompt": np.array(["cat", "cat"], dtype=object), "negative_prompt": np.array(["", ""], dtype=object)})
+    assert out[ENCODED_COLUMN].tolist() == [1, 0] and out[REUSED_COLUMN].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"text_cache": "yes"}, "text_cache: must be true or false"),
+    ({"text_cache_mib": 0}, "text_cache_mib: must be a whole number of MiB >= 1, got 0"),
+])
+def test_text_cache_fields_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        GenerateConfig(prompts="p.parquet", output="out", **fields)
+    with pytest.raises(ValueError, match=message):
+        EncodeConfig(images="i.parquet", output="out", **fields)
