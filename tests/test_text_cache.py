@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
-from pipelines.runtime.config import EncodeConfig, GenerateConfig
+from pipelines.generation.generate import run_generation
+from pipelines.runtime.config import EncodeConfig, GenerateConfig, StageOptions
 from workers.generation.text_encoder import ENCODED_COLUMN, REUSED_COLUMN, TextEncoderWorker
+from workers.runtime.presets import materialize_preset
 from workers.runtime.text_cache import ENTRY_OVERHEAD_BYTES, LruBytes, TextCacheShard, embedding_bytes
 
 
@@ -108,3 +110,86 @@ def test_text_cache_fields_are_checked(fields, message):
         GenerateConfig(prompts="p.parquet", output="out", **fields)
     with pytest.raises(ValueError, match=message):
         EncodeConfig(images="i.parquet", output="out", **fields)
+
+
+def test_text_cache_options_reach_the_configs(tmp_path):
+    from jobs.options import add_encode_options, add_generate_options, encode_config, generate_config
+    import argparse
+
+    generate = argparse.ArgumentParser()
+    add_generate_options(generate)
+    config = generate_config(generate.parse_args(["--prompts", "p", "--output", "o", "--text-cache", "off", "--text-cache-mib", "64"]))
+    assert config.text_cache is False and config.text_cache_mib == 64
+    encode = argparse.ArgumentParser()
+    add_encode_options(encode)
+    config = encode_config(encode.parse_args(["--images", "i", "--output", "o"]))
+    assert config.text_cache is True and config.text_cache_mib is None
+
+
+# -- jobs on a real local Ray ---------------------------------------------------------------------
+
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def cycling_rows(count: int) -> list[dict]:
+    """Few distinct prompts, many seeds: rows cycle the prompts; some have a negative prompt, one of them another row's prompt."""
+    negatives = {0: "", 1: "blurry", 2: "a red circle"}
+    return [{"id": f"row{index:02d}", "prompt": PROMPTS[index % 3], "negative_prompt": negatives[index % 3] if index % 2 else "",
+             "seed": 100 + index} for index in range(count)]
+
+
+def test_a_split_job_encodes_each_distinct_text_once_across_its_text_actors(ray_session, tmp_path):
+    # 24 rows in blocks of 2 (batches of 2) over 2 text-encoder actors: every text reaches both actors
+    rows = cycling_rows(24)
+    distinct = {row["prompt"] for row in rows} | {row["negative_prompt"] for row in rows if row["negative_prompt"]}
+    assert len(distinct) == 4  # the negative "a red circle" is a prompt too: one text, one encoding
+    prompts = write_prompts(tmp_path / "prompts.parquet", rows)
+    output = tmp_path / "out"
+    record = run_generation(GenerateConfig(
+        prompts=prompts, output=str(output), model="tiny", steps=2, guidance=4.0, height=32, width=32, batch_size=2,
+        placement="split", stages={"text_encoder": StageOptions(concurrency=2)},
+    ))
+    assert record["counts"]["ok_rows"] == 24 and record["rows_per_block"] == 2
+
+    # 1. each distinct text encoded once, but for two actors missing the same text at the same moment
+    #    (each such race is counted by the cache as a duplicate); every other batch's text was reused
+    cache = record["text_cache"]
+    assert record["texts_encoded"] == len(distinct) + cache["duplicates"], record
+    assert record["texts_encoded"] + record["texts_reused"] >= 12 * 2  # 12 batches, 2 distinct texts each at least
+    assert cache["entries"] == len(distinct) and cache["evicted"] == 0 and cache["shards"] == 1
+
+    # 2. embeddings from the cache leave every image as diffusers draws it
+    manifest = pd.read_parquet(output / "manifest").set_index("id")
+    expected = diffusers_reference(materialize_preset("tiny"), [
+        dict(row, num_inference_steps=2, guidance_scale=4.0, height=32, width=32) for row in rows
+    ])
+    for row, image in zip(rows, expected):
+        assert_images_match(read_image(output / manifest.loc[row["id"], "image_path"]), image)
+
+
+def test_an_encoding_job_encodes_each_distinct_caption_once_across_its_fused_actors(ray_session, tmp_path, tiny_model_dir):
+    from image_helpers import picture, png, write_table
+    from pipelines.encoding.encode import run_encoding
+    from pipelines.encoding.latent_output import latents_of
+    from workers.encoding.caption_encoder import CaptionEncoderWorker
+
+    captions = [PROMPTS[index % 3] if index % 4 else None for index in range(12)]
+    images = write_table(tmp_path / "images.parquet", [
+        {"id": f"img{index:02d}", "image": png(picture(index, 32, 32)), "caption": caption} for index, caption in enumerate(captions)
+    ])
+    output = tmp_path / "latents"
+    record = run_encoding(EncodeConfig(
+        images=images, output=str(output), model="tiny", resolution=32, caption_column="caption", text_embeddings=True,
+        latent_dtype="float32", batch_size=2, stages={"fused": StageOptions(concurrency=2)},
+    ))
+    assert record["counts"]["ok_rows"] == 12
+    # a null caption is the empty text, encoded by each actor as it starts: not counted
+    distinct = {caption for caption in captions if caption}
+    assert record["texts_encoded"] == len(distinct) + record["text_cache"]["duplicates"], record
+    assert record["text_cache"]["entries"] == len(distinct)
+
+    # the stored embeddings are each caption's own, as the caption encoder alone returns them
+    table = pq.read_table(output / "latents").sort_by("id")
+    alone = CaptionEncoderWorker(tiny_model_dir, threads=1)({"caption": np.array(captions, dtype=object)})
+    np.testing.assert_allclose(np.stack(latents_of(table, "prompt_embeds")), alone["prompt_embeds"], atol=1e-5)
