@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_images_match, diffusers_reference, read_image, write_prompts
 from pipelines.generation.generate import run_generation
 from pipelines.runtime.config import EncodeConfig, GenerateConfig, StageOptions
-from workers.generation.text_encoder import ENCODED_COLUMN, REUSED_COLUMN, TextEncoderWorker
+from workers.generation.text_encoder import CACHE_MICROSECONDS_COLUMN, ENCODED_COLUMN, REUSED_COLUMN, TextEncoderWorker
 from workers.runtime.presets import materialize_preset
 from workers.runtime.text_cache import ENTRY_OVERHEAD_BYTES, LruBytes, TextCacheShard, embedding_bytes
 
@@ -83,6 +83,7 @@ def test_text_stage_actors_share_one_job_cache_and_count_what_they_encode(tiny_m
     one = first(batch(["cat", "dog", "cat"], ["", "ugly", ""]))
     assert encoded == [["cat", "dog", "ugly"]] and cache.lookups == [["cat", "dog", "ugly"]]
     assert one[ENCODED_COLUMN].tolist() == [3, 0, 0] and one[REUSED_COLUMN].tolist() == [0, 0, 0]
+    assert one[CACHE_MICROSECONDS_COLUMN][0] > 0
     # 2. the second actor finds them in the job cache, and encodes only what is new
     two = second(batch(["dog", "owl"], ["ugly", ""]))
     assert encoded[1:] == [["owl"]] and cache.lookups[1:] == [["dog", "owl", "ugly"]]

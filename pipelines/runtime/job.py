@@ -135,7 +135,7 @@ def run_job(plan: PlannedJob) -> dict:
         for summary in plan.dataset(stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
             progress.advance(totals.add(summary))
     finally:
-        record["text_cache"] = stop_text_cache(text_cache)
+        record["text_cache"] = stop_text_cache(text_cache, totals.counts)
     return _finish(plan, record, started, progress, totals)
 
 

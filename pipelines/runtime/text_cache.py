@@ -60,12 +60,15 @@ def text_namespace(plan: Any) -> str:
     }, sort_keys=True)
 
 
-def stop_text_cache(cache: JobTextCache | None) -> dict | None:
-    """The cache's totals for run.json (None when the run had none); its actors stopped."""
+def stop_text_cache(cache: JobTextCache | None, counts: dict[str, int]) -> dict | None:
+    """The cache's totals for run.json (None when the run had none); its actors stopped.
+
+    ``counts``: the run's summed worker counts, for the time text-stage actors spent on the cache.
+    """
     if cache is None:
         return None
     try:
-        return cache.stats()
+        return {**cache.stats(), "seconds_in_text_stage": round(counts.get("text_cache_microseconds", 0) / 1e6, 3)}
     except ray.exceptions.RayError as error:  # the run's outcome does not depend on its cache
         return {"error": f"{type(error).__name__}: {error}"}
     finally:

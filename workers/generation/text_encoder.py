@@ -8,6 +8,7 @@ them to diffusers unchanged.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -26,6 +27,8 @@ CACHE_BYTES = 256 * 2**20
 # encoded, and served from a cache (this actor's or the job's)
 ENCODED_COLUMN = f"{COUNT_COLUMN_PREFIX}texts_encoded"
 REUSED_COLUMN = f"{COUNT_COLUMN_PREFIX}texts_reused"
+# and what the job cache cost the batch (lookups, fetches, puts, registrations), in whole microseconds
+CACHE_MICROSECONDS_COLUMN = f"{COUNT_COLUMN_PREFIX}text_cache_microseconds"
 
 
 class TextEncoderWorker(ModelWorker):
@@ -49,7 +52,7 @@ class TextEncoderWorker(ModelWorker):
         # starts (not counted in texts_encoded); other texts go through the caches
         self._cache: LruBytes[str, Embedding] = LruBytes(CACHE_BYTES)
         self.text_cache = text_cache  # None (no Ray, or --text-cache off): this actor's cache only
-        self._counts = {ENCODED_COLUMN: 0, REUSED_COLUMN: 0}
+        self._counts = {ENCODED_COLUMN: 0, REUSED_COLUMN: 0, CACHE_MICROSECONDS_COLUMN: 0}
         self._empty = self._encode([""])[0]
         self._no_negative = self.family.empty_negative(self.pipe, self._empty)
 
@@ -59,7 +62,7 @@ class TextEncoderWorker(ModelWorker):
             prompts = [str(text) for text in batch["prompt"]]
             negatives = [str(text) if self.sends_negative else "" for text in batch["negative_prompt"]]
 
-            # 1. encode each distinct text of the batch once
+            # 1. each distinct text of the batch, from a cache or encoded (``embed``)
             embedded = self.embed(prompts + [text for text in negatives if text])
             by_text = dict(zip(prompts + [text for text in negatives if text], embedded))
 
@@ -104,19 +107,25 @@ class TextEncoderWorker(ModelWorker):
     def _fetch(self, texts: list[str]) -> dict[str, Embedding]:
         if not texts or self.text_cache is None:
             return {}
+        started = time.perf_counter()
         try:
             return self.text_cache.fetch(texts)
         except Exception as error:  # the cache only saves work: without it, this actor encodes on its own
             self._lose_job_cache(error)
             return {}
+        finally:
+            self._counts[CACHE_MICROSECONDS_COLUMN] += round((time.perf_counter() - started) * 1e6)
 
     def _store(self, encoded: dict[str, Embedding]) -> None:
         if not encoded or self.text_cache is None:
             return
+        started = time.perf_counter()
         try:
             self.text_cache.store(encoded)
         except Exception as error:
             self._lose_job_cache(error)
+        finally:
+            self._counts[CACHE_MICROSECONDS_COLUMN] += round((time.perf_counter() - started) * 1e6)
 
     def _lose_job_cache(self, error: Exception) -> None:
         logger.warning("text cache: %s: %s; this actor goes on with its own cache", type(error).__name__, error)
