@@ -15,7 +15,7 @@ from pipelines.generation.generate import run_generation
 from pipelines.runtime.config import EncodeConfig, GenerateConfig, StageOptions
 from workers.generation.text_encoder import CACHE_MICROSECONDS_COLUMN, ENCODED_COLUMN, REUSED_COLUMN, TextEncoderWorker
 from workers.runtime.presets import materialize_preset
-from workers.runtime.text_cache import ENTRY_OVERHEAD_BYTES, LruBytes, TextCacheShard, embedding_bytes
+from workers.runtime.text_cache import ENTRY_OVERHEAD_BYTES, PENDING, LruBytes, TextCacheShard, embedding_bytes
 
 
 # -- the cache, no Ray ----------------------------------------------------------------------------
@@ -39,18 +39,26 @@ def test_lru_keeps_the_most_recently_used_entries_within_its_byte_budget():
         LruBytes(-1)
 
 
-def test_a_shard_counts_hits_duplicates_and_bounds_its_embeddings_by_bytes():
+def test_a_shard_claims_misses_counts_hits_and_duplicates_and_bounds_its_embeddings_by_bytes():
     embedding = {"prompt_embeds": np.zeros((77, 32), np.float32)}
     size = embedding_bytes(embedding)
     assert size == 77 * 32 * 4 + ENTRY_OVERHEAD_BYTES
     shard = TextCacheShard(budget_bytes=3 * size)
     shard.register([(key, ["ref-" + key], size) for key in ("a", "b")])
-    shard.register([("b", ["another ref"], size)])  # a second actor encoded "b" at the same time
+    shard.register([("b", ["another ref"], size)])  # "b" encoded twice: counted, the first kept
+    # a miss is claimed by the asker; whoever asks next waits for it
     assert shard.lookup(["a", "b", "c"]) == [["ref-a"], ["ref-b"], None]
+    assert shard.lookup(["c"]) == [PENDING]
     shard.register([(key, ["ref-" + key], size) for key in ("c", "d")])  # 4 entries > budget: "a" goes
-    assert shard.lookup(["a", "d"]) == [None, ["ref-d"]]
-    assert shard.stats() == {"entries": 3, "bytes": 3 * size, "budget_bytes": 3 * size, "lookups": 5, "hits": 3,
+    assert shard.lookup(["a", "d", "c"]) == [None, ["ref-d"], ["ref-c"]]
+    # a claim given up (its encoding failed) passes to the next asker
+    shard.forget(["a"])
+    assert shard.lookup(["a"]) == [None]
+    assert shard.stats() == {"entries": 3, "bytes": 3 * size, "budget_bytes": 3 * size, "lookups": 8, "hits": 4, "waits": 1,
                              "registered": 4, "evicted": 1, "duplicates": 1, "too_large": 0}
+    # a claim older than claim_seconds passes on too (its actor died, or is that slow)
+    stale = TextCacheShard(budget_bytes=size, claim_seconds=0.0)
+    assert stale.lookup(["x"]) == [None] and stale.lookup(["x"]) == [None]
 
 
 class InProcessCache:
@@ -62,7 +70,10 @@ class InProcessCache:
 
     def fetch(self, texts):
         self.lookups.append(list(texts))
-        return {text: self.entries[text] for text in texts if text in self.entries}
+        return {text: self.entries[text] for text in texts if text in self.entries}, []
+
+    def forget(self, texts):
+        pass
 
     def store(self, embeddings):
         self.entries.update(embeddings)
@@ -93,6 +104,26 @@ def test_text_stage_actors_share_one_job_cache_and_count_what_they_encode(tiny_m
     # 3. its own cache answers before the job cache is asked
     three = second(batch(["owl"], [""]))
     assert len(cache.lookups) == 2 and three[REUSED_COLUMN].tolist() == [1]
+
+
+def test_a_text_another_actor_is_encoding_is_waited_for_not_encoded_again(tiny_model_dir, monkeypatch):
+    worker = TextEncoderWorker(tiny_model_dir, threads=1)
+    dog = worker._encode(["dog"])[0]
+    answers = iter([({}, ["dog"]), ({}, ["dog"]), ({"dog": dog}, [])])  # pending twice, then registered
+
+    class Busy(InProcessCache):
+        def fetch(self, texts):
+            self.lookups.append(list(texts))
+            return next(answers)
+
+    worker.text_cache = cache = Busy()
+    encoded: list[list[str]] = []
+    original = worker._encode
+    monkeypatch.setattr(worker, "_encode", lambda texts: encoded.append(texts) or original(texts))
+    out = worker({"prompt": np.array(["dog", "dog"], dtype=object), "negative_prompt": np.array(["", ""], dtype=object)})
+    assert encoded == [] and cache.lookups == [["dog"]] * 3
+    assert out[ENCODED_COLUMN].tolist() == [0, 0] and out[REUSED_COLUMN].tolist() == [1, 0]
+    np.testing.assert_array_equal(out["prompt_embeds"][1], dog["prompt_embeds"])
 
 
 def test_without_a_job_cache_the_text_stage_encodes_as_before(tiny_model_dir):
@@ -153,10 +184,10 @@ def test_a_split_job_encodes_each_distinct_text_once_across_its_text_actors(ray_
     ))
     assert record["counts"]["ok_rows"] == 24 and record["rows_per_block"] == 2
 
-    # 1. each distinct text encoded once, but for two actors missing the same text at the same moment
-    #    (each such race is counted by the cache as a duplicate); every other batch's text was reused
+    # 1. each distinct text encoded once in the job: an actor that asks for a text the other is
+    #    encoding waits for it; every other batch's text was reused
     cache = record["text_cache"]
-    assert record["texts_encoded"] == len(distinct) + cache["duplicates"], record
+    assert record["texts_encoded"] == len(distinct) and cache["duplicates"] == 0, record
     assert record["texts_encoded"] + record["texts_reused"] >= 12 * 2  # 12 batches, 2 distinct texts each at least
     assert cache["entries"] == len(distinct) and cache["evicted"] == 0 and cache["shards"] == 1
 
@@ -187,7 +218,7 @@ def test_an_encoding_job_encodes_each_distinct_caption_once_across_its_fused_act
     assert record["counts"]["ok_rows"] == 12
     # a null caption is the empty text, encoded by each actor as it starts: not counted
     distinct = {caption for caption in captions if caption}
-    assert record["texts_encoded"] == len(distinct) + record["text_cache"]["duplicates"], record
+    assert record["texts_encoded"] == len(distinct) and record["text_cache"]["duplicates"] == 0, record
     assert record["text_cache"]["entries"] == len(distinct)
 
     # the stored embeddings are each caption's own, as the caption encoder alone returns them

@@ -63,12 +63,14 @@ def text_namespace(plan: Any) -> str:
 def stop_text_cache(cache: JobTextCache | None, counts: dict[str, int]) -> dict | None:
     """The cache's totals for run.json (None when the run had none); its actors stopped.
 
-    ``counts``: the run's summed worker counts, for the time text-stage actors spent on the cache.
+    ``counts``: the run's summed worker counts, for the time text-stage actors spent on the cache
+    (lookups, fetches, puts) and waiting for texts other actors were encoding.
     """
     if cache is None:
         return None
     try:
-        return {**cache.stats(), "seconds_in_text_stage": round(counts.get("text_cache_microseconds", 0) / 1e6, 3)}
+        return {**cache.stats(), "seconds_in_text_stage": round(counts.get("text_cache_microseconds", 0) / 1e6, 3),
+                "seconds_waiting": round(counts.get("text_cache_wait_microseconds", 0) / 1e6, 3)}
     except ray.exceptions.RayError as error:  # the run's outcome does not depend on its cache
         return {"error": f"{type(error).__name__}: {error}"}
     finally:

@@ -27,8 +27,13 @@ CACHE_BYTES = 256 * 2**20
 # encoded, and served from a cache (this actor's or the job's)
 ENCODED_COLUMN = f"{COUNT_COLUMN_PREFIX}texts_encoded"
 REUSED_COLUMN = f"{COUNT_COLUMN_PREFIX}texts_reused"
+# first pause before asking again for texts another actor is encoding, and the longest
+# (doubling): a batch of texts takes a GPU tens of milliseconds, a CPU seconds
+WAIT_SECONDS = 0.01
+MAX_WAIT_SECONDS = 0.5
 # and what the job cache cost the batch (lookups, fetches, puts, registrations), in whole microseconds
 CACHE_MICROSECONDS_COLUMN = f"{COUNT_COLUMN_PREFIX}text_cache_microseconds"
+WAIT_MICROSECONDS_COLUMN = f"{COUNT_COLUMN_PREFIX}text_cache_wait_microseconds"  # waiting for other actors' encodings
 
 
 class TextEncoderWorker(ModelWorker):
@@ -52,7 +57,7 @@ class TextEncoderWorker(ModelWorker):
         # starts (not counted in texts_encoded); other texts go through the caches
         self._cache: LruBytes[str, Embedding] = LruBytes(CACHE_BYTES)
         self.text_cache = text_cache  # None (no Ray, or --text-cache off): this actor's cache only
-        self._counts = {ENCODED_COLUMN: 0, REUSED_COLUMN: 0, CACHE_MICROSECONDS_COLUMN: 0}
+        self._counts = {ENCODED_COLUMN: 0, REUSED_COLUMN: 0, CACHE_MICROSECONDS_COLUMN: 0, WAIT_MICROSECONDS_COLUMN: 0}
         self._empty = self._encode([""])[0]
         self._no_negative = self.family.empty_negative(self.pipe, self._empty)
 
@@ -80,21 +85,44 @@ class TextEncoderWorker(ModelWorker):
 
     def embed(self, texts: list[str]) -> list[dict[str, np.ndarray]]:
         """Embeddings per text; each distinct text is encoded once per job (once per actor without a job cache)."""
-        # 1. the batch's distinct texts ("" was encoded at start-up)
+        # 1. the batch's distinct texts ("" was encoded at start-up); 2. this actor's own cache
         distinct = list(dict.fromkeys(text for text in texts if text != ""))
-        # 2. this actor's own cache, then 3. one lookup in the job cache for the rest
         found = {text: embedding for text in distinct if (embedding := self._cache.get(text)) is not None}
-        fetched = self._fetch([text for text in distinct if text not in found])
-        # 4. encode only the misses, in one call; 5. put them in the object store and register them
-        missing = [text for text in distinct if text not in found and text not in fetched]
-        encoded = dict(zip(missing, self._encode(missing))) if missing else {}
-        self._store(encoded)
-        for text, embedding in {**fetched, **encoded}.items():
-            self._cache.put(text, embedding, embedding_bytes(embedding))
+        wanted, encoded, pause = [text for text in distinct if text not in found], {}, WAIT_SECONDS
+        while wanted:
+            # 3. one lookup in the job cache: hits, texts other actors are encoding now, and ours to encode
+            fetched, pending = self._fetch(wanted)
+            ours = [text for text in wanted if text not in fetched and text not in pending]
+            # 4. encode only those, in one call; 5. put them in the object store and register them
+            new = self._encode_claimed(ours)
+            self._store(new)
+            found.update(fetched)
+            encoded.update(new)
+            # 6. then what other actors were encoding, asked again after a pause
+            wanted = pending
+            if wanted:
+                time.sleep(pause)
+                self._counts[WAIT_MICROSECONDS_COLUMN] += round(pause * 1e6)
+                pause = min(2 * pause, MAX_WAIT_SECONDS)
+        for text in distinct:
+            if text not in self._cache:
+                embedding = found.get(text, encoded.get(text))
+                self._cache.put(text, embedding, embedding_bytes(embedding))
         self._counts[ENCODED_COLUMN] += len(encoded)
         self._counts[REUSED_COLUMN] += len(distinct) - len(encoded)
-        by_text = {**found, **fetched, **encoded}
+        by_text = {**found, **encoded}
         return [self._empty if text == "" else by_text[text] for text in texts]
+
+    def _encode_claimed(self, texts: list[str]) -> dict[str, Embedding]:
+        if not texts:
+            return {}
+        try:
+            return dict(zip(texts, self._encode(texts)))
+        except BaseException:
+            # other actors wait for these texts: let the next one that asks encode them
+            if self.text_cache is not None:
+                self.text_cache.forget(texts)
+            raise
 
     def take_counts(self, batch: Batch) -> None:
         """The counts since the last batch, on this batch's first row (whole numbers, summed exactly by the commit tasks)."""
@@ -104,15 +132,15 @@ class TextEncoderWorker(ModelWorker):
             if rows:
                 batch[column][0], self._counts[column] = count, 0
 
-    def _fetch(self, texts: list[str]) -> dict[str, Embedding]:
+    def _fetch(self, texts: list[str]) -> tuple[dict[str, Embedding], list[str]]:
         if not texts or self.text_cache is None:
-            return {}
+            return {}, []
         started = time.perf_counter()
         try:
             return self.text_cache.fetch(texts)
         except Exception as error:  # the cache only saves work: without it, this actor encodes on its own
             self._lose_job_cache(error)
-            return {}
+            return {}, []
         finally:
             self._counts[CACHE_MICROSECONDS_COLUMN] += round((time.perf_counter() - started) * 1e6)
 

@@ -12,9 +12,12 @@ Memory is bounded twice: the cache keeps at most ``budget_bytes`` of embeddings 
 recently used entries go first; an evicted text is encoded again when it returns), and
 Ray spills the object store to disk under pressure. Nothing grows with the number of rows.
 
-Two actors that miss the same text at the same moment both encode it: the second
-registration finds the key taken and is counted as a duplicate (``stats()``). Waiting
-for the other actor instead would idle an actor for as long as encoding takes.
+A lookup that misses claims the text for the asking actor: another actor that asks for it
+before the embedding is registered is told it is pending and waits for it (polling) rather
+than encoding it again. Rows of few prompts and many seeds reach every actor in its first
+batch: without claims, actors that start together would all encode the same texts. A claim
+older than ``CLAIM_SECONDS`` (its actor died, or is that slow) passes to the next actor that
+asks; a text then encoded twice is counted as a duplicate (``stats()``).
 
 numpy and ray only (no torch): the driver imports this module.
 """
@@ -39,6 +42,10 @@ Value = TypeVar("Value")
 # object (owner, borrower, object-store header). Counted so that a budget also bounds the
 # number of entries when embeddings are small (a 1M-prompt job of a tiny model)
 ENTRY_OVERHEAD_BYTES = 1024
+# how long a claimed text waits for its embedding before another actor may encode it
+CLAIM_SECONDS = 120.0
+# what a lookup answers for a text another actor has claimed and not yet registered
+PENDING = "pending"
 
 
 def embedding_bytes(embedding: Embedding) -> int:
@@ -73,6 +80,13 @@ class LruBytes(Generic[Key, Value]):
         self._entries.move_to_end(key)
         return entry[0]
 
+    def pop(self, key: Key) -> Value | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        self.bytes -= entry[1]
+        return entry[0]
+
     def put(self, key: Key, value: Value, size: int) -> bool:
         """Keep ``value`` (``size`` bytes), evicting the least recently used beyond the budget; False if too large."""
         if size > self.budget_bytes:
@@ -95,20 +109,41 @@ class TextCacheShard:
     go of its own: Ray frees (or un-spills) it. Every method is a few dict operations.
     """
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, claim_seconds: float = CLAIM_SECONDS):
         self.entries: LruBytes[str, Any] = LruBytes(budget_bytes)
-        self.lookups = self.hits = self.registered = self.duplicates = self.refused = 0
+        self.claim_seconds = claim_seconds
+        self.claims: dict[str, float] = {}  # key -> when an actor claimed it; at most the texts being encoded now
+        self.lookups = self.hits = self.waits = self.registered = self.duplicates = self.refused = 0
 
     def lookup(self, keys: list[str]) -> list[Any]:
-        """Per key its ObjectRef (in a list, so that Ray hands the reference, not the object), or None."""
-        found = [self.entries.get(key) for key in keys]
+        """Per key: its ObjectRef (in a list, so that Ray hands the reference, not the object); ``PENDING``
+        when another actor is encoding it; None when the asker is to encode it (now claimed for it)."""
+        import time
+
+        now = time.monotonic()
+        answers = []
+        for key in keys:
+            ref = self.entries.get(key)
+            if ref is None and now - self.claims.get(key, -self.claim_seconds) < self.claim_seconds:
+                ref = PENDING
+            elif ref is None:
+                self.claims[key] = now
+            answers.append(ref)
         self.lookups += len(keys)
-        self.hits += sum(ref is not None for ref in found)
-        return found
+        self.hits += sum(answer is not None and answer != PENDING for answer in answers)
+        self.waits += sum(answer == PENDING for answer in answers)
+        return answers
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop claims an actor gives up (its encoding failed) and entries whose object was lost: the next asker encodes them."""
+        for key in keys:
+            self.claims.pop(key, None)
+            self.entries.pop(key)
 
     def register(self, entries: list[tuple[str, list, int]]) -> None:
-        """Entries as (key, [ObjectRef], bytes). A key already held was encoded twice at once: counted, first kept."""
+        """Entries as (key, [ObjectRef], bytes). A key already held was encoded twice: counted, first kept."""
         for key, ref, size in entries:
+            self.claims.pop(key, None)
             if key in self.entries:
                 self.duplicates += 1
                 continue
@@ -119,7 +154,7 @@ class TextCacheShard:
     def stats(self) -> dict[str, int]:
         return {
             "entries": len(self.entries), "bytes": self.entries.bytes, "budget_bytes": self.entries.budget_bytes,
-            "lookups": self.lookups, "hits": self.hits, "registered": self.registered, "evicted": self.entries.evicted,
+            "lookups": self.lookups, "hits": self.hits, "waits": self.waits, "registered": self.registered, "evicted": self.entries.evicted,
             "duplicates": self.duplicates, "too_large": self.refused,
         }
 
@@ -165,18 +200,36 @@ class JobTextCache:
     def _shard_of(self, key: str) -> int:
         return int(key[:8], 16) % len(self.shards)
 
-    def fetch(self, texts: list[str]) -> dict[str, Embedding]:
-        """The embeddings the job cache holds for ``texts``: one lookup RPC per shard, then the objects."""
+    def fetch(self, texts: list[str]) -> tuple[dict[str, Embedding], list[str]]:
+        """What the job cache holds for ``texts``, and the texts other actors are encoding now (to ask again).
+
+        One lookup RPC per shard, then the objects. Every other text is claimed for the caller,
+        which encodes it and ``store``s it (or ``release``s it).
+        """
         import ray
 
         # 1. one batched lookup per shard, all in flight at once
+        by_shard = self._by_shard(texts)
+        lookups = {index: self.shards[index].lookup.remote([self.key(text) for text in group]) for index, group in by_shard.items()}
+        answers = {text: answer for index, group in by_shard.items() for text, answer in zip(group, ray.get(lookups[index]))}
+        refs = {text: answer[0] for text, answer in answers.items() if answer is not None and answer != PENDING}
+        # 2. the objects; one lost with its node or owner is a miss, encoded again
+        found = {text: embedding for text, embedding in zip(refs, _get_each(list(refs.values()))) if embedding is not None}
+        lost = [text for text in refs if text not in found]
+        if lost:
+            self.forget(lost)  # asked again: then encoded by whoever claims them
+        return found, [text for text, answer in answers.items() if answer == PENDING or text in lost]
+
+    def forget(self, texts: list[str]) -> None:
+        """Drop the claims on ``texts`` (their encoding failed), and their entries (their objects were lost); not awaited."""
+        for index, group in self._by_shard(texts).items():
+            self.shards[index].forget.remote([self.key(text) for text in group])
+
+    def _by_shard(self, texts: list[str]) -> dict[int, list[str]]:
         by_shard: dict[int, list[str]] = {}
         for text in texts:
             by_shard.setdefault(self._shard_of(self.key(text)), []).append(text)
-        lookups = {index: self.shards[index].lookup.remote([self.key(text) for text in group]) for index, group in by_shard.items()}
-        refs = {text: found[0] for index, group in by_shard.items() for text, found in zip(group, ray.get(lookups[index])) if found}
-        # 2. the objects; one lost with its node or owner is a miss, encoded again
-        return {text: embedding for text, embedding in zip(refs, _get_each(list(refs.values()))) if embedding is not None}
+        return by_shard
 
     def store(self, embeddings: dict[str, Embedding]) -> None:
         """Put each text's embedding into the object store and register it: one RPC per shard, not awaited."""
