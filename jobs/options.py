@@ -30,6 +30,12 @@ def add_stage_options(parser: argparse.ArgumentParser) -> None:
                         help="model precision (default: bfloat16 on CUDA, float32 on CPU; float16 only for SD 1.x/2.x and SDXL: "
                              "the transformer families overflow in it). Part of the output's identity")
     parser.add_argument("--overwrite", action="store_true", help="delete what the output holds and start fresh")
+    parser.add_argument("--text-cache", choices=("on", "off"), default="on",
+                        help="on: one cache of text embeddings for the whole job, so each distinct prompt, negative prompt "
+                             "or caption is encoded once, whatever batch or actor its rows reach (default: on)")
+    parser.add_argument("--text-cache-mib", type=int, metavar="MIB",
+                        help="the text cache's budget; beyond it the least recently used texts are dropped and encoded "
+                             "again when they return (default: a quarter of the cluster's object store)")
 
 
 def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: bool = True) -> None:
@@ -105,8 +111,12 @@ def encode_config(args: argparse.Namespace) -> EncodeConfig:
         text_embeddings=args.text_embeddings, max_sequence_length=args.max_sequence_length, sample=args.sample, latent_dtype=args.latent_dtype, seed=args.seed,
         max_image_pixels=args.max_image_pixels, min_image_size=args.min_image_size, background=args.background,
         batch_size=args.batch_size, placement=args.placement, overwrite=args.overwrite, dtype=args.dtype,
-        stages=stage_overrides(args.stage),
+        stages=stage_overrides(args.stage), **text_cache_fields(args),
     )
+
+
+def text_cache_fields(args: argparse.Namespace) -> dict:
+    return {"text_cache": args.text_cache == "on", "text_cache_mib": args.text_cache_mib}
 
 
 def stage_overrides(texts: list[str]) -> dict[str, StageOptions]:
@@ -124,5 +134,5 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         true_cfg_scale=args.true_cfg_scale, max_sequence_length=args.max_sequence_length,
         seed=args.seed, batch_size=args.batch_size, image_format=args.image_format, image_quality=args.image_quality,
         save_latents=args.save_latents, placement=args.placement, overwrite=args.overwrite,
-        max_image_size=args.max_image_size, dtype=args.dtype, stages=stage_overrides(args.stage),
+        max_image_size=args.max_image_size, dtype=args.dtype, stages=stage_overrides(args.stage), **text_cache_fields(args),
     )

@@ -119,12 +119,12 @@ def _print_summary(record: dict, summary_keys: tuple[str, ...]) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from pipelines.generation.generate import plan_generation, run_generation
 
-    keys = ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds")
+    keys = ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds", "texts_encoded", "texts_reused")
     return run_planned_job("generating", plan_generation, run_generation, generate_config, args, keys)
 
 
 def run_encode(args: argparse.Namespace) -> int:
     from pipelines.encoding.encode import plan_encoding, run_encoding
 
-    keys = ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds")
+    keys = ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds", "texts_encoded", "texts_reused")
     return run_planned_job("encoding", plan_encoding, run_encoding, encode_config, args, keys)

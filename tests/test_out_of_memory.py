@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from pipelines.generation.images import write_generated_images
-from pipelines.runtime.job import RunTotals, part_summary
+from pipelines.runtime.job import RunTotals, oom_splits_per_stage, part_summary
 from workers.generation.denoiser import DenoiserWorker
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime import memory
-from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, OOM_SPLITS_COLUMN_PREFIX, pop_counts
+from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, pop_counts
 from workers.runtime.memory import run_in_halves
 
 STEPS = 2
@@ -38,7 +38,7 @@ def prompt_batch(sizes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
 
 def splits(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Batch halvings per stage that halved at least once."""
-    return {stage: count for stage, count in pop_counts(dict(batch), OOM_SPLITS_COLUMN_PREFIX).items() if count}
+    return oom_splits_per_stage(pop_counts(dict(batch)))
 
 
 def subset(batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
@@ -229,7 +229,7 @@ def test_vae_encoder_halves_and_a_crop_that_never_fits_goes_to_errors(tiny_model
     layout = LatentLayout(dtype="float32", fixed_shape=False, flip=True, caption=False)
     summary = commit_latents(out, output=RunOutput(str(tmp_path), "latents"), layout=layout, run=1)
     assert (summary["ok_rows"][0], summary["error_rows"][0]) == (4, 1)
-    assert {stage: count for stage, count in json.loads(summary["oom_splits"][0]).items() if count} == {"vae_encoder": 3.0}
+    assert oom_splits_per_stage(json.loads(summary["counts"][0])) == {"vae_encoder": 3}
     errors = pd.read_parquet(tmp_path / "errors")
     assert errors[["id", "stage", "code", "reason"]].values.tolist() == [["i4", "vae_encoder", "out_of_memory", "out of GPU memory at 32x48"]]
     assert errors["cache_key"].isna().all()
@@ -246,9 +246,9 @@ def test_vae_tiles_images_above_the_threshold_only(tiny_model_dir, latents_batch
 
 def test_run_totals_sum_oom_splits_per_stage():
     totals = RunTotals()
-    for splits in ({"denoiser": 2.0}, {"denoiser": 1.0, "vae_decoder": 3.0}, {}):
-        totals.add(part_summary(ok_rows=1, error_rows=0, busy={}, oom_splits=splits))
-    assert totals.oom_splits == {"denoiser": 3.0, "vae_decoder": 3.0}
+    for counts in ({"oom_splits_denoiser": 2}, {"oom_splits_denoiser": 1, "oom_splits_vae_decoder": 3, "texts_encoded": 4}, {}):
+        totals.add(part_summary(ok_rows=1, error_rows=0, busy={}, counts=counts))
+    assert oom_splits_per_stage(totals.counts) == {"denoiser": 3, "vae_decoder": 3}
 
 
 def test_vae_batch_size_reaches_the_fused_actor_and_other_options_there_are_refused(tmp_path, model_cache):

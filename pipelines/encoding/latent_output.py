@@ -29,7 +29,7 @@ from pipelines.runtime.schemas import (
     latents_schema, tensor_type,
 )
 from pipelines.runtime.stats import stats_of_latents
-from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, OOM_SPLITS_COLUMN_PREFIX, failed_rows, pop_counts
+from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, failed_rows, pop_counts
 
 ENCODE_STAGE = "vae_encoder"  # the ``stage`` of errors found after encoding
 
@@ -53,7 +53,7 @@ class LatentLayout:
 
 def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: LatentLayout, run: int) -> dict[str, np.ndarray]:
     """Ray Data task: encoded rows -> one ``latents/`` part (non-finite rows to ``errors/``) -> a summary row."""
-    busy, oom_splits = pop_busy_seconds(batch), pop_counts(batch, OOM_SPLITS_COLUMN_PREFIX)
+    busy, counts = pop_busy_seconds(batch), pop_counts(batch)
     rows = len(batch["id"])
 
     # 1. the values as stored: checks and statistics are of what readers will see
@@ -74,7 +74,7 @@ def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: L
     table = latents_table(batch, keep, latents, flipped, layout, run) if len(keep) else None
     stats = stats_of_latents([latents[i] for i in keep])
     output.commit(table, errors_table, stats)
-    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy, oom_splits=oom_splits)
+    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy, counts=counts)
 
 
 def _error_row(batch: dict, i: int, run: int, **fields) -> dict:

@@ -18,14 +18,14 @@ from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.schemas import ERRORS_SCHEMA, manifest_schema
 from pipelines.runtime.stats import stats_of_rows
-from workers.runtime.columns import OOM_SPLITS_COLUMN_PREFIX, pop_counts
+from workers.runtime.columns import pop_counts
 
 
 def commit_generated(
     batch: dict[str, np.ndarray], *, output: RunOutput, image_format: str, quality: int, scheduler: str, save_latents: bool,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a block of generated rows -> images, one manifest part, one errors part -> a summary row."""
-    busy, oom_splits = pop_busy_seconds(batch), pop_counts(batch, OOM_SPLITS_COLUMN_PREFIX)
+    busy, counts = pop_busy_seconds(batch), pop_counts(batch)
     # 1. images first: a manifest row never points to an image that is not there
     batch = write_generated_images(batch, output.uri, image_format, quality, keep_latents=save_latents)
 
@@ -37,7 +37,7 @@ def commit_generated(
         results = manifest_table(ok, scheduler, save_latents)
         stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
     output.commit(results, errors_table(batch, failed), stats)
-    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, oom_splits=oom_splits)
+    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, counts=counts)
 
 
 def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table | None:

@@ -34,6 +34,14 @@ class StageOptions:
         return StageOptions(**{f.name: getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self)})
 
 
+def check_text_cache_fields(text_cache: bool, text_cache_mib: int | None) -> None:
+    """The job text cache's fields of a run config (generation and encoding)."""
+    if not isinstance(text_cache, bool):
+        raise ValueError(f"text_cache: must be true or false, got {text_cache!r}")
+    if text_cache_mib is not None and (not isinstance(text_cache_mib, int) or isinstance(text_cache_mib, bool) or text_cache_mib < 1):
+        raise ValueError(f"text_cache_mib: must be a whole number of MiB >= 1, got {text_cache_mib!r}")
+
+
 def parse_stage_option(text: str) -> tuple[str, str, float | int]:
     """``denoiser.batch_size=16`` -> ("denoiser", "batch_size", 16)."""
     try:
@@ -73,6 +81,10 @@ class GenerateConfig:
     max_image_size: int = 2048  # rows asking for more pixels per side go to errors
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
+    # one cache of text embeddings for the whole job: each distinct prompt and negative prompt
+    # is encoded once per job (while the cache holds it), not once per batch or actor
+    text_cache: bool = True
+    text_cache_mib: int | None = None  # its budget; None: a quarter of the cluster's object store (TEXT_CACHE_SHARE)
 
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
@@ -102,6 +114,7 @@ class GenerateConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_scheduler_name(self.scheduler)
+        check_text_cache_fields(self.text_cache, self.text_cache_mib)
         self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
 
     # fields that change what a run writes: a rerun into the same output must agree on them
@@ -191,6 +204,9 @@ class EncodeConfig:
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
     rows_per_part: int = 1000  # rows per latents/ part
+    # with --text-embeddings: each distinct caption encoded once per job (see GenerateConfig)
+    text_cache: bool = True
+    text_cache_mib: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("images", "output", "model", "image_column"):
@@ -220,6 +236,7 @@ class EncodeConfig:
         if self.min_image_size is not None and self.min_image_size < 1:
             raise ValueError(f"min_image_size: must be >= 1, got {self.min_image_size}")
         self.background_rgb()  # fails here, naming the field, rather than in a task
+        check_text_cache_fields(self.text_cache, self.text_cache_mib)
         self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
 
     def background_rgb(self) -> tuple[int, int, int]:

@@ -27,7 +27,8 @@ from pipelines.runtime.progress import ProgressReporter
 from pipelines.runtime.run_record import library_versions, utc_now
 from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report
-from workers.runtime.columns import BUSY_COLUMN_PREFIX  # numpy only: commit tasks import this module
+from pipelines.runtime.text_cache import start_text_cache, stop_text_cache
+from workers.runtime.columns import BUSY_COLUMN_PREFIX, OOM_SPLITS_COLUMN_PREFIX, COUNT_COLUMN_PREFIX  # numpy only: commit tasks import this module
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,17 @@ def pop_busy_seconds(batch: dict[str, np.ndarray]) -> dict[str, float]:
             for column in list(batch) if column.startswith(BUSY_COLUMN_PREFIX)}
 
 
-def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float], oom_splits: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """The one row a commit task sends the driver per block: counts, busy seconds and
-    out-of-memory batch halvings per stage, no row data."""
+def oom_splits_per_stage(counts: dict[str, int]) -> dict[str, int]:
+    """Batches halved after out-of-memory errors, per stage (the workers' ``oom_splits_<stage>`` counts)."""
+    prefix = OOM_SPLITS_COLUMN_PREFIX.removeprefix(COUNT_COLUMN_PREFIX)
+    return {name.removeprefix(prefix): count for name, count in counts.items() if name.startswith(prefix) and count}
+
+
+def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float], counts: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The one row a commit task sends the driver per block: row counts, busy seconds, the workers' counts
+    (texts encoded, batches halved after out-of-memory errors, ...); no row data."""
     return {"ok_rows": np.array([ok_rows]), "error_rows": np.array([error_rows]), "busy": np.array([json.dumps(busy)], dtype=object),
-            "oom_splits": np.array([json.dumps(oom_splits or {})], dtype=object)}
+            "counts": np.array([json.dumps(counts or {})], dtype=object)}
 
 
 @dataclass
@@ -84,16 +91,18 @@ class RunTotals:
     ok_rows: int = 0
     error_rows: int = 0
     busy_seconds: dict[str, float] = field(default_factory=dict)
-    oom_splits: dict[str, int] = field(default_factory=dict)  # batches halved after out-of-memory errors, per stage
+    counts: dict[str, int] = field(default_factory=dict)  # the workers' counts (texts_encoded, texts_reused)
 
     def add(self, summary: dict[str, np.ndarray]) -> int:
         ok, errors = int(summary["ok_rows"].sum()), int(summary["error_rows"].sum())
         self.ok_rows += ok
         self.error_rows += errors
-        for totals, column in ((self.busy_seconds, "busy"), (self.oom_splits, "oom_splits")):
-            for text in summary.get(column, ()):
-                for stage, value in json.loads(text).items():
-                    totals[stage] = totals.get(stage, 0) + value
+        for text in summary["busy"]:
+            for stage, seconds in json.loads(text).items():
+                self.busy_seconds[stage] = self.busy_seconds.get(stage, 0.0) + seconds
+        for text in summary.get("counts", ()):
+            for name, count in json.loads(text).items():
+                self.counts[name] = self.counts.get(name, 0) + count
         return ok + errors
 
 
@@ -130,10 +139,15 @@ def _run_job(plan: PlannedJob) -> dict:
     record = _start_record(plan, placement, stages, block_rows)
     plan.output.write_json("run.json", record)
 
-    # 2. pending rows -> stages -> commit tasks; the driver receives one summary per committed block
+    # 2. pending rows -> stages -> commit tasks; the driver receives one summary per committed block.
+    # The text stages share one cache of embeddings for the job (its actors stop with the run)
     totals = RunTotals()
-    for summary in plan.dataset(stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
-        progress.advance(totals.add(summary))
+    text_cache = start_text_cache(plan, stages)
+    try:
+        for summary in plan.dataset(stages, block_rows).iter_batches(batch_size=None, batch_format="numpy"):
+            progress.advance(totals.add(summary))
+    finally:
+        record["text_cache"] = stop_text_cache(text_cache, totals.counts)
     return _finish(plan, record, started, progress, totals)
 
 
@@ -172,7 +186,10 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         finished_at=utc_now(), counts=counts, error_reasons=plan.error_reasons(), wall_seconds=round(wall, 3),
         images_per_second=round(produced / wall, 4) if wall > 0 else None,
         stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
-        oom_splits={name: int(count) for name, count in (totals.oom_splits if totals else {}).items() if count},
+        oom_splits=oom_splits_per_stage(totals.counts if totals else {}),
+        # distinct texts of each batch: encoded by a text encoder, or served from a cache (the run's only)
+        texts_encoded=totals.counts.get("texts_encoded", 0) if totals else 0,
+        texts_reused=totals.counts.get("texts_reused", 0) if totals else 0,
     )
     lease.check(plan.output.uri)  # a run whose lease another run took does not write the record over the other's
     plan.output.write_json("run.json", record)

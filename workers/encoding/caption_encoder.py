@@ -38,4 +38,5 @@ class CaptionEncoderWorker(TextEncoderWorker):
                 batch[name] = stack_column(with_placeholders(values)) if captions else np.empty((0,))
             # 2. which captions lost tokens to a tokenizer's limit
             batch["caption_truncated"] = np.array([self.is_truncated(text) for text in captions], dtype=bool)
+        self.take_counts(batch)
         return batch

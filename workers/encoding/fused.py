@@ -12,11 +12,13 @@ from workers.families import ModelFamily
 from workers.runtime.base import Batch, embedding_columns
 from workers.runtime.models import ModelDirectory
 from workers.runtime.devices import on_compute_thread
+from workers.runtime.text_cache import JobTextCache
 
 
 class FusedEncodingWorker:
     STAGE = "fused"
     STAGES = (CaptionEncoderWorker, VaeEncoderWorker)
+    USES_TEXT_CACHE = True  # its caption stage takes the job's text cache (``text_cache``)
     REQUIRED_COLUMNS = {**CaptionEncoderWorker.REQUIRED_COLUMNS, **VaeEncoderWorker.REQUIRED_COLUMNS}
 
     @classmethod
@@ -29,12 +31,14 @@ class FusedEncodingWorker:
 
     @on_compute_thread
     def __init__(self, model, *, sample: str = "mean", flip: bool = False, max_sequence_length: int | None = None,
-                 dtype: str = "auto", device: str | None = None,
-                 vae_batch_size: int | None = None, **options):
+                 dtype: str = "auto", device: str | None = None, vae_batch_size: int | None = None,
+                 text_cache: JobTextCache | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
         directory.preload((*family.text_components, family.vae_component), dtype, device)
-        self.caption_encoder = CaptionEncoderWorker(directory, max_sequence_length=max_sequence_length, dtype=dtype, device=device, **options)
+        self.caption_encoder = CaptionEncoderWorker(
+            directory, max_sequence_length=max_sequence_length, dtype=dtype, device=device, text_cache=text_cache, **options,
+        )
         self.vae_encoder = VaeEncoderWorker(directory, sample=sample, flip=flip, vae_batch_size=vae_batch_size, dtype=dtype, device=device, **options)
 
     @on_compute_thread

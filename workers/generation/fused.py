@@ -14,11 +14,13 @@ from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.base import Batch
 from workers.runtime.models import ModelDirectory
 from workers.runtime.devices import on_compute_thread
+from workers.runtime.text_cache import JobTextCache
 
 
 class FusedGenerationWorker:
     STAGE = "fused"
     STAGES = (TextEncoderWorker, DenoiserWorker, VaeDecoderWorker)
+    USES_TEXT_CACHE = True  # its text stage takes the job's text cache (``text_cache``)
     REQUIRED_COLUMNS = {**TextEncoderWorker.REQUIRED_COLUMNS, **DenoiserWorker.REQUIRED_COLUMNS}
 
     @classmethod
@@ -32,12 +34,13 @@ class FusedGenerationWorker:
     @on_compute_thread
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None,
                  max_sequence_length: int | None = None, dtype: str = "auto", device: str | None = None,
-                 vae_batch_size: int | None = None, **options):
+                 vae_batch_size: int | None = None, text_cache: JobTextCache | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
         directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype, device)
         self.text_encoder = TextEncoderWorker(
-            directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device, **options,
+            directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device,
+            text_cache=text_cache, **options,
         )
         self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device, **options)
         self.vae_decoder = VaeDecoderWorker(directory, vae_batch_size=vae_batch_size, dtype=dtype, device=device, **options)

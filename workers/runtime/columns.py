@@ -7,6 +7,9 @@ import numpy as np
 # each model worker adds a column "busy_seconds_<stage>": seconds its model was busy on the batch,
 # spread over the rows; the pipelines' commit tasks sum and remove it
 BUSY_COLUMN_PREFIX = "busy_seconds_"
+# a worker may add columns "count_<name>": whole numbers (e.g. texts encoded) the commit tasks sum
+# and remove like the busy seconds; run.json holds each total as <name>
+COUNT_COLUMN_PREFIX = "count_"
 
 
 def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
@@ -23,12 +26,12 @@ def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
 
 # Rows a model stage could not compute (out of GPU memory, a non-finite image) carry why in
 # these columns ("" for the others); later stages skip them, and the commit tasks write them
-# to errors/ with their stage and reason. Each worker also adds "oom_splits_<stage>": how
+# to errors/ with their stage and reason. Each worker also adds "count_oom_splits_<stage>": how
 # often it halved a batch after running out of GPU memory (the batch's count on its first row).
 FAILED_STAGE_COLUMN = "failed_stage"
 FAILED_CODE_COLUMN = "failed_code"
 FAILED_REASON_COLUMN = "failed_reason"
-OOM_SPLITS_COLUMN_PREFIX = "oom_splits_"
+OOM_SPLITS_COLUMN_PREFIX = f"{COUNT_COLUMN_PREFIX}oom_splits_"  # a count: run.json groups them per stage
 
 
 def failed_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -57,6 +60,7 @@ def with_placeholders(values: list[np.ndarray | None], dtype=np.float32) -> list
     return [np.zeros((0,) * ndim, dtype) if value is None else value for value in values]
 
 
-def pop_counts(batch: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
-    """Remove the columns named ``<prefix><stage>``; their sum per stage."""
-    return {column.removeprefix(prefix): float(np.sum(batch.pop(column))) for column in list(batch) if column.startswith(prefix)}
+def pop_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """Remove the workers' count columns (``count_<name>``: texts encoded, batches halved, ...) from ``batch``; their sums."""
+    return {column.removeprefix(COUNT_COLUMN_PREFIX): int(np.sum(batch.pop(column)))
+            for column in list(batch) if column.startswith(COUNT_COLUMN_PREFIX)}
