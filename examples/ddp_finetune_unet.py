@@ -111,6 +111,10 @@ def train(rank: int, world_size: int, args: argparse.Namespace) -> None:
         torch.save({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "loaders": loaders},
                    os.path.join(checkpoint_dir, "state.pt"))
     distributed.barrier()
+    # 6. tear down in order, while both ranks are here: DDP's reducer holds the process group,
+    # which would otherwise be freed with train()'s locals after the other rank had left (one
+    # rank was seen hanging there once: its stack ended in spawn's _wrap, after train returned)
+    del model, optimizer
     distributed.destroy_process_group()
 
 
