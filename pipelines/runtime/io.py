@@ -31,6 +31,11 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 
+# what "nothing there" looks like: no such file, or a path below a file (a local output under a
+# regular file is refused by ``check_writable`` as a whole-job problem, exit 2, not a failed read)
+ABSENT = (FileNotFoundError, NotADirectoryError)
+
+
 class StorageError(Exception):
     """A listing, read or write that failed after the file system's own retries (exit 3).
 
@@ -139,7 +144,7 @@ def read_json(uri: str) -> Any | None:
         fs, path = filesystem(uri)
         try:
             data = fs.cat_file(path)
-        except FileNotFoundError:
+        except ABSENT:
             return None
     return json.loads(data)
 
@@ -211,7 +216,7 @@ def _is_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     # fs.isfile answers False for any error (a refused HEAD too): ask info, where only "not found" is False
     try:
         return fs.info(path)["type"] == "file"
-    except FileNotFoundError:
+    except ABSENT:
         return False
 
 
@@ -219,7 +224,7 @@ def _find_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     # fsspec's walk skips folders it fails to list unless told to raise; a folder that is not there lists nothing
     try:
         found = fs.find(path, on_error="raise") if "file" in _protocols(fs) else fs.find(path)
-    except FileNotFoundError:
+    except ABSENT:
         return []
     return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
 
