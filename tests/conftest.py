@@ -18,12 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 from contextlib import contextmanager
 
 import pytest
 
 DEFAULT_TIME_LIMIT = 300.0  # seconds per phase; the slowest test takes ~60 s alone
+NATIVE_GRACE = 30.0  # seconds the alarm may wait for a main thread stuck in native code
 
 
 class TimeLimitExceeded(Exception):
@@ -53,17 +55,54 @@ def _time_limit(item, phase: str):
     marker = item.get_closest_marker("time_limit")
     seconds = float(marker.args[0]) if marker else DEFAULT_TIME_LIMIT
 
-    def on_alarm(signum, frame):
-        # raised in the main thread, inside the test: pytest reports it as this test's failure
-        raise TimeLimitExceeded(f"{item.nodeid}: {phase} ran over its time limit of {seconds:g} s\n{process_tree_stacks()}")
+    raised = []
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
+    def on_alarm(signum, frame):
+        # raised in the main thread, inside the test: pytest reports it as this test's failure (once)
+        if not raised:
+            raised.append(True)
+            raise TimeLimitExceeded(f"{item.nodeid}: {phase} ran over its time limit of {seconds:g} s\n{process_tree_stacks()}")
+
+    def on_interrupt(signum, frame):
+        # the watchdog's SIGINT: the same failure; a user's Ctrl-C stays a KeyboardInterrupt
+        if watchdog.finished.is_set() and not watchdog.cancelled:
+            on_alarm(signum, frame)
+        else:
+            signal.default_int_handler(signum, frame)
+
+    # A main thread blocked in native code (ray.get waiting on the core worker) runs no Python
+    # signal handler; a SIGINT makes Ray return to Python, where the time limit then raises
+    watchdog = Watchdog(seconds + NATIVE_GRACE, item.nodeid)
+    previous = signal.signal(signal.SIGALRM, on_alarm), signal.signal(signal.SIGINT, on_interrupt)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    watchdog.start()
     try:
         yield
     finally:
+        watchdog.cancel()
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGALRM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+class Watchdog(threading.Thread):
+    """Interrupts the main thread when it is still in a test phase ``NATIVE_GRACE`` s after its limit."""
+
+    def __init__(self, seconds: float, nodeid: str):
+        super().__init__(daemon=True)
+        self.seconds, self.nodeid = seconds, nodeid
+        self.finished, self.cancelled = threading.Event(), False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.finished.set()
+
+    def run(self) -> None:
+        if self.finished.wait(self.seconds) or self.cancelled:
+            return
+        self.finished.set()
+        sys.__stderr__.write(f"\n{self.nodeid}: still inside native code {NATIVE_GRACE:g} s after its time limit: interrupting it\n")
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def process_tree_stacks() -> str:
