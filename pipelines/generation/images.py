@@ -64,7 +64,8 @@ def write_with_retries(uri: str, data: bytes) -> str | None:
             io.write_bytes(uri, data)
             return None
         except Exception as error:  # any backend's error: the row goes to errors with its text
-            failure = f"{type(error).__name__}: {error}"
+            # a StorageError names the temporary and final paths: the row's reason is its cause
+            failure = error.reason if isinstance(error, io.StorageError) else f"{type(error).__name__}: {error}"
             if attempt + 1 < WRITE_ATTEMPTS:
                 time.sleep(WRITE_RETRY_SECONDS * (attempt + 1))
     return f"cannot write the image after {WRITE_ATTEMPTS} attempts: {failure}"
