@@ -63,6 +63,13 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
     parser.add_argument("--image-quality", type=int, default=95, help="jpeg/webp quality (default: 95)")
     parser.add_argument("--save-latents", action="store_true", help="store each final latent in the manifest")
     parser.add_argument("--max-image-size", type=int, default=2048, help="largest height or width a row may ask for")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the denoiser's repeated blocks with torch.compile (regional compilation); each new "
+                             "input shape costs a warm-up (tens of seconds per actor on a GPU), counted in run.json's compile")
+    parser.add_argument("--attention-backend", metavar="NAME",
+                        help="diffusers' attention backend for the denoiser (FLUX.1, FLUX.2, Z-Image, Qwen-Image): e.g. "
+                             "_native_cudnn, _native_flash, flash (flash-attn installed), sage (sageattention installed); "
+                             "backends that download kernels (*_hub) are refused (default: diffusers' native)")
     add_stage_options(parser)
     add_ray_options(parser)
 
@@ -135,4 +142,5 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         seed=args.seed, batch_size=args.batch_size, image_format=args.image_format, image_quality=args.image_quality,
         save_latents=args.save_latents, placement=args.placement, overwrite=args.overwrite,
         max_image_size=args.max_image_size, dtype=args.dtype, stages=stage_overrides(args.stage), **text_cache_fields(args),
+        compile=args.compile, attention_backend=args.attention_backend,
     )

@@ -33,6 +33,7 @@ from workers.generation.fused import FusedGenerationWorker
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.schedulers import scheduler_label
+from workers.runtime.speed import DEFAULT_COMPILE_BACKEND, check_attention_device
 
 # what latent_stats.json covers (the same format as encode's)
 LATENT_STATS_OVER = "the final latents of the manifest rows (what the VAE decoder received)"
@@ -71,10 +72,15 @@ def build_model_stages(config: GenerateConfig, model: ModelDescription, placemen
             kwargs["true_cfg_scale"] = config.true_cfg_scale
         if worker in (DenoiserWorker, FusedGenerationWorker):
             kwargs["scheduler"] = config.scheduler
+            kwargs["compile_backend"] = DEFAULT_COMPILE_BACKEND if config.compile else None
+            kwargs["attention_backend"] = config.attention_backend
         if worker in (VaeDecoderWorker, FusedGenerationWorker):
             kwargs["vae_batch_size"] = vae_batch
         stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
     resolve_stages(stages, model.family, config.dtype)
+    for stage in stages:
+        if "attention_backend" in stage.constructor_kwargs:  # the denoiser's stage: its device is now known
+            check_attention_device(config.attention_backend, stage.constructor_kwargs["device"])
     return stages
 
 

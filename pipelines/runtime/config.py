@@ -85,6 +85,9 @@ class GenerateConfig:
     # is encoded once per job (while the cache holds it), not once per batch or actor
     text_cache: bool = True
     text_cache_mib: int | None = None  # its budget; None: a quarter of the cluster's object store (TEXT_CACHE_SHARE)
+    # opt-in speed for the denoiser (``workers.runtime.speed``); like batch sizes, not part of the output's identity
+    compile: bool = False  # regional torch.compile of its repeated blocks
+    attention_backend: str | None = None  # diffusers' attention backend (flash, sage, _native_cudnn, ...); None: diffusers' default
 
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
@@ -115,6 +118,10 @@ class GenerateConfig:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_scheduler_name(self.scheduler)
         check_text_cache_fields(self.text_cache, self.text_cache_mib)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be true or false, got {self.compile!r}")
+        if self.attention_backend is not None and (not isinstance(self.attention_backend, str) or not self.attention_backend.strip()):
+            raise ValueError(f"attention_backend: must be a backend name, got {self.attention_backend!r}")
         self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
 
     # fields that change what a run writes: a rerun into the same output must agree on them
@@ -134,9 +141,11 @@ class GenerateConfig:
         from workers.runtime.presets import recommended_guidance
 
         from workers.runtime.devices import check_dtype
+        from workers.runtime.speed import check_attention_backend
 
         model.family.check_options(scheduler=self.scheduler, max_sequence_length=self.max_sequence_length, true_cfg_scale=self.true_cfg_scale)
         check_dtype(model.family, self.dtype)
+        check_attention_backend(model.family, self.attention_backend)
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and value % model.shape.size_multiple:

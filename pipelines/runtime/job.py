@@ -28,6 +28,7 @@ from pipelines.runtime.run_record import library_versions, utc_now
 from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report
 from pipelines.runtime.text_cache import start_text_cache, stop_text_cache
+from workers.runtime.speed import compile_record
 from workers.runtime.columns import BUSY_COLUMN_PREFIX, OOM_SPLITS_COLUMN_PREFIX, COUNT_COLUMN_PREFIX  # numpy only: commit tasks import this module
 
 logger = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         # distinct texts of each batch: encoded by a text encoder, or served from a cache (the run's only)
         texts_encoded=totals.counts.get("texts_encoded", 0) if totals else 0,
         texts_reused=totals.counts.get("texts_reused", 0) if totals else 0,
+        # --compile: graphs compiled, recompiles (graphs compiled after a shape's warm-up), warm-up seconds
+        compile=compile_record(totals.counts if totals else {}),
     )
     lease.check(plan.output.uri)  # a run whose lease another run took does not write the record over the other's
     plan.output.write_json("run.json", record)

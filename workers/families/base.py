@@ -85,6 +85,10 @@ class ModelFamily:
     # otherwise) overflow in float16 (NaN or black images): bfloat16, float16 refused
     cuda_dtype: ClassVar[str] = "bfloat16"
     float16_safe: ClassVar[bool] = False
+    # whether the denoiser's attention runs through diffusers' dispatcher, so that
+    # ``--attention-backend`` applies (diffusers 0.42: FLUX.1, FLUX.2, Z-Image, Qwen-Image; not the
+    # U-Net's or SD3's attention processors)
+    attention_dispatch: ClassVar[bool] = False
 
     @property
     def denoiser_components(self) -> tuple[str, ...]:

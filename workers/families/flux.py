@@ -15,6 +15,7 @@ class Flux(ModelFamily):
     pipeline_class = "FluxPipeline"
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     denoiser_component = "transformer"
+    attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn
     embedding_columns = ("prompt_embeds", "pooled_prompt_embeds")
     default_steps = 28
     default_guidance = 3.5

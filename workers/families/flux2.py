@@ -34,6 +34,7 @@ class Flux2(ModelFamily):
     """What FLUX.2 pipelines share: the VAE's batch-norm maths, 16-pixel sizes, flow matching."""
 
     denoiser_component = "transformer"
+    attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn
     schedulers = FLOW_SCHEDULERS
     split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # Qwen3 / Mistral take a third
     default_max_sequence_length = 512

@@ -16,6 +16,7 @@ class QwenImage(ModelFamily):
     pipeline_class = "QwenImagePipeline"
     text_components = ("tokenizer", "text_encoder")
     denoiser_component = "transformer"
+    attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn
     default_steps = 50  # QwenImagePipeline's
     # the released model has no guidance embedding: it ignores a row's guidance (see describe)
     default_guidance = 0.0

@@ -16,6 +16,7 @@ class ZImage(ModelFamily):
     pipeline_class = "ZImagePipeline"
     text_components = ("tokenizer", "text_encoder")
     denoiser_component = "transformer"
+    attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn
     default_steps = 50
     default_guidance = 5.0
     guidance_rule = "classifier-free guidance when guidance_scale > 0 (cond + scale * (cond - uncond))"

@@ -34,7 +34,8 @@ class FusedGenerationWorker:
     @on_compute_thread
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None,
                  max_sequence_length: int | None = None, dtype: str = "auto", device: str | None = None,
-                 vae_batch_size: int | None = None, text_cache: JobTextCache | None = None, **options):
+                 vae_batch_size: int | None = None, text_cache: JobTextCache | None = None,
+                 compile_backend: str | None = None, attention_backend: str | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
         directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype, device)
@@ -42,7 +43,8 @@ class FusedGenerationWorker:
             directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device,
             text_cache=text_cache, **options,
         )
-        self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device, **options)
+        self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device,
+                                       compile_backend=compile_backend, attention_backend=attention_backend, **options)
         self.vae_decoder = VaeDecoderWorker(directory, vae_batch_size=vae_batch_size, dtype=dtype, device=device, **options)
 
     @on_compute_thread
