@@ -6,6 +6,7 @@ batches with one CPU generator per prompt, and writes each image as a PNG, as a 
 own script would. Timed from outside, as a whole process (imports and loading included).
 
     python bench/diffusers_baseline.py --model DIR --prompts prompts.parquet --output DIR --steps 20 --size 128 --batch-size 8
+    python bench/diffusers_baseline.py ... --device cuda --dtype bfloat16      # on a GPU (bench/gpu_benchmark.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, required=True)
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     options = parser.parse_args(argv)
 
     from diffusers import DiffusionPipeline
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.disable_progress_bar()
     torch.set_num_threads(os.cpu_count() or 1)
-    pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True, torch_dtype=getattr(torch, options.dtype)).to(options.device)
     pipe.set_progress_bar_config(disable=True)
     table = pq.read_table(options.prompts).to_pylist()
     os.makedirs(options.output, exist_ok=True)
