@@ -29,7 +29,9 @@ from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report
 from pipelines.runtime.text_cache import start_text_cache, stop_text_cache
 from workers.runtime.speed import compile_record
-from workers.runtime.columns import BUSY_COLUMN_PREFIX, OOM_SPLITS_COLUMN_PREFIX, COUNT_COLUMN_PREFIX  # numpy only: commit tasks import this module
+from workers.runtime.columns import (  # numpy only: commit tasks import this module
+    BUSY_COLUMN_PREFIX, COUNT_COLUMN_PREFIX, OOM_SPLITS_COLUMN_PREFIX, PEAK_MEMORY_COLUMN_PREFIX, combine_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,14 @@ def oom_splits_per_stage(counts: dict[str, int]) -> dict[str, int]:
     return {name.removeprefix(prefix): count for name, count in counts.items() if name.startswith(prefix) and count}
 
 
+def peak_memory_per_stage(counts: dict[str, int], busy: dict[str, float]) -> dict[str, float | None]:
+    """Each model stage's peak GPU memory in GiB (resident models included), from the workers' ``peak_``
+    counts; None where it was not measured (a stage on CPU)."""
+    prefix = PEAK_MEMORY_COLUMN_PREFIX.removeprefix(COUNT_COLUMN_PREFIX)
+    peaks = {name.removeprefix(prefix): count for name, count in counts.items() if name.startswith(prefix)}
+    return {stage: round(peaks[stage] / 2**30, 3) if stage in peaks else None for stage in sorted(set(busy) | set(peaks))}
+
+
 def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float], counts: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """The one row a commit task sends the driver per block: row counts, busy seconds, the workers' counts
     (texts encoded, batches halved after out-of-memory errors, ...); no row data."""
@@ -103,7 +113,7 @@ class RunTotals:
                 self.busy_seconds[stage] = self.busy_seconds.get(stage, 0.0) + seconds
         for text in summary.get("counts", ()):
             for name, count in json.loads(text).items():
-                self.counts[name] = self.counts.get(name, 0) + count
+                self.counts[name] = combine_counts(name, self.counts.get(name, 0), count)
         return ok + errors
 
 
@@ -164,9 +174,16 @@ def job_block_rows(plan: PlannedJob, stages: list[Stage]) -> int:
 def _start_record(plan: PlannedJob, placement: str | None, stages: list[Stage], block_rows: int | None) -> dict:
     return {
         "status": "running", "started_at": utc_now(), "identity": plan.identity, "config": plan.config.to_dict(),
-        "model": plan.model.identity(), "placement": placement, "stages": {stage.name: vars(stage.options) for stage in stages},
+        "model": plan.model.identity(), "placement": placement, "stages": {stage.name: stage_record(stage) for stage in stages},
         "rows_per_block": block_rows, "versions": library_versions(), **plan.record_fields(),
     }
+
+
+def stage_record(stage: Stage) -> dict:
+    """What run.json says of a stage: its options, the device and dtype its workers loaded in, its GPU share
+    (each actor's memory is capped to it when below 1)."""
+    kwargs = stage.constructor_kwargs
+    return {**vars(stage.options), "device": kwargs.get("device"), "dtype": kwargs.get("dtype"), "gpu_share": kwargs.get("gpu_share")}
 
 
 def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressReporter, totals: RunTotals | None) -> dict:
@@ -188,6 +205,8 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         images_per_second=round(produced / wall, 4) if wall > 0 else None,
         stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
         oom_splits=oom_splits_per_stage(totals.counts if totals else {}),
+        # per worker stage (text_encoder, denoiser, ...; in a fused actor, each of its stages): GiB, or null on CPU
+        peak_gpu_memory_gib=peak_memory_per_stage(totals.counts, totals.busy_seconds) if totals else {},
         # distinct texts of each batch: encoded by a text encoder, or served from a cache (the run's only)
         texts_encoded=totals.counts.get("texts_encoded", 0) if totals else 0,
         texts_reused=totals.counts.get("texts_reused", 0) if totals else 0,

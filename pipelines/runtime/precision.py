@@ -24,10 +24,12 @@ def stage_device(stage: Stage) -> str:
 
 
 def resolve_stages(stages: list[Stage], family: ModelFamily, dtype: str) -> None:
-    """Give each stage's workers their device and resolved dtype (plain strings)."""
+    """Give each stage's workers their device, resolved dtype (plain strings) and share of a GPU
+    (``workers.runtime.memory.cap_gpu_memory``: below 1, the actor caps its memory to it)."""
     for stage in stages:
         device = stage_device(stage)
-        stage.constructor_kwargs.update(device=device, dtype=resolve_dtype(family, dtype, device))
+        share = stage.options.num_gpus if device == "cuda" else None
+        stage.constructor_kwargs.update(device=device, dtype=resolve_dtype(family, dtype, device), gpu_share=share)
 
 
 def stage_precision(stages: list[Stage], roles: dict[str, tuple[str, ...]]) -> dict[str, str]:

@@ -35,7 +35,7 @@ class FusedEncodingWorker:
                  text_cache: JobTextCache | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
-        directory.preload((*family.text_components, family.vae_component), dtype, device)
+        directory.preload((*family.text_components, family.vae_component), dtype, device, options.get("gpu_share"))
         self.caption_encoder = CaptionEncoderWorker(
             directory, max_sequence_length=max_sequence_length, dtype=dtype, device=device, text_cache=text_cache, **options,
         )

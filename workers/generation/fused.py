@@ -38,7 +38,7 @@ class FusedGenerationWorker:
                  compile_backend: str | None = None, attention_backend: str | None = None, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
-        directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype, device)
+        directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype, device, options.get("gpu_share"))
         self.text_encoder = TextEncoderWorker(
             directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device,
             text_cache=text_cache, **options,

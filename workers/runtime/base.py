@@ -18,7 +18,7 @@ import numpy as np
 from workers.runtime.columns import BUSY_COLUMN_PREFIX, OOM_SPLITS_COLUMN_PREFIX, failed_rows, mark_failed
 from workers.runtime.devices import pick_device, set_torch_threads
 from workers.families import ModelFamily
-from workers.runtime.memory import OUT_OF_MEMORY, run_in_halves
+from workers.runtime.memory import OUT_OF_MEMORY, cap_gpu_memory, peak_memory_column, reset_peak_memory, run_in_halves
 from workers.runtime.models import ModelDirectory, ModelSource
 
 Batch = dict[str, np.ndarray]
@@ -29,11 +29,13 @@ class ModelWorker:
     REQUIRED_COLUMNS: ClassVar[dict[str, str]]  # column -> what it holds, for every family
     OUTPUT_COLUMNS: ClassVar[tuple[str, ...]]
 
-    def __init__(self, model: ModelSource | ModelDirectory, *, dtype: str = "auto", device: str | None = None, threads: int | None = None):
+    def __init__(self, model: ModelSource | ModelDirectory, *, dtype: str = "auto", device: str | None = None, threads: int | None = None,
+                 gpu_share: float | None = None):
         self.model = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         self.family: ModelFamily = self.model.family
         # the driver resolves both (``pipelines.runtime.precision``); None / "auto": decided here
         self.device, self.dtype = pick_device(dtype, device, self.family)
+        cap_gpu_memory(self.device.type, gpu_share)  # before any model loads
         self._oom_splits = 0  # batch halvings after out-of-memory errors, in the batch being computed
         if self.device.type == "cpu":
             set_torch_threads(threads)
@@ -61,12 +63,14 @@ class ModelWorker:
         whatever batches and workers the rows went through.
         """
         started, self._oom_splits = time.perf_counter(), 0
+        reset_peak_memory(self.device.type)
         yield
         rows = len(next(iter(batch.values())))
         batch[self.busy_column()] = np.full(rows, (time.perf_counter() - started) / max(rows, 1))
         mark_failed(batch, {}, self.STAGE)  # every batch carries the failure columns, whatever its stages
         # the batch's halvings on its first row: summed over rows, the stage's count
         batch[f"{OOM_SPLITS_COLUMN_PREFIX}{self.STAGE}"] = np.array([self._oom_splits] + [0] * (rows - 1), dtype=np.int64)[:rows]
+        batch.update(peak_memory_column(self.device.type, self.STAGE, rows))
 
     def rows_to_compute(self, batch: Batch, rows: list[int]) -> list[int]:
         """``rows`` without those an earlier stage could not compute."""

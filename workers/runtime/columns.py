@@ -32,6 +32,14 @@ FAILED_STAGE_COLUMN = "failed_stage"
 FAILED_CODE_COLUMN = "failed_code"
 FAILED_REASON_COLUMN = "failed_reason"
 OOM_SPLITS_COLUMN_PREFIX = f"{COUNT_COLUMN_PREFIX}oom_splits_"  # a count: run.json groups them per stage
+# "count_peak_<...>" columns are maxima, not sums: a stage's peak GPU memory is the largest of its batches'
+PEAK_COUNT_PREFIX = "peak_"
+PEAK_MEMORY_COLUMN_PREFIX = f"{COUNT_COLUMN_PREFIX}{PEAK_COUNT_PREFIX}gpu_memory_bytes_"
+
+
+def combine_counts(name: str, first: int, second: int) -> int:
+    """Two totals of the count ``name``: the larger for a peak, else their sum."""
+    return max(first, second) if name.startswith(PEAK_COUNT_PREFIX) else first + second
 
 
 def failed_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -62,5 +70,8 @@ def with_placeholders(values: list[np.ndarray | None], dtype=np.float32) -> list
 
 def pop_counts(batch: dict[str, np.ndarray]) -> dict[str, int]:
     """Remove the workers' count columns (``count_<name>``: texts encoded, batches halved, ...) from ``batch``; their sums."""
-    return {column.removeprefix(COUNT_COLUMN_PREFIX): int(np.sum(batch.pop(column)))
-            for column in list(batch) if column.startswith(COUNT_COLUMN_PREFIX)}
+    counts = {}
+    for column in [column for column in batch if column.startswith(COUNT_COLUMN_PREFIX)]:
+        name, values = column.removeprefix(COUNT_COLUMN_PREFIX), batch.pop(column)
+        counts[name] = int(np.max(values, initial=0) if name.startswith(PEAK_COUNT_PREFIX) else np.sum(values))
+    return counts

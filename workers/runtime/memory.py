@@ -1,4 +1,10 @@
-"""GPU memory: recovering from out-of-memory errors by halving batches, and VAE tiling for large images.
+"""GPU memory: each actor's share, peaks per stage, recovering from out-of-memory errors by halving
+batches, and VAE tiling for large images.
+
+Ray's fractional GPUs (``num_gpus=0.3``) only count: an actor may still take the whole GPU and
+starve the actors beside it. An actor given a fraction caps its own process to it
+(``cap_gpu_memory``), so split placement on one GPU cannot starve a neighbour: the actor that
+outgrows its share gets the out-of-memory error, and halves its batch.
 
 One out-of-memory batch used to kill its actor and the whole block. Every model call of
 every worker goes through ``run_in_halves``: on a CUDA out-of-memory error the cached
@@ -14,12 +20,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from workers.runtime.columns import PEAK_MEMORY_COLUMN_PREFIX
+
 OUT_OF_MEMORY = "out_of_memory"  # the failure code of a row that does not fit even alone
 # Images above this many pixels are decoded and encoded by the VAE in tiles (diffusers'
 # ``enable_tiling``): 2048x2048. A VAE's activations grow with the pixels (about 3 GB per
 # 1024x1024 image for Qwen-Image-class VAEs); tiles bound them, at the cost of faint seams,
 # so smaller images, which fit whole, never tile. Tiling depends on the size only: reruns agree.
 TILE_ABOVE_PIXELS = 2048 * 2048
+
+
+def cap_gpu_memory(device: str, share: float | None) -> None:
+    """Cap this process's CUDA allocations to ``share`` of the GPU (a fraction below 1; nothing otherwise, or on CPU)."""
+    if device != "cuda" or share is None or not 0 < share < 1:
+        return
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(share)
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start measuring a batch's peak from what is allocated now (the resident models)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_column(device: str, stage: str, rows: int) -> dict[str, np.ndarray]:
+    """The batch's peak of allocated GPU memory (models included), in bytes, on its first row; nothing on
+    CPU, where it is not measured (run.json then says null, not 0)."""
+    if device != "cuda" or rows == 0:
+        return {}
+    import torch
+
+    return {f"{PEAK_MEMORY_COLUMN_PREFIX}{stage}": np.array([torch.cuda.max_memory_allocated()] + [0] * (rows - 1), dtype=np.int64)}
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -75,7 +75,8 @@ class ModelDirectory:
         arguments: dict[str, Any] = {name: None for name in expected_components if name not in wanted}
         arguments.update({name: self._config_only(name) for name in config_only if self.has(name) and name not in wanted})
         # use_safetensors=True refuses pickled .bin weights: loading them can run code
-        pipe = pipeline_class.from_pretrained(self.path, **arguments, use_safetensors=True, local_files_only=True, dtype=dtype)
+        pipe = pipeline_class.from_pretrained(self.path, **arguments, use_safetensors=True, local_files_only=True, dtype=dtype,
+                                              **device_arguments(device))
         for name in wanted:
             module = getattr(pipe, name)
             if isinstance(module, torch.nn.Module):
@@ -86,11 +87,14 @@ class ModelDirectory:
         self._pipeline, self._loaded = pipe, frozenset(wanted)
         return pipe
 
-    def preload(self, components: tuple[str, ...], dtype: str, device: str | None = None) -> None:
-        """Load every component a fused actor's stages use, once; each stage then gets this pipeline."""
+    def preload(self, components: tuple[str, ...], dtype: str, device: str | None = None, gpu_share: float | None = None) -> None:
+        """Load every component a fused actor's stages use, once; each stage then gets this pipeline.
+        The actor's memory is capped to its GPU share first (``workers.runtime.memory.cap_gpu_memory``)."""
         from workers.runtime.devices import pick_device
+        from workers.runtime.memory import cap_gpu_memory
 
         device, torch_dtype = pick_device(dtype, device, self.family)
+        cap_gpu_memory(device.type, gpu_share)
         self.pipeline(components, device, torch_dtype)
 
     def _config_only(self, component: str) -> torch.nn.Module:
@@ -110,6 +114,17 @@ class ModelDirectory:
     @property
     def vae_scale_factor(self) -> int:
         return self.family.vae_scale_factor(self.config(self.family.vae_component))
+
+
+def device_arguments(device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load weights straight onto ``device``, in the dtype asked.
+
+    On CUDA, ``device_map`` makes diffusers and transformers create each module empty and copy
+    every tensor from the (memory-mapped) safetensors file to the GPU in its dtype: the host never
+    holds the whole model, let alone in float32 (FLUX.1's transformer alone is 48 GB in float32).
+    On CPU the weights load where they are used, as before.
+    """
+    return {"device_map": "cuda"} if device.type == "cuda" else {}
 
 
 def _quiet_libraries() -> None:
