@@ -33,6 +33,9 @@ INSTANCE_TYPES = {
     "g5.12xlarge": (48, 4),
     "g6.xlarge": (4, 1),
     "g6.12xlarge": (48, 4),
+    "g6e.2xlarge": (8, 1),
+    "g6e.12xlarge": (48, 4),
+    "p5.4xlarge": (16, 1),
     "p4d.24xlarge": (96, 8),
 }
 
@@ -143,11 +146,11 @@ def test_token_auth_is_consistent_on_every_node(raw):
     [
         ([FUSED_GPU_ACTOR] * 3, {"gpu_worker": 3}),  # --stage fused.concurrency=3: one GPU node each
         (SPLIT_GPU_ACTORS, {"gpu_worker": 1}),  # a split set shares one GPU
-        ([{"CPU": 8}], {"cpu_worker": 1}),  # a CPU stage too big for a g5.xlarge's 4 vCPUs
+        ([{"CPU": 12}], {"cpu_worker": 1}),  # a CPU stage too big for a g6e.2xlarge's 8 vCPUs
         ([{"CPU": 1, "latentray_cpu_node": 1}], {"cpu_worker": 1}),
         ([{"CPU": 1, "latentray_gpu_node": 1}], {"gpu_worker": 1}),
     ],
-    ids=["fused-3-gpus", "split-set", "cpu-stage-8-cpus", "cpu-marker", "gpu-marker"],
+    ids=["fused-3-gpus", "split-set", "cpu-stage-12-cpus", "cpu-marker", "gpu-marker"],
 )
 def test_autoscaler_launches_the_right_node_type(raw, demands, expected):
     """Ray's own bin packing (the autoscaler's get_nodes_for) for latentray's resource requests."""
