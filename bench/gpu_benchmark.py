@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(BENCH_FOLDER))  # the project, when run as `p
 from workers.runtime.speed import CPU_ATTENTION_BACKENDS, DEFAULT_COMPILE_BACKEND, DenoiserSpeed  # noqa: E402
 
 SECTIONS = ("flux", "sdxl", "vae", "zimage", "qwenimage", "job")
+PROCESS_SECONDS = 240  # one process of the whole-job section, at most
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the most specific name first
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
                     ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
@@ -371,7 +372,7 @@ def build_job_model(directory: str, settings: Settings) -> str:
 
 def time_process(command: list[str], environment: dict) -> float:
     started = time.perf_counter()
-    finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
+    finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment, timeout=PROCESS_SECONDS)
     seconds = time.perf_counter() - started
     if finished.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... exited {finished.returncode}:\n{finished.stderr[-2000:]}")
@@ -453,7 +454,9 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: Settings) -> Report:
+def run(settings: Settings, after_section: Callable[[Report], None] = lambda report: None) -> Report:
+    """Every section in turn; ``after_section`` sees the report after each (the files are written as it goes,
+    so that a run stopped from outside still leaves what it measured)."""
     report = Report(settings=asdict(settings), machine=machine(settings))
     started = time.perf_counter()
     for name in settings.sections:
@@ -473,6 +476,7 @@ def run(settings: Settings) -> Report:
         report.sections[name]["seconds"] = round(time.perf_counter() - section_started, 1)
         report.sections[name]["peak_memory_gib"] = peak_memory_gib(settings.device)
         reset_memory(settings.device)
+        after_section(report)
     return report
 
 
@@ -507,17 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_files(report: Report, json_path: str | None, markdown_path: str | None) -> None:
+    if json_path:
+        with open(json_path, "w") as json_file:
+            json.dump(asdict(report), json_file, indent=2, default=str)
+    if markdown_path:
+        with open(markdown_path, "w") as markdown_file:
+            markdown_file.write(markdown(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    report = run(settings_from(options))
-    table = markdown(report)
-    print(table)
-    if options.json:
-        with open(options.json, "w") as json_file:
-            json.dump({**asdict(report), "rows": [asdict(row) for row in report.rows]}, json_file, indent=2, default=str)
-    if options.markdown:
-        with open(options.markdown, "w") as markdown_file:
-            markdown_file.write(table)
+    report = run(settings_from(options), lambda partial: write_files(partial, options.json, options.markdown))
+    print(markdown(report))
     failed = [name for name, section in report.sections.items() if str(section.get("status", "")).startswith("failed")]
     return 1 if failed else 0
 

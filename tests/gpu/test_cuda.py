@@ -64,3 +64,53 @@ def test_a_real_cuda_out_of_memory_error_is_recognised_and_halved():
 
     run = run_in_halves([0, 1], compute)
     assert run.outputs == {0: 0, 1: 1} and run.splits == 1 and run.failed == []
+
+
+def test_an_actor_given_a_fraction_of_the_gpu_cannot_take_more(tiny_model_dir):
+    """Split placement on one GPU: a worker with gpu_share caps its process, so it gets the
+    out-of-memory error rather than starving its neighbours."""
+    from workers.generation.vae_decoder import VaeDecoderWorker
+
+    VaeDecoderWorker(tiny_model_dir, device="cuda", dtype="bfloat16", gpu_share=0.02)
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(int(total * 0.05), dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_models_load_straight_to_the_gpu_and_batches_record_their_peak(tiny_model_dir):
+    from workers.generation.fused import FusedGenerationWorker
+    from workers.runtime.columns import pop_counts
+
+    worker = FusedGenerationWorker(tiny_model_dir, device="cuda", dtype="bfloat16")
+    modules = (worker.denoiser.pipe.unet, worker.denoiser.pipe.text_encoder, worker.denoiser.pipe.vae)
+    assert {(p.device.type, p.dtype) for module in modules for p in module.parameters()} == {("cuda", torch.bfloat16)}
+    batch = {
+        "prompt": np.array(["a red circle"], dtype=object), "negative_prompt": np.array([""], dtype=object),
+        "seed": np.array([1]), "num_inference_steps": np.array([4]), "guidance_scale": np.array([7.5]),
+        "height": np.array([64]), "width": np.array([64]),
+    }
+    counts = pop_counts(worker(batch))
+    assert all(counts[f"peak_gpu_memory_bytes_{stage}"] > 0 for stage in ("text_encoder", "denoiser", "vae_decoder"))
+
+
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny"])
+def test_inductor_compiled_blocks_draw_the_same_images_on_cuda(preset, model_cache):
+    """--compile with the real backend (inductor) and a cuDNN attention where the family dispatches attention."""
+    from workers.generation.fused import FusedGenerationWorker
+
+    batch = {
+        "prompt": np.array(["a red circle", "a blue square"], dtype=object), "negative_prompt": np.array(["", ""], dtype=object),
+        "seed": np.array([1, 2]), "num_inference_steps": np.array([4, 4]), "guidance_scale": np.array([4.0, 4.0]),
+        "height": np.array([64, 64]), "width": np.array([64, 64]),
+    }
+    attention = "_native_cudnn" if preset == "tiny-flux" else None
+    eager = FusedGenerationWorker(preset, device="cuda", dtype="bfloat16")(dict(batch))["image"].astype(int)
+    compiled = FusedGenerationWorker(preset, device="cuda", dtype="bfloat16", compile_backend="inductor", attention_backend=attention)
+    first = compiled(dict(batch))
+    assert np.abs(first["image"].astype(int) - eager).mean() < 2  # bf16 kernels differ by rounding only
+    assert first["count_compile_graphs"].sum() > 0 and first["count_compile_recompiles"].sum() == 0
+    again = compiled(dict(batch))
+    assert again["count_compile_graphs"].sum() == 0
