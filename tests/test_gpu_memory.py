@@ -28,6 +28,24 @@ def test_weights_load_straight_to_the_gpu_and_where_they_are_used_on_cpu():
     assert device_arguments(torch.device("cpu")) == {}
 
 
+@pytest.mark.parametrize("preset", ["tiny-flux", "tiny-sdxl"])
+def test_loading_through_device_map_as_on_cuda_draws_the_same_images(preset, model_cache, monkeypatch):
+    """The CUDA load path (``device_map``), taken here to the CPU: same weights, same images, split stages included."""
+    from workers.generation.denoiser import DenoiserWorker
+    from workers.generation.fused import FusedGenerationWorker
+    from workers.runtime import models
+
+    batch = {
+        "prompt": np.array(["a red circle"], dtype=object), "negative_prompt": np.array(["blurry"], dtype=object),
+        "seed": np.array([1]), "num_inference_steps": np.array([2]), "guidance_scale": np.array([4.0]),
+        "height": np.array([32]), "width": np.array([32]),
+    }
+    expected = FusedGenerationWorker(preset, threads=1)(dict(batch))["image"]
+    monkeypatch.setattr(models, "device_arguments", lambda device: {"device_map": "cpu"})
+    assert np.array_equal(FusedGenerationWorker(preset, threads=1)(dict(batch))["image"], expected)
+    assert DenoiserWorker(preset, threads=1).pipe.text_encoder is None  # a split stage's pipeline loads too
+
+
 def test_stages_get_their_gpu_share_and_run_json_describes_each_stage(tmp_path, model_cache):
     from pipelines.generation.generate import plan_generation
     from pipelines.runtime.config import GenerateConfig, StageOptions
