@@ -77,8 +77,10 @@ class ModelFamily:
     default_true_cfg_scale: ClassVar[float] = 1.0
     # per-row columns beyond the common ones (name -> what it holds), passed to the denoiser
     conditioning_columns: ClassVar[dict[str, str]] = {}
-    # split placement on GPUs: each stage's share of one GPU per actor set (Ray's fractional GPUs).
-    # CLIP is small next to a U-Net; T5-XXL and Qwen3 are the second largest models of their families
+    # split placement on GPUs: each stage's share of one GPU per actor set (Ray's fractional GPUs), which
+    # each actor also caps its memory to (``workers.runtime.memory.cap_gpu_memory``): shares follow the
+    # models' weights, with room for activations. CLIP is small next to a U-Net; T5-XXL and Qwen3 are
+    # the second largest models of their families
     split_gpu_shares: ClassVar[dict[str, float]] = {"text_encoder": 0.1, "denoiser": 0.7, "vae_decoder": 0.2}
     # precision on CUDA (CPU always runs float32): what ``--dtype auto`` resolves to, and whether
     # ``--dtype float16`` is allowed. Transformer families (and any new family, unless it says

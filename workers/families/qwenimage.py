@@ -26,7 +26,9 @@ class QwenImage(ModelFamily):
         "QwenImagePipeline), on rows with a negative prompt (' ' guides away from an empty text)"
     )
     schedulers = FLOW_SCHEDULERS
-    split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # Qwen2.5-VL 7B next to a 20B transformer
+    # each actor caps its memory to its share (workers.runtime.memory): shares follow the weights in bf16,
+    # Qwen2.5-VL 7B (17 GB) beside a 41 GB transformer, with room for activations
+    split_gpu_shares = {"text_encoder": 0.25, "denoiser": 0.65, "vae_decoder": 0.1}
     default_max_sequence_length = 512  # __call__'s (encode_prompt's own default is 1024)
     max_sequence_length_limit = 1024  # QwenImagePipeline.check_inputs refuses more
     takes_true_cfg_scale = True

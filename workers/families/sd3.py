@@ -24,7 +24,9 @@ class StableDiffusion3(ModelFamily):
     default_guidance = 7.0
     guidance_rule = "classifier-free guidance when guidance_scale > 1"
     schedulers = FLOW_SCHEDULERS + ("flow-heun",)
-    split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
+    # each actor caps its memory to its share (workers.runtime.memory): shares follow the weights in bf16,
+    # SD3.5 large: T5-XXL and two CLIPs (11 GB) beside a 16 GB transformer, with room for activations
+    split_gpu_shares = {"text_encoder": 0.4, "denoiser": 0.5, "vae_decoder": 0.1}
     default_max_sequence_length = 256
     max_sequence_length_limit = 512
 

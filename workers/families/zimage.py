@@ -22,7 +22,9 @@ class ZImage(ModelFamily):
     guidance_rule = "classifier-free guidance when guidance_scale > 0 (cond + scale * (cond - uncond))"
     # ZImagePipeline passes its own sigmas and mu: only the flow-match Euler scheduler takes both
     schedulers = ("flow-euler",)
-    split_gpu_shares = {"text_encoder": 0.3, "denoiser": 0.5, "vae_decoder": 0.2}  # T5-XXL / Qwen3 take a third
+    # each actor caps its memory to its share (workers.runtime.memory): shares follow the weights in bf16,
+    # Qwen3-4B (8 GB) beside a 12 GB transformer, with room for activations
+    split_gpu_shares = {"text_encoder": 0.4, "denoiser": 0.5, "vae_decoder": 0.1}
     default_max_sequence_length = 512
     fixed_length_embeddings = False  # the pipeline drops each caption's padding
 
