@@ -12,7 +12,7 @@ Sections (``--sections``, default all, in this order):
     zimage      Z-Image transformer at 1024 px, batch 1 and 2
     qwenimage   Qwen-Image transformer at 1024 px, batch 1
     job         one whole ``latentray generate`` process against diffusers' own batched pipeline
-                (``bench/diffusers_baseline.py``) on the same GPU, at 512 px, an SD 1.x-shaped model,
+                (``bench/diffusers_baseline.py``) on the same GPU, at 512 px, an SD 1.5-shaped model,
                 at two job sizes: the steady-state ratio and the start-up difference (as the CPU
                 benchmark's ``--whole-process``)
 
@@ -359,17 +359,22 @@ def run_qwenimage(settings: Settings, report: Report) -> None:
 
 
 def build_job_model(directory: str, settings: Settings) -> str:
-    """A diffusers directory for the job: the ``tiny`` preset (smoke), else an SD 1.x-shaped model
-    (U-Net 320-640-640-640, CLIP 768 wide x 12 layers, VAE 128-512) with random weights."""
+    """A diffusers directory for the job: the ``tiny`` preset (smoke), else an SD 1.5-shaped model with
+    random weights: its U-Net exactly (diffusers' defaults, 860M parameters), CLIP 768 wide x 12 layers
+    (a byte-level vocabulary), a VAE of 128-512 channels."""
+    from diffusers import UNet2DConditionModel
+
     from workers.families import sd
     from workers.families.preset_parts import PresetSize
     from workers.runtime.presets import materialize_preset
 
     if settings.smoke:
         return materialize_preset("tiny")
-    size = PresetSize(denoiser_width=320, denoiser_depth=4, transformer_width=0, transformer_depth=0,
+    size = PresetSize(denoiser_width=32, denoiser_depth=2, transformer_width=0, transformer_depth=0,
                       vae_channels=(128, 256, 512, 512), text_width=768, text_layers=12, image_size=settings.job_size)
-    sd.build_preset(size).save_pretrained(directory, safe_serialization=True)
+    pipeline = sd.build_preset(size)
+    pipeline.unet = UNet2DConditionModel(sample_size=settings.job_size // 8, cross_attention_dim=768)
+    pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
 
 
