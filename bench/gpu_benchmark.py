@@ -137,10 +137,12 @@ def build(model_class: type, config: dict, device: str, dtype: torch.dtype) -> t
 
 
 def tiny_config(preset: str, component: str) -> dict:
-    """A preset's component config: the smoke mode's shapes, valid by construction."""
-    from workers.runtime.presets import build_preset_pipeline
+    """A preset's component config: the smoke mode's shapes, valid by construction (read from the
+    preset's cached directory, built once per machine)."""
+    from workers.runtime.presets import materialize_preset
 
-    return dict(getattr(build_preset_pipeline(preset), component).config)
+    with open(os.path.join(materialize_preset(preset), component, "config.json")) as config_file:
+        return json.load(config_file)
 
 
 def synchronize(device: str) -> None:

@@ -80,8 +80,8 @@ class DenoiserWorker(ModelWorker):
     def _denoise_warm(self, batch: Batch, rows: list[int], height: int, width: int, steps: int, guidance: float) -> np.ndarray:
         """``_denoise``, after a short warm-up call the first time a compiled denoiser sees this input shape,
         so that compiling is counted apart (``DenoiserSpeed``) and never mistaken for a recompile."""
-        shape = (height, width, len(rows), guidance > 1, *self.family.group_key(batch, rows[0]))
-        if self.speed.needs_warmup(shape):
+        shape = (height, width, len(rows), guidance > 1, *self.family.group_key(batch, rows[0])) if self.speed.compiling and rows else None
+        if shape is not None and self.speed.needs_warmup(shape):
             with self.speed.warmup(shape):
                 self._denoise(batch, rows, height, width, min(steps, WARMUP_STEPS), guidance)
         with self.speed.call():
