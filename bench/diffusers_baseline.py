@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(options.output, exist_ok=True)
     for start in range(0, len(table), options.batch_size):
         rows = table[start:start + options.batch_size]
-        images = pipe(  # prompt= by name: Flux2KleinPipeline's first positional argument is an image
+        images = pipe(  # prompt= by name: the FLUX.2 pipelines' first positional argument is an image
             prompt=[row["prompt"] for row in rows], num_inference_steps=options.steps, guidance_scale=options.guidance,
             height=options.size, width=options.size, generator=[torch.Generator("cpu").manual_seed(row["seed"]) for row in rows],
         ).images

@@ -32,6 +32,21 @@ class TimeLimitExceeded(Exception):
     """A test phase outlived its time limit (the message holds the stacks)."""
 
 
+def pytest_collection_finish(session):
+    """The fresh-install check waits on the package index: start it now, in the background."""
+    if any(item.path.name == "test_install.py" for item in session.items):
+        from test_install import start_resolve
+
+        directory = session.config._tmp_path_factory.mktemp("fresh-install")
+        session.config.fresh_install_resolve = start_resolve(str(directory))
+
+
+def pytest_unconfigure(config):
+    resolve = getattr(config, "fresh_install_resolve", None)
+    if resolve is not None and resolve.process.poll() is None:  # the session ended before the test collected it
+        resolve.process.kill()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     with _time_limit(item, "setup"):

@@ -42,7 +42,8 @@ def diffusers_reference(
     (and SDXL's per-row micro-conditioning) go to the pipeline's ``__call__`` as they are
     (Qwen-Image: its own default true_cfg_scale of 4 unless they say otherwise).
     FLUX.2 [klein] takes no negative text: a row's negative prompt goes in as
-    ``negative_prompt_embeds`` from the pipeline's own ``encode_prompt``.
+    ``negative_prompt_embeds`` from the pipeline's own ``encode_prompt``; FLUX.2 [dev]
+    takes no negative at all (no CFG): the row's is left out, as latentray ignores it.
     """
     import torch
     from diffusers import DiffusionPipeline
@@ -71,10 +72,10 @@ def diffusers_reference(
 
 
 def text_arguments(pipe, prompt: str, negative_prompt: str | None) -> dict:
-    """The prompt and negative prompt as the pipeline's ``__call__`` takes them (by name: FLUX.2 [klein]'s first argument is ``image``)."""
-    if type(pipe).__name__ != "Flux2KleinPipeline":
+    """The prompt and negative prompt as the pipeline's ``__call__`` takes them (by name: FLUX.2's first argument is ``image``)."""
+    if type(pipe).__name__ not in ("Flux2KleinPipeline", "Flux2Pipeline"):
         return {"prompt": prompt, "negative_prompt": negative_prompt}
-    if negative_prompt is None:  # the pipeline encodes "" itself
+    if negative_prompt is None or type(pipe).__name__ == "Flux2Pipeline":  # [klein] encodes "" itself; [dev] has no negative
         return {"prompt": prompt}
     return {"prompt": prompt, "negative_prompt_embeds": pipe.encode_prompt(negative_prompt)[0]}
 

@@ -14,9 +14,9 @@ from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.presets import materialize_preset
 
-FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"]
-# families whose Qwen text encoder keeps 512 tokens (the long prompt fits)
-QWEN_TEXT_PRESETS = ("tiny-zimage", "tiny-qwenimage", "tiny-flux2")
+FAMILY_PRESETS = ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2", "tiny-flux2-dev"]
+# families whose LLM text encoder (Qwen, Mistral) keeps 512 tokens (the long prompt fits)
+LLM_TEXT_PRESETS = ("tiny-zimage", "tiny-qwenimage", "tiny-flux2", "tiny-flux2-dev")
 LONG_PROMPT = "word " * 40  # 200 byte-level tokens: past CLIP's 77
 
 
@@ -61,8 +61,8 @@ def test_each_row_equals_the_family_pipeline_alone(family_model):
     for image, expected in zip(out["image"], diffusers_reference(model_dir, rows)):
         assert_images_match(image, expected)
     assert [image.shape for image in out["image"]] == [(64, 64, 3), (64, 64, 3), (32, 48, 3), (64, 64, 3)]
-    # the long prompt loses tokens to CLIP's 77; the Qwen encoders of Z-Image, Qwen-Image and FLUX.2 keep 512
-    assert out["prompt_truncated"].tolist() == [False, False, False, preset not in QWEN_TEXT_PRESETS]
+    # the long prompt loses tokens to CLIP's 77; the Qwen and Mistral encoders of Z-Image, Qwen-Image and FLUX.2 keep 512
+    assert out["prompt_truncated"].tolist() == [False, False, False, preset not in LLM_TEXT_PRESETS]
 
 
 def test_batch_size_and_split_placement_change_nothing(family_model):

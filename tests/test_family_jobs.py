@@ -90,17 +90,19 @@ def captioned_images(tmp_path_factory) -> str:
 
 
 # preset -> (latent channels, latent cells per side of a 64-pixel image): FLUX.2 stores 2x2 patches
-LATENT_LAYOUTS = {"tiny-sdxl": (4, 8), "tiny-sd3": (16, 8), "tiny-flux": (16, 8), "tiny-flux2": (128, 4)}
+LATENT_LAYOUTS = {"tiny-sdxl": (4, 8), "tiny-sd3": (16, 8), "tiny-flux": (16, 8), "tiny-flux2": (128, 4), "tiny-flux2-dev": (128, 4)}
 # the long text encoder's token budget: short enough that the long caption loses tokens
-# (FLUX.2's chat template alone takes 38 of them); SDXL's CLIP keeps 77
-TOKEN_BUDGETS = {"tiny-sdxl": None, "tiny-sd3": 32, "tiny-flux": 32, "tiny-flux2": 64}
+# (FLUX.2 [klein]'s chat template alone takes 38 of them, [dev]'s with its system message about 200);
+# SDXL's CLIP keeps 77
+TOKEN_BUDGETS = {"tiny-sdxl": None, "tiny-sd3": 32, "tiny-flux": 32, "tiny-flux2": 64, "tiny-flux2-dev": 256}
+FLUX2_PIPELINES = ("Flux2KleinPipeline", "Flux2Pipeline")
 
 
 def reference_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     """What the family's denoiser trains on, by diffusers' own functions (posterior means)."""
     vae = pipe.vae
     with torch.no_grad():
-        if type(pipe).__name__ == "Flux2KleinPipeline":  # patchified, batch-norm normalised: its image conditioning
+        if type(pipe).__name__ in FLUX2_PIPELINES:  # patchified, batch-norm normalised: their image conditioning
             return pipe._encode_vae_image(pixels, generator=None)
         return (vae.encode(pixels).latent_dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
@@ -109,7 +111,7 @@ def reference_embeddings(pipe, preset: str, captions: list[str]) -> dict[str, to
     """What the family's encode_prompt returns for each caption, named as latentray stores it."""
     budget = TOKEN_BUDGETS[preset]
     with torch.no_grad():
-        if preset == "tiny-flux2":
+        if preset in ("tiny-flux2", "tiny-flux2-dev"):
             return {"prompt_embeds": pipe.encode_prompt(captions, max_sequence_length=budget)[0]}
         if preset == "tiny-flux":
             prompt_embeds, pooled, _ = pipe.encode_prompt(captions, None, max_sequence_length=budget)
@@ -124,7 +126,7 @@ def reference_decode(pipe, latents: np.ndarray) -> np.ndarray:
     """uint8 images of latents as the denoiser sees them, decoded as the family's pipeline decodes its final latents."""
     vae, latents = pipe.vae, torch.from_numpy(latents)
     with torch.no_grad():
-        if type(pipe).__name__ == "Flux2KleinPipeline":  # the tail of its __call__: de-normalise, unpatchify
+        if type(pipe).__name__ in FLUX2_PIPELINES:  # the tail of their __call__: de-normalise, unpatchify
             mean = vae.bn.running_mean.view(1, -1, 1, 1)
             std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
             latents = pipe._unpatchify_latents(latents * std + mean)
@@ -134,7 +136,7 @@ def reference_decode(pipe, latents: np.ndarray) -> np.ndarray:
     return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-flux2-dev"])
 def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_session, tmp_path, captioned_images, preset):
     from diffusers import DiffusionPipeline
 
@@ -153,7 +155,7 @@ def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_ses
     channels, cells = LATENT_LAYOUTS[preset]
     assert latents.shape == (3, channels, cells, cells)
     np.testing.assert_allclose(latents, reference_latents(pipe, pixels).numpy(), atol=1e-4)
-    if preset == "tiny-flux2":  # a trainer packs a stored row into the tokens the pipeline feeds its transformer
+    if preset in ("tiny-flux2", "tiny-flux2-dev"):  # a trainer packs a stored row into the tokens the pipeline feeds its transformer
         with torch.no_grad():
             tokens, _ = pipe.prepare_image_latents([pixels[:1]], batch_size=1, generator=None, device="cpu", dtype=torch.float32)
         np.testing.assert_allclose(pipe._pack_latents(torch.from_numpy(latents[:1])).numpy(), tokens.numpy(), atol=1e-4)
@@ -167,7 +169,7 @@ def test_encoding_stores_the_family_latents_and_encode_prompt_embeddings(ray_ses
     assert len(stats["mean"]) == channels
 
     # 3. the report decodes sample latents with the family's VAE, as the family's pipeline decodes
-    if preset in ("tiny-flux", "tiny-flux2"):
+    if preset in ("tiny-flux", "tiny-flux2", "tiny-flux2-dev"):
         from pipelines.report import decoded_samples, write_report
 
         samples = decoded_samples(str(output), json.load(open(output / "run.json")), 3)
@@ -186,7 +188,7 @@ def test_unknown_pipeline_class_is_named_with_the_supported_ones(tmp_path, capsy
     json.dump({**index, "_class_name": "KandinskyV22Pipeline"}, open(model / "model_index.json", "w"))
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
     status, err = run_cli(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", str(model)], capsys)
-    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline" in err
+    assert status == 2 and "is a 'KandinskyV22Pipeline' pipeline; latentray runs Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline" in err
     assert "Traceback" not in err
 
 
@@ -242,6 +244,7 @@ def test_sd3_without_t5_runs_as_diffusers_allows(tmp_path, model_cache):
     ("tiny-qwenimage", ["--max-sequence-length", "1100"], "max_sequence_length: qwenimage models take at most 1024 tokens, got 1100"),
     ("tiny-flux2", ["--true-cfg-scale", "2"], "true_cfg_scale: FLUX.2 [klein] has no true CFG; base models run classifier-free guidance"),
     ("tiny-flux2", ["--height", "40"], "height: flux2-klein models need a multiple of 16, got 40"),
+    ("tiny-flux2-dev", ["--true-cfg-scale", "2"], "true_cfg_scale: FLUX.2 [dev] has no true CFG; guidance_scale feeds its guidance embedding"),
 ])
 def test_options_that_do_not_fit_the_family_stop_the_run(tmp_path, capsys, model_cache, model, flags, message):
     prompts = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
@@ -421,3 +424,28 @@ def test_flux2_klein_exports_for_diffusers_and_describes_each_variant(tmp_path, 
     base, step_distilled = describe_model(str(tmp_path / "base")).shape, describe_model(distilled).shape
     assert (base.default_steps, base.default_guidance, step_distilled.default_steps, step_distilled.default_guidance) == (50, 4.0, 4, 1.0)
     assert (base.size_multiple, base.latent_channels, base.vae_scale_factor, base.default_height) == (16, 128, 16, 1024)
+
+
+def test_flux2_dev_exports_for_diffusers_and_describes_it(tmp_path, model_cache):
+    import importlib.util
+
+    from diffusers import Flux2Pipeline
+
+    from pipelines.runtime.model_source import describe_model
+
+    # `latentray model export` writes what Flux2Pipeline loads: Mistral3 with the layers the pipeline stacks
+    model = tmp_path / "dev"
+    assert main(["model", "export", "tiny-flux2-dev", str(model)]) == 0
+    pipe = Flux2Pipeline.from_pretrained(str(model), local_files_only=True)
+    assert pipe.text_encoder.config.text_config.num_hidden_layers == 40 and pipe.transformer.config.guidance_embeds
+    assert pipe.transformer.config.joint_attention_dim == 3 * pipe.text_encoder.config.text_config.hidden_size
+    assert not list(model.rglob("*.bin"))  # safetensors only
+    shape = describe_model(str(model)).shape
+    assert (shape.default_steps, shape.default_guidance, shape.size_multiple, shape.latent_channels) == (50, 4.0, 16, 128)
+
+    # a released directory's PixtralProcessor needs torchvision: without it, the reason before any actor starts
+    index = json.load(open(model / "model_index.json"))
+    json.dump({**index, "tokenizer": ["transformers", "PixtralProcessor"]}, open(model / "model_index.json", "w"))
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ValueError, match="PixtralProcessor .FLUX.2 \\[dev\\]., which transformers loads only with torchvision"):
+            describe_model(str(model))

@@ -15,7 +15,7 @@ from workers.runtime.devices import resolve_dtype
 
 CPU_CLUSTER = ClusterShape(cpus=8, gpus=0)
 GPU_CLUSTER = ClusterShape(cpus=16, gpus=1)
-TRANSFORMER_FAMILIES = ("sd3", "flux", "zimage", "qwenimage")
+TRANSFORMER_FAMILIES = ("sd3", "flux", "zimage", "qwenimage", "flux2-klein", "flux2-dev")
 
 
 def family(name: str):

@@ -27,7 +27,7 @@ def test_half_precision_images_stay_close_to_float32(tiny_model_dir):
     assert np.abs(half - full).mean() < 8  # same seed, same picture up to rounding in fp16
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"])
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2-dev"])
 def test_every_family_runs_in_half_precision_on_cuda(preset, model_cache):
     """Each family's stages on CUDA in fp16/bf16: the same picture as float32, up to half-precision rounding."""
     from workers.generation.fused import FusedGenerationWorker

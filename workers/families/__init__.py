@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from workers.families.base import ModelFamily, ModelShape
 from workers.families.flux import Flux
-from workers.families.flux2 import Flux2Klein
+from workers.families.flux2 import Flux2Dev, Flux2Klein
 from workers.families.qwenimage import QwenImage
 from workers.families.sd import StableDiffusion
 from workers.families.sd3 import StableDiffusion3
@@ -24,6 +24,7 @@ FAMILIES: dict[str, ModelFamily] = {
         ZImage(),
         QwenImage(),
         Flux2Klein(),
+        Flux2Dev(),
     )
 }
 

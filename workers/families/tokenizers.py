@@ -4,6 +4,8 @@ Each covers every text without unknown tokens (byte-level pieces), so a preset
 tokenizes any prompt the way the real tokenizer's class does, only with more tokens.
 They save and load as the real classes do (``save_pretrained`` / ``from_pretrained``).
 ``chat_token_count`` counts a prompt's tokens as Qwen-based pipelines send it (any tokenizer).
+``mistral_tokenizer`` stands for FLUX.2 [dev]'s Mistral tokenizer (the released model wraps it in a
+``PixtralProcessor``, which needs torchvision; the pipeline uses only its chat template).
 """
 
 from __future__ import annotations
@@ -77,4 +79,40 @@ def qwen_tokenizer(model_max_length: int = 32768):
     )
     tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+# Mistral Small 3's chat template, reduced to what FLUX.2 [dev] sends: a system message, then user
+# messages, each content a list of {"type": "text"} parts; no generation prompt
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% else %}[INST]{{ text }}[/INST]{% endif %}"
+    "{% endfor %}"
+)
+# Mistral's control tokens, with Pixtral's image tokens (a PixtralProcessor looks them up) and the
+# instruction and system-prompt markers the chat template writes
+MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+def mistral_tokenizer(model_max_length: int = 131072):
+    """A Mistral (tekken-like) byte-level BPE tokenizer: Mistral's special tokens, then the 256 byte
+    symbols, no merges; the chat template FLUX.2 [dev]'s messages need."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocabulary = {token: index for index, token in enumerate(MISTRAL_SPECIAL_TOKENS)}
+    for symbol in bytes_to_unicode().values():
+        vocabulary[symbol] = len(vocabulary)
+    backend = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL_SPECIAL_TOKENS[4:])})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
     return tokenizer

@@ -17,7 +17,8 @@ import tempfile
 # Bump when a preset's architecture or initialisation changes: cached copies are keyed by it.
 PRESET_VERSION = 2
 
-# name -> (family module in workers/families, size in preset_parts.PRESET_SIZES)
+# name -> (family module in workers/families, size in preset_parts.PRESET_SIZES); "module:function" names
+# a builder other than the module's build_preset (a second family in one module: FLUX.2 [dev])
 PRESETS: dict[str, tuple[str, str]] = {
     "tiny": ("sd", "tiny"),
     "small": ("sd", "small"),
@@ -33,6 +34,8 @@ PRESETS: dict[str, tuple[str, str]] = {
     "small-qwenimage": ("qwenimage", "small"),
     "tiny-flux2": ("flux2", "tiny"),  # FLUX.2 [klein] base; distilled: is_distilled in model_index.json
     "small-flux2": ("flux2", "small"),
+    "tiny-flux2-dev": ("flux2:build_dev_preset", "tiny"),  # FLUX.2 [dev]
+    "small-flux2-dev": ("flux2:build_dev_preset", "small"),
 }
 
 
@@ -42,9 +45,10 @@ def build_preset_pipeline(name: str):
 
     if name not in PRESETS:
         raise ValueError(f"model: unknown preset {name!r}; presets are {', '.join(sorted(PRESETS))}")
-    family_module, size = PRESETS[name]
+    builder, size = PRESETS[name]
+    family_module, _, function = builder.partition(":")
     module = importlib.import_module(f"workers.families.{family_module}")
-    return module.build_preset(PRESET_SIZES[size])
+    return getattr(module, function or "build_preset")(PRESET_SIZES[size])
 
 
 def preset_image_size(name: str) -> int | None:
