@@ -49,7 +49,8 @@ class Flux2(ModelFamily):
     attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn
     schedulers = FLOW_SCHEDULERS
     # each actor caps its memory to its share (workers.runtime.memory): shares follow the weights in bf16,
-    # klein: Qwen3 4B/8B as large as its 4B/9B transformer, with room for activations
+    # klein: Qwen3 4B/8B as large as its 4B/9B transformer; dev: Mistral 3 24B (48 GB) beside a 32B
+    # transformer (64 GB), with room for activations
     split_gpu_shares = {"text_encoder": 0.45, "denoiser": 0.45, "vae_decoder": 0.1}
     default_max_sequence_length = 512
     variant: ClassVar[str]  # "[klein]", "[dev]": for messages
