@@ -1,5 +1,6 @@
 """Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice; the driver
-SIGKILLed mid-run, then the job rerun.
+SIGKILLed mid-run, then the job rerun; an object store that throttles, cuts connections or refuses
+listings; and one writer per output (a second run refused, a dead run's lease taken over).
 
 The job runs as a user runs it (``python -m jobs.cli generate``, embedded Ray, in its own
 process group); the test finds the model actor among the job's processes by the title
@@ -38,8 +39,9 @@ def job_command(prompts: str, output: str, *options: str, steps: int = STEPS) ->
             "--steps", str(steps), "--batch-size", "4", "--height", "64", "--width", "64", *options]
 
 
-def start_job(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_job(command: list[str], **environment: str) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **environment})
 
 
 def process_titles() -> dict[int, str]:
@@ -106,6 +108,12 @@ def prompts(tmp_path_factory, model_cache) -> str:
 
 
 def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(prompts, tmp_path):
+    """Also one writer per output: a second run into the live run's output is refused, and a stale
+    lease (its process gone, expired) is taken over by the rerun of the finished output."""
+    import socket
+
+    from pipelines.runtime import io, lease
+
     # 1. a clean run of the same input
     clean_output = str(tmp_path / "clean")
     started = time.monotonic()
@@ -113,11 +121,21 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
     clean_seconds = time.monotonic() - started
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    # 2. the same run, its model actor SIGKILLed once some images exist, then its replacement too
+    # 2. the same run, holding the output's lease: a second run into that output is refused with exit 2, naming it
     output = str(tmp_path / "killed")
+    lease_uri = io.join(output, lease.LEASE_NAME)
+    command = job_command(prompts, output)
     started = time.monotonic()
-    job = start_job(job_command(prompts, output))
+    job = start_job(command)
     try:
+        holder = wait_for(lambda: io.read_json(lease_uri), job, 300, "the run's lease")
+        assert holder["pid"] == job.pid and holder["host"] == socket.gethostname()
+        second = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"host {holder['host']}, pid {job.pid}, since {holder['since']}" in second.stderr, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+
+        # 3. its model actor SIGKILLed once some images exist, then its replacement too
         killed = []
         for images_before_kill in (4, 12):
             wait_for(lambda: images_written(output) >= images_before_kill, job, 300, f"{images_before_kill} images")
@@ -132,7 +150,7 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
     print(f"clean run {clean_seconds:.1f} s; with two actor kills {killed_seconds:.1f} s "
           f"({killed_seconds / clean_seconds:.2f}x)")
 
-    # 3. it finished by itself, every row exactly once, the same images as the clean run
+    # 4. it finished by itself, every row exactly once, the same images as the clean run, and gave the lease back
     assert job.returncode == 0, stderr[-3000:]
     assert len(killed) == 2 and killed[0] != killed[1]
     ids = manifest_ids(output)
@@ -140,6 +158,17 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
     clean_images = images_by_id(clean_output)
     for row_id, image in images_by_id(output).items():
         assert np.array_equal(image, clean_images[row_id]), row_id
+    assert io.read_json(lease_uri) is None
+
+    # 5. a stale lease (its process no longer runs, it expired) is taken over: the finished rerun exits 0
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"token": "stale", "host": socket.gethostname(), "pid": int(gone.stdout), "since": "2026-12-01T00:00:00+00:00",
+             "renewed_at": "2026-12-01T00:00:00+00:00", "expires_at": time.time() - 1}
+    io.write_json(lease_uri, stale)
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the lease of host {stale['host']}, pid {stale['pid']}" in rerun.stderr
+    assert json.loads(rerun.stdout)["counts"]["generated_this_run"] == 0 and io.read_json(lease_uri) is None
 
 
 # -- the driver killed, then the job rerun ---------------------------------------------------------
@@ -168,6 +197,9 @@ def temporary_files(output: str) -> list[str]:
 
 
 def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp_path, model_cache):
+    """Also: the killed driver's lease, still valid, is taken over at once by the rerun on the same host."""
+    from pipelines.runtime import io, lease
+
     prompts = write_prompts(tmp_path / "prompts.parquet", {
         "id": [f"row-{index:03d}" for index in range(DRIVER_KILL_ROWS)],
         "prompt": [f"a blue square number {index}" for index in range(DRIVER_KILL_ROWS)],
@@ -181,10 +213,10 @@ def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp
     clean_seconds = time.monotonic() - started
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    # 2. the same run, its driver SIGKILLed at 60% of the clean run's wall time
+    # 2. the same run, its driver SIGKILLed at 60% of the clean run's wall time (its lease long, so still valid after)
     output = str(tmp_path / "killed")
     command = job_command(prompts, output, *TWO_ACTORS, steps=DRIVER_KILL_STEPS)
-    job = start_job(command)
+    job = start_job(command, LATENTRAY_LEASE_SECONDS="600")
     try:
         time.sleep(0.6 * clean_seconds)
         assert job.poll() is None, "the run ended before the kill"
@@ -204,10 +236,14 @@ def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp
     print(f"clean run {clean_seconds:.1f} s; killed at {0.6 * clean_seconds:.1f} s with {rows_at_kill} of {DRIVER_KILL_ROWS} rows committed")
     assert rows_at_kill >= DRIVER_KILL_ROWS // 4, f"only {rows_at_kill} of {DRIVER_KILL_ROWS} rows committed at the kill"
     assert rows_at_kill < DRIVER_KILL_ROWS, "the run had finished: the kill came too late to test anything"
+    left = io.read_json(io.join(output, lease.LEASE_NAME))
+    assert left["pid"] == job.pid and left["expires_at"] > time.time()
 
-    # 3. the rerun generates exactly the rows the killed run had not committed, and leaves no temporary file
+    # 3. the rerun, at once: the killed driver's lease is unexpired, but its process on this host is gone, so
+    # the rerun takes it over; it generates exactly the rows the killed run had not committed, and leaves no temporary file
     rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"took over the lease of host {left['host']}, pid {job.pid} (its process on this host is gone)" in rerun.stderr
     counts = json.loads(open(os.path.join(output, "run.json")).read())["counts"]
     assert counts["accounted_before_this_run"] == rows_at_kill
     assert counts["generated_this_run"] + counts["accounted_before_this_run"] == counts["input_rows"] == DRIVER_KILL_ROWS
@@ -403,82 +439,3 @@ def test_refused_listings_on_a_finished_rerun_exit_3_naming_the_location_and_cha
 
     ids = io.read_parquet_folder(f"{output}/manifest", ["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(f"listed-{index}" for index in range(rows))
-
-
-# -- one writer per output --------------------------------------------------------------------------
-
-
-def test_a_second_run_into_a_live_runs_output_is_refused_and_a_stale_lease_is_taken_over(tmp_path, model_cache):
-    import socket
-
-    from pipelines.runtime import io, lease
-
-    rows = 12
-    table = {"id": [f"leased-{index:02d}" for index in range(rows)], "prompt": [f"a yellow circle {index}" for index in range(rows)],
-             "seed": list(range(rows))}
-    prompts = write_prompts(tmp_path / "prompts.parquet", table)
-    output = str(tmp_path / "out")
-    lease_uri = io.join(output, lease.LEASE_NAME)
-    command = job_command(prompts, output, steps=4)
-
-    # 1. a first run, holding the output's lease
-    first = start_job(command)
-    try:
-        holder = wait_for(lambda: io.read_json(lease_uri), first, 300, "the first run's lease")
-        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-
-        # 2. a second run into the same output is refused with exit 2, naming the first (host, pid, since)
-        second = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
-        assert second.returncode == 2, second.stderr[-3000:]
-        assert f"host {holder['host']}, pid {first.pid}, since {holder['since']}" in second.stderr, second.stderr[-3000:]
-        assert "Traceback" not in second.stderr
-        _, first_stderr = first.communicate(timeout=600)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)
-
-    # 3. the first completes, every row once, and gives the lease back
-    assert first.returncode == 0, first_stderr[-3000:]
-    record = json.loads(open(os.path.join(output, "run.json")).read())
-    assert record["status"] == "complete" and record["counts"]["generated_this_run"] == rows
-    assert sorted(manifest_ids(output)) == sorted(table["id"])
-    assert io.read_json(lease_uri) is None
-
-    # 4. a stale lease (its process no longer runs, it expired) is taken over: the finished rerun exits 0
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = {"token": "stale", "host": socket.gethostname(), "pid": int(gone.stdout), "since": "2026-12-01T00:00:00+00:00",
-             "renewed_at": "2026-12-01T00:00:00+00:00", "expires_at": time.time() - 1}
-    io.write_json(lease_uri, stale)
-    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"took over the lease of host {stale['host']}, pid {stale['pid']}" in rerun.stderr
-    assert json.loads(rerun.stdout)["counts"]["generated_this_run"] == 0 and io.read_json(lease_uri) is None
-
-
-def test_a_killed_drivers_lease_is_taken_over_at_once_by_the_rerun_on_the_same_host(tmp_path, model_cache):
-    from pipelines.runtime import io, lease
-
-    rows = 24
-    table = {"id": [f"killed-{index:02d}" for index in range(rows)], "prompt": [f"a white triangle {index}" for index in range(rows)],
-             "seed": list(range(rows))}
-    prompts = write_prompts(tmp_path / "prompts.parquet", table)
-    output = str(tmp_path / "out")
-    command = job_command(prompts, output, steps=4)
-
-    # 1. the driver SIGKILLed once its first images are written: its lease stays behind, unexpired
-    job = start_job(command)
-    try:
-        wait_for(lambda: images_written(output), job, 300, "the first images")
-        os.kill(job.pid, signal.SIGKILL)
-        job.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)
-    left = io.read_json(io.join(output, lease.LEASE_NAME))
-    assert left["pid"] == job.pid and left["expires_at"] > time.time()
-
-    # 2. the rerun at once: its process on this host is gone, so the lease is taken over and the run completes, every row once
-    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"took over the lease of host {left['host']}, pid {job.pid} (its process on this host is gone)" in rerun.stderr
-    assert sorted(manifest_ids(output)) == sorted(table["id"]) and not temporary_files(output)

@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # two whole processes for the job section: ~60 s
 @pytest.mark.time_limit(300)
 def test_the_gpu_benchmark_runs_every_section_on_cpu_in_smoke_mode(tmp_path, model_cache):
     figures, table = tmp_path / "gpu.json", tmp_path / "gpu.md"
