@@ -6,22 +6,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import write_prompts
-from pipelines.demo.adherence import score_generation
-from pipelines.demo.procedural import caption_for
-from pipelines.generation.generate import run_generation
 from pipelines.runtime.config import GenerateConfig
 from workers.runtime.presets import shipped_model_dir
-
-# seen combinations, every colour and shape at least once
-PROMPTS = [
-    caption_for(color, shape, background) for color, shape, background in [
-        ("red", "circle", "blue"), ("yellow", "square", "black"), ("green", "triangle", "white"),
-        ("blue", "circle", "yellow"), ("white", "square", "red"), ("purple", "triangle", "green"),
-        ("orange", "circle", "purple"), ("black", "triangle", "orange"), ("red", "square", "white"),
-        ("blue", "square", "white"), ("yellow", "circle", "purple"), ("white", "triangle", "black"),
-    ]
-]
 
 
 def test_shipped_model_is_a_small_safetensors_diffusers_directory():
@@ -35,38 +21,25 @@ def test_shipped_model_is_a_small_safetensors_diffusers_directory():
     assert pipe.vae.config.block_out_channels and pipe.unet.config.sample_size * 8 == 64
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> str:
-    return write_prompts(tmp_path_factory.mktemp("shapes") / "prompts.parquet", {"id": [f"p{i:02d}" for i in range(len(PROMPTS))], "prompt": PROMPTS})
-
-
-def adherence_of(model: str, prompts: str, output) -> dict:
-    record = run_generation(GenerateConfig(prompts=prompts, output=str(output), model=model, steps=20, seed=1))
-    assert record["counts"]["ok_rows"] == len(PROMPTS)
-    summary, _ = score_generation(str(output))
-    return summary["seen"]
-
-
-def test_demo_model_draws_the_requested_colours_where_random_weights_do_not(ray_session, prompts, tmp_path):
-    demo = adherence_of("demo", prompts, tmp_path / "demo")
-    random_weights = adherence_of("tiny", prompts, tmp_path / "tiny")
-    # Chance is 1 in 8 colours. The shipped model draws 10 of these 12 in the right colour and
-    # all 12 in the right shape; the thresholds leave room for two images of numeric drift on other CPUs.
-    assert demo["color_match"] >= 8 / 12, demo
-    assert demo["shape_match"] >= 8 / 12, demo
-    assert random_weights["color_match"] <= 0.25, random_weights
-
-
-def test_latentray_demo_writes_images_and_their_adherence(ray_session, tmp_path, capsys):
+def test_latentray_demo_draws_the_requested_colours_where_random_weights_do_not(ray_session, tmp_path, capsys):
     from jobs.cli import main
 
+    # 1. the demo: 8 images of seen combinations, and how many show what their prompt asks for
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     assert len(os.listdir(tmp_path / "demo" / "images")) == 8
-    summary = json.load(open(tmp_path / "demo" / "adherence.json"))
-    assert summary["seen"]["images"] == 8 and summary["seen"]["color_match"] >= 0.5
+    demo = json.load(open(tmp_path / "demo" / "adherence.json"))["seen"]
     assert "colour matches" in capsys.readouterr().err
     manifest = pq.read_table(tmp_path / "demo" / "manifest")
     assert set(manifest.column("guidance_scale").to_pylist()) == {5.0}  # the demo model's recommended guidance
+
+    # 2. the same prompts through random weights of the same architecture
+    assert main(["demo", "--model", "tiny", "--output", str(tmp_path / "tiny")]) == 0
+    random_weights = json.load(open(tmp_path / "tiny" / "adherence.json"))["seen"]
+
+    # Chance is 1 in 8 colours. The shipped model draws 6 of the 8 in the right colour and all 8 in
+    # the right shape; the thresholds leave room for an image of numeric drift on other CPUs.
+    assert demo["images"] == 8 and demo["color_match"] >= 5 / 8 and demo["shape_match"] >= 7 / 8, demo
+    assert random_weights["color_match"] <= 0.25, random_weights
 
 
 def test_guidance_defaults_to_the_models_recommended_scale(model_cache):

@@ -123,9 +123,8 @@ def test_images_equal_what_diffusers_draws_for_each_row(first_run, tiny_model_di
 
 def test_batch_size_workers_and_placement_do_not_change_images(first_run, prompts, tmp_path):
     reference = images(first_run[0])
-    variants = {
-        "batch-1": {"batch_size": 1},
-        "two-workers": {"stages": {"fused": StageOptions(concurrency=2, threads=1)}, "batch_size": 2},
+    variants = {  # the reference ran one worker, batch 4
+        "two-workers-batch-1": {"stages": {"fused": StageOptions(concurrency=2, threads=1)}, "batch_size": 1},
         "split": {"placement": "split", "batch_size": 8},
     }
     for name, options in variants.items():
