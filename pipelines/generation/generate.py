@@ -200,8 +200,7 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
 
 
 def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
-    """The pipeline up to the last model stage: pending rows, validated, cut into blocks, generated."""
-    config = plan.config
+    """The job's pipeline up to the last model stage: its pending rows, then ``generation_rows``."""
     # 1. repeated ids, found by tasks (the driver receives only the repeats)
     repeated = find_repeated_ids(plan.fragments, "id") if "id" in plan.columns else RepeatedIds.none()
     # batches form identically on every run, so reruns produce byte-identical images
@@ -212,13 +211,26 @@ def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
     dataset = dataset.map_batches(
         read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
     )
+    return generation_rows(dataset, stages, defaults=prompt_defaults(plan.config, plan.model), block_rows=block_rows, repeated=repeated)
+
+
+def generation_rows(
+    dataset: ray.data.Dataset, stages: list[Stage], *, defaults: PromptDefaults, block_rows: int, repeated: RepeatedIds | None = None,
+) -> ray.data.Dataset:
+    """Prompt rows -> generated rows (``latents``, ``image`` pixels, failure columns): the one wiring of the
+    model stages, shared by the job (``generated_rows``) and the generation processor.
+
+    Every row goes through with its own columns; a bad row is marked failed and the models skip it.
+    ``repeated``: the job's (its ids name its outputs, see ``normalize_prompts``).
+    """
+    # 1. validate and resolve each row's settings (CPU task per block)
     dataset = dataset.map_batches(
         normalize_prompts, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-        fn_kwargs={"defaults": prompt_defaults(config, plan.model), "repeated": repeated, "errors_uri": plan.output.errors_uri},
+        fn_kwargs={"defaults": defaults, "repeated": repeated},
     )
-    # A task's results leave it as one block, whatever its UDF yields: without this cut a
+    # 2. A task's results leave it as one block, whatever its UDF yields: without this cut a
     # row group of prompts would reach a single actor as one block, and its images would
-    # all appear when that block is done. Cut after validation, so blocks count real work.
+    # all appear when that block is done. Invalid rows ride along: the models skip them.
     dataset = cut_into_blocks(dataset, block_rows)
     # 3. the model stages
     for stage in stages:

@@ -56,11 +56,10 @@ def parse_stage_option(text: str) -> tuple[str, str, float | int]:
 
 
 @dataclass(kw_only=True)
-class GenerateConfig:
-    """One bulk generation run."""
+class GenerationOptions:
+    """What a generated row depends on and how the models run: ``latentray generate``'s flags less the job's
+    (input, output, overwrite, the job text cache). The generation processor takes these alone."""
 
-    prompts: str  # Parquet file or folder URI
-    output: str  # output folder URI
     model: str = "demo"  # built-in model (demo, tiny, tiny-sdxl, ...), or diffusers directory (local path or any fsspec URI)
     steps: int | None = None  # None: the model family's default (workers/families)
     guidance: float | None = None  # None: the model's recommended scale (its family's default; demo: 5)
@@ -77,21 +76,15 @@ class GenerateConfig:
     image_quality: int = 95  # jpeg / webp
     save_latents: bool = False
     placement: str = "auto"
-    overwrite: bool = False
     max_image_size: int = 2048  # rows asking for more pixels per side go to errors
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
-    # one cache of text embeddings for the whole job: each distinct prompt and negative prompt
-    # is encoded once per job (while the cache holds it), not once per batch or actor
-    text_cache: bool = True
-    text_cache_mib: int | None = None  # its budget; None: a quarter of the cluster's object store (TEXT_CACHE_SHARE)
 
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
 
-        for name in ("prompts", "output", "model"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"{name}: must be a non-empty path or URI")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model: must be a non-empty path or URI")
         for name in ("steps", "batch_size", "max_image_size", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -114,17 +107,10 @@ class GenerateConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_scheduler_name(self.scheduler)
-        check_text_cache_fields(self.text_cache, self.text_cache_mib)
-        self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
+        self.stages = stage_options_of(self.stages)
 
-    # fields that change what a run writes: a rerun into the same output must agree on them
-    OUTPUT_FIELDS = (
-        "prompts", "steps", "guidance", "height", "width", "negative_prompt", "scheduler",
-        "seed", "image_format", "image_quality", "save_latents", "max_image_size", "true_cfg_scale", "max_sequence_length",
-    )
-
-    def with_model_defaults(self, model) -> "GenerateConfig":
-        """This config with what it leaves to the model filled in, and the family's checks passed.
+    def with_model_defaults(self, model) -> "GenerationOptions":
+        """These options with what they leave to the model filled in, and the family's checks passed.
 
         ``model`` is a ``ModelDescription``: its family says which schedulers and options fit,
         and what steps, guidance and size multiple it uses.
@@ -149,8 +135,52 @@ class GenerateConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+@dataclass(kw_only=True)
+class GenerateConfig(GenerationOptions):
+    """One bulk generation run: the generation options, plus what only a job has."""
+
+    prompts: str  # Parquet file or folder URI
+    output: str  # output folder URI
+    overwrite: bool = False
+    # one cache of text embeddings for the whole job: each distinct prompt and negative prompt
+    # is encoded once per job (while the cache holds it), not once per batch or actor
+    text_cache: bool = True
+    text_cache_mib: int | None = None  # its budget; None: a quarter of the cluster's object store (TEXT_CACHE_SHARE)
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty path or URI")
+        super().__post_init__()
+        check_text_cache_fields(self.text_cache, self.text_cache_mib)
+
+    # fields that change what a run writes: a rerun into the same output must agree on them
+    OUTPUT_FIELDS = (
+        "prompts", "steps", "guidance", "height", "width", "negative_prompt", "scheduler",
+        "seed", "image_format", "image_quality", "save_latents", "max_image_size", "true_cfg_scale", "max_sequence_length",
+    )
+
     def output_identity(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+
+
+def stage_options_of(stages: dict) -> dict[str, StageOptions]:
+    """``stages`` as ``StageOptions`` per stage name; a plain dict per stage is accepted (the Python API's form)."""
+    if not isinstance(stages, dict):
+        raise ValueError(f"stages: must map stage names to options, got {stages!r}")
+    resolved = {}
+    for name, options in stages.items():
+        if isinstance(options, dict):
+            unknown = set(options) - {f.name for f in fields(StageOptions)}
+            if unknown:
+                raise ValueError(f"stages: {name}: unknown option(s) {', '.join(sorted(unknown))}; options are "
+                                 f"{', '.join(f.name for f in fields(StageOptions))}")
+            options = StageOptions(**options)
+        elif not isinstance(options, StageOptions):
+            raise ValueError(f"stages: {name}: expected a dict of options, got {options!r}")
+        resolved[name] = options
+    return resolved
 
 
 CROPS = ("center", "random")
@@ -237,7 +267,7 @@ class EncodeConfig:
             raise ValueError(f"min_image_size: must be >= 1, got {self.min_image_size}")
         self.background_rgb()  # fails here, naming the field, rather than in a task
         check_text_cache_fields(self.text_cache, self.text_cache_mib)
-        self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
+        self.stages = stage_options_of(self.stages)
 
     def background_rgb(self) -> tuple[int, int, int]:
         from PIL import ImageColor
