@@ -18,7 +18,7 @@ import ray.data
 from pipelines.generation.commit import commit_generated
 from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts
 from pipelines.runtime import io
-from pipelines.runtime.config import GenerateConfig
+from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import RunOutput
@@ -50,12 +50,12 @@ SHARES = {
 ROLES = {"fused": tuple(SPLIT_WORKERS), **{name: (name,) for name in SPLIT_WORKERS}}
 
 
-def resolve_placement(placement: str, cluster: ClusterShape) -> str:
+def resolve_placement(placement: str, cluster: ClusterShape | None) -> str:
     """``auto``: fused; as fast as split on CPU with less memory, and one GPU has nothing to fan out (see README)."""
     return "fused" if placement == "auto" else placement
 
 
-def build_model_stages(config: GenerateConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
+def build_model_stages(config: GenerationOptions, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     workers = {"fused": FusedGenerationWorker} if placement == "fused" else SPLIT_WORKERS
     shares = SHARES[placement]
     if placement == "split":  # the GPU split is the family's: T5 and Qwen3 need more of a GPU than CLIP
@@ -181,7 +181,7 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     return run_job(config if isinstance(config, GenerationPlan) else plan_generation(config))
 
 
-def prompt_defaults(config: GenerateConfig, model: ModelDescription) -> PromptDefaults:
+def prompt_defaults(config: GenerationOptions, model: ModelDescription) -> PromptDefaults:
     return PromptDefaults(
         negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
         height=config.height or model.shape.default_height, width=config.width or model.shape.default_width,

@@ -34,6 +34,22 @@ class StageOptions:
         return StageOptions(**{f.name: getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self)})
 
 
+def options_from(kind: type, config: object | None, options: dict) -> object:
+    """The Python API's options: ``config`` (a ``kind``, or a subclass such as a job's config), or
+    ``kind(**options)``; an unknown name is a ValueError naming it, as a bad value is."""
+    if config is not None:
+        if options:
+            raise ValueError(f"{', '.join(sorted(options))}: give options or a config object, not both")
+        if not isinstance(config, kind):
+            raise ValueError(f"config: must be a {kind.__name__}, got {type(config).__name__}")
+        return config
+    names = [f.name for f in fields(kind)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option (options are {', '.join(names)})")
+    return kind(**options)
+
+
 def check_text_cache_fields(text_cache: bool, text_cache_mib: int | None) -> None:
     """The job text cache's fields of a run config (generation and encoding)."""
     if not isinstance(text_cache, bool):

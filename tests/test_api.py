@@ -1,0 +1,129 @@
+"""The Python API: generation and encoding as Ray Data processors that users compose with their own steps,
+``generate_images``, and the jobs built on the same wiring. Real local Ray, tiny preset, a handful of rows."""
+
+from __future__ import annotations
+
+import io as bytes_io
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from helpers import assert_images_match, read_image, write_prompts
+from pipelines import build_generation_processor, generate_images
+from pipelines.generation.generate import run_generation
+from pipelines.runtime.config import GenerateConfig
+from pipelines.runtime.row_ids import derived_seed
+
+OPTIONS = {"model": "tiny", "steps": 2, "height": 32, "width": 32, "batch_size": 4}
+ROWS = [
+    {"id": "a", "prompt": "a red cat", "topic": "cats"},
+    {"id": "b", "prompt": "a blue dog", "topic": "dogs", "seed": 5, "negative_prompt": "blurry"},
+    {"id": "c", "prompt": "  ", "topic": "cats"},  # invalid: an error row, never a failed dataset
+    {"id": "d", "prompt": "a green owl", "topic": "skip"},  # the user's filter drops it
+    {"id": "e", "prompt": "a fox", "topic": "dogs", "num_inference_steps": 1, "guidance_scale": 1.0},
+]
+COLUMNS = ("id", "prompt", "topic", "seed", "negative_prompt", "num_inference_steps", "guidance_scale")
+
+
+def table_rows() -> list[dict]:
+    return [{column: row.get(column) for column in COLUMNS} for row in ROWS]
+
+
+@pytest.fixture(scope="module")
+def cli_run(ray_session, tmp_path_factory):
+    """What the job (``latentray generate``) writes for the rows: the reference the processor must equal."""
+    root = tmp_path_factory.mktemp("api")
+    prompts = write_prompts(root / "prompts.parquet", table_rows())
+    run_generation(GenerateConfig(prompts=prompts, output=str(root / "out"), save_latents=True, **OPTIONS))
+    manifest = pd.read_parquet(root / "out" / "manifest").set_index("id")
+    return root / "out", manifest, pd.read_parquet(root / "out" / "errors").set_index("id")
+
+
+@pytest.fixture(scope="module")
+def processed(ray_session):
+    """The user's filter before the processor, the user's scoring map after it: one dataset run."""
+    import ray.data
+
+    def score(row: dict) -> dict:  # the user's own function, on the processor's columns
+        pixels = None if row["image"] is None else np.asarray(Image.open(bytes_io.BytesIO(row["image"])))
+        return {**row, "score": -1.0 if pixels is None else float(pixels.mean())}
+
+    processor = build_generation_processor(save_latents=True, **OPTIONS)
+    dataset = ray.data.from_items(table_rows(), override_num_blocks=2).filter(lambda row: row["topic"] != "skip")
+    return {row["id"]: row for row in processor(dataset).map(score).take_all()}
+
+
+def test_rows_keep_their_columns_and_gain_the_generated_ones(processed):
+    assert sorted(processed) == ["a", "b", "c", "e"]
+    assert {row["topic"] for row in processed.values()} == {"cats", "dogs"}
+    good = processed["a"]
+    assert good["error"] is None and good["prompt"] == "a red cat" and good["score"] > 0
+    assert good["seed"] == derived_seed(0, "a") and processed["b"]["seed"] == 5  # derived from the id as the CLI does
+    assert Image.open(bytes_io.BytesIO(good["image"])).format == "PNG"
+    assert len(good["latent_mean"]) == len(good["latent_std"]) == 4 and list(good["latent_shape"]) == [4, 4, 4]
+    assert processed["e"]["num_inference_steps"] == 1 and processed["a"]["num_inference_steps"] == 2
+    assert not {"latents", "failed_reason", "error_stage"} & set(good) and not [c for c in good if c.startswith(("busy_", "count_"))]
+
+
+def test_a_bad_row_carries_the_reason_the_cli_writes_to_errors(processed, cli_run):
+    _, _, errors = cli_run
+    bad = processed["c"]
+    assert bad["error"] == errors.loc["c", "reason"] == "prompt is empty"
+    assert bad["image"] is None and bad["latent_mean"] is None and bad["score"] == -1.0 and bad["prompt"] == "  "
+
+
+def test_images_and_latents_equal_the_clis(processed, cli_run):
+    output, manifest, _ = cli_run
+    for row_id in ("a", "b", "e"):
+        row = processed[row_id]
+        assert row["seed"] == manifest.loc[row_id, "seed"]
+        assert_images_match(np.asarray(Image.open(bytes_io.BytesIO(row["image"]))), read_image(output / manifest.loc[row_id, "image_path"]))
+        np.testing.assert_allclose(np.asarray(row["latent"]), np.asarray(manifest.loc[row_id, "latent"]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(row["latent_mean"]), np.asarray(manifest.loc[row_id, "latent_mean"]), rtol=1e-4, atol=1e-5)
+
+
+def test_generate_images_returns_the_clis_images_in_prompt_order(cli_run):
+    output, manifest, _ = cli_run
+    images = generate_images(["a blue dog", "a red cat"], seeds=[5, int(manifest.loc["a", "seed"])], negative_prompts=["blurry", ""], **OPTIONS)
+    for image, row_id in zip(images, ("b", "a")):
+        assert isinstance(image, Image.Image) and image.size == (32, 32)
+        assert_images_match(np.asarray(image.convert("RGB")), read_image(output / manifest.loc[row_id, "image_path"]))
+
+
+def test_a_dataset_without_a_prompt_column_fails_on_its_first_batch_naming_it(ray_session):
+    import ray.data
+
+    processor = build_generation_processor(**OPTIONS)
+    with pytest.raises(Exception, match="no 'prompt' column"):
+        processor(ray.data.from_items([{"id": "a", "text": "a cat"}])).take_all()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 0}, "steps: must be >= 1"),
+    ({"stepz": 3}, "stepz: not an option"),
+    ({"image_format": "gif"}, "image_format: must be one of"),
+    ({"scheduler": "flow-euler"}, "scheduler: 'flow-euler' does not fit sd models"),
+    ({"height": 36}, "height: sd models need a multiple of 8"),
+    ({"stages": {"denoiser": {"batch_size": 2}}}, "stages: denoiser not in the fused placement"),
+    ({"stages": {"fused": {"batchsize": 2}}}, "stages: fused: unknown option"),
+])
+def test_a_bad_option_fails_at_build_time_naming_it(model_cache, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_generation_processor(**{"model": "tiny", **options})
+
+
+def test_building_starts_no_ray_and_writes_nothing(model_cache, tmp_path):
+    import ray
+
+    before = ray.is_initialized()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        processor = build_generation_processor(model="tiny")
+    finally:
+        os.chdir(cwd)
+    assert ray.is_initialized() == before and os.listdir(tmp_path) == []
+    assert processor.options.steps == 30 and processor.options.guidance == 7.5  # the family's defaults, resolved
