@@ -27,6 +27,7 @@ _EXPORTS = {
     "collate_nested_arrays": "pipelines.encoding.latent_dataset",
     "build_generation_processor": "pipelines.generation.processor",
     "generate_images": "pipelines.generation.processor",
+    "build_encoding_processor": "pipelines.encoding.processor",
 }
 __all__ = list(_EXPORTS)
 

@@ -127,3 +127,72 @@ def test_building_starts_no_ray_and_writes_nothing(model_cache, tmp_path):
         os.chdir(cwd)
     assert ray.is_initialized() == before and os.listdir(tmp_path) == []
     assert processor.options.steps == 30 and processor.options.guidance == 7.5  # the family's defaults, resolved
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+ENCODE_OPTIONS = {"model": "tiny", "resolution": 32, "crop": "random", "flip": True, "caption_column": "text",
+                  "text_embeddings": True, "batch_size": 4}
+
+
+def dense(value) -> np.ndarray:
+    """A nested-list tensor value (lists, or numpy arrays of arrays as pandas reads them) as one float32 array."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return value.astype(np.float32)
+    return np.stack([dense(np.asarray(item)) if np.ndim(item) else np.float32(item) for item in value])
+
+
+def image_rows() -> list[dict]:
+    from image_helpers import jpeg, picture, png
+
+    return [
+        {"id": "p0", "image": png(picture(0, 48, 32)), "text": "a red square", "split": "train"},
+        {"id": "p1", "image": jpeg(picture(1, 40, 40)), "text": None, "split": "train"},
+        {"id": "junk", "image": b"<html>not an image</html>", "text": "junk", "split": "train"},
+        {"id": "p2", "image": png(picture(2, 64, 32)), "text": "held out", "split": "test"},  # the user's filter drops it
+    ]
+
+
+@pytest.fixture(scope="module")
+def encoded_both(ray_session, tmp_path_factory):
+    """The job's latents/ and the processor's rows (the user's filter before it, a map after it) for the same images."""
+    import ray.data
+
+    from image_helpers import write_table
+    from pipelines import build_encoding_processor
+    from pipelines.encoding.encode import run_encoding
+    from pipelines.runtime.config import EncodeConfig
+
+    root = tmp_path_factory.mktemp("encode-api")
+    table = write_table(root / "images.parquet", image_rows())
+    run_encoding(EncodeConfig(images=table, output=str(root / "out"), **ENCODE_OPTIONS))
+    job = pd.read_parquet(root / "out" / "latents").set_index("id")
+    job_errors = pd.read_parquet(root / "out" / "errors").set_index("id")
+
+    processor = build_encoding_processor(**ENCODE_OPTIONS)
+    dataset = ray.data.from_items(image_rows(), override_num_blocks=2).filter(lambda row: row["split"] == "train")
+    rows = processor(dataset).map(lambda row: {**row, "has_latent": row["latent"] is not None}).take_all()
+    return job, job_errors, {row["id"]: row for row in rows}
+
+
+def test_encoding_rows_keep_their_columns_and_equal_the_jobs_latents(encoded_both):
+    job, _, rows = encoded_both
+    assert sorted(rows) == ["junk", "p0", "p1"]
+    for row_id in ("p0", "p1"):
+        row = rows[row_id]
+        assert row["error"] is None and row["has_latent"] and row["split"] == "train" and isinstance(row["image"], bytes)
+        assert row["text"] == (None if pd.isna(job.loc[row_id, "caption"]) else job.loc[row_id, "caption"])
+        assert row["seed"] == job.loc[row_id, "seed"]
+        for column in ("latent_shape", "original_size", "crop_top_left", "target_size"):
+            assert list(row[column]) == list(job.loc[row_id, column]), column
+        for column in ("latent", "latent_flipped", "prompt_embeds"):
+            np.testing.assert_allclose(dense(row[column]), dense(job.loc[row_id, column]), rtol=1e-3, atol=1e-3, err_msg=column)
+        assert row["caption_truncated"] == job.loc[row_id, "caption_truncated"]
+        assert row["content_hash"] == job.loc[row_id, "content_hash"]
+
+
+def test_an_undecodable_image_is_an_error_row_with_the_jobs_reason(encoded_both):
+    _, job_errors, rows = encoded_both
+    junk = rows["junk"]
+    assert junk["error"] == job_errors.loc["junk", "reason"] and junk["latent"] is None and not junk["has_latent"]
+    assert junk["text"] == "junk" and junk["content_hash"] == job_errors.loc["junk", "content_hash"]

@@ -221,11 +221,10 @@ def parse_bucket_list(text: str) -> list[tuple[int, int]]:
 
 
 @dataclass(kw_only=True)
-class EncodeConfig:
-    """One latent-dataset run: images -> latents (and caption embeddings) for training."""
+class EncodingOptions:
+    """What an encoded row depends on and how the encoders run: ``latentray encode``'s flags less the job's
+    (input, output, overwrite, rows per part, the job text cache). The encoding processor takes these alone."""
 
-    images: str  # Parquet file or folder URI
-    output: str  # output folder URI
     model: str = "tiny"  # built-in model (demo, tiny, tiny-sdxl, ...), or diffusers directory (local path or any fsspec URI)
     resolution: int | None = None  # square side, or the pixel budget's side with buckets; None: the model's size
     crop: str = "center"
@@ -246,16 +245,11 @@ class EncodeConfig:
     background: str = "white"  # what transparent pixels are composited on
     batch_size: int = 8
     placement: str = "auto"
-    overwrite: bool = False
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
-    rows_per_part: int = 1000  # rows per latents/ part
-    # with --text-embeddings: each distinct caption encoded once per job (see GenerateConfig)
-    text_cache: bool = True
-    text_cache_mib: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("images", "output", "model", "image_column"):
+        for name in ("model", "image_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty string")
         for name in ("path_column", "caption_column", "id_column"):
@@ -276,13 +270,12 @@ class EncodeConfig:
             raise ValueError("text_embeddings: needs a caption column (--caption-column)")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be between 0 and 2**63-1, got {self.seed}")
-        for name in ("max_image_pixels", "batch_size", "rows_per_part", "max_sequence_length"):
+        for name in ("max_image_pixels", "batch_size", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_image_size is not None and self.min_image_size < 1:
             raise ValueError(f"min_image_size: must be >= 1, got {self.min_image_size}")
         self.background_rgb()  # fails here, naming the field, rather than in a task
-        check_text_cache_fields(self.text_cache, self.text_cache_mib)
         self.stages = stage_options_of(self.stages)
 
     def background_rgb(self) -> tuple[int, int, int]:
@@ -293,6 +286,31 @@ class EncodeConfig:
         except ValueError:
             raise ValueError(f"background: {self.background!r} is not a colour (e.g. white, #808080, rgb(0,0,0))") from None
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(kw_only=True)
+class EncodeConfig(EncodingOptions):
+    """One latent-dataset run: the encoding options, plus what only a job has."""
+
+    images: str  # Parquet file or folder URI
+    output: str  # output folder URI
+    overwrite: bool = False
+    rows_per_part: int = 1000  # rows per latents/ part
+    # with --text-embeddings: each distinct caption encoded once per job (see GenerateConfig)
+    text_cache: bool = True
+    text_cache_mib: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("images", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty string")
+        super().__post_init__()
+        if self.rows_per_part < 1:
+            raise ValueError(f"rows_per_part: must be >= 1, got {self.rows_per_part}")
+        check_text_cache_fields(self.text_cache, self.text_cache_mib)
+
     # fields that change what a run writes: a rerun into the same output must agree on them
     # (the input URI is not one: rows are cached by content, so a moved or grown corpus reuses them)
     OUTPUT_FIELDS = (
@@ -300,9 +318,6 @@ class EncodeConfig:
         "id_column", "text_embeddings", "sample", "latent_dtype", "seed", "max_image_pixels", "min_image_size",
         "background", "max_sequence_length",
     )  # the dtype each encoder ran in is added once the cluster is known (``pipelines.runtime.precision``)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def output_identity(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
