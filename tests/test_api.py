@@ -196,3 +196,32 @@ def test_an_undecodable_image_is_an_error_row_with_the_jobs_reason(encoded_both)
     junk = rows["junk"]
     assert junk["error"] == job_errors.loc["junk", "reason"] and junk["latent"] is None and not junk["has_latent"]
     assert junk["text"] == "junk" and junk["content_hash"] == job_errors.loc["junk", "content_hash"]
+
+
+# -- imports and Ray -----------------------------------------------------------------------------
+
+
+def test_import_is_cheap_and_the_processors_cpu_tasks_load_no_model_code():
+    """``import pipelines`` loads neither torch nor Ray; the processor modules (imported by their CPU tasks) no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipelines; before = sorted(m for m in ('torch', 'ray') if m in sys.modules); "
+            "import pipelines.generation.processor, pipelines.encoding.processor; "
+            "print(before, sorted(m for m in ('torch', 'diffusers', 'workers.runtime.base') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[] []"
+
+
+@pytest.mark.time_limit(240)
+def test_generate_images_starts_a_local_ray_when_the_caller_has_none(model_cache, tmp_path):
+    """In a fresh process: no Ray before, a new local one (not /tmp/ray's last cluster) after, and the image."""
+    import subprocess
+    import sys
+
+    code = ("import ray; from pipelines import generate_images; assert not ray.is_initialized(); "
+            "images = generate_images(['a red cat'], model='tiny', steps=1, height=16, width=16, batch_size=1); "
+            "print(ray.is_initialized(), images[0].size, ray.cluster_resources().get('CPU'))")
+    environment = {**os.environ, "LATENTRAY_CACHE": str(model_cache), "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=200, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("True (16, 16)")

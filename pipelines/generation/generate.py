@@ -25,7 +25,10 @@ from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
-from pipelines.runtime.resume import ResumePlan, check_input_unchanged, input_versions, plan_resume, read_pending_rows
+from pipelines.runtime.id_resume import IdLookup, look_up_ids, read_rows_not_done
+from pipelines.runtime.resume import (
+    PendingFragment, ResumePlan, check_input_unchanged, input_change, input_versions, plan_resume, read_pending_rows,
+)
 from pipelines.runtime.schemas import PROMPT_OPTIONAL_COLUMNS, check_prompt_schema
 from pipelines.runtime.stages import Stage, cut_into_blocks
 from workers.generation.denoiser import DenoiserWorker
@@ -95,6 +98,9 @@ class GenerationPlan:
     columns: list[str]
     input_files: list[dict]
     resume: ResumePlan
+    # an input with ids that the listing does not show unchanged and wholly done: rows matched by id (``before_run``)
+    by_id: bool = False
+    ids: IdLookup | None = None
 
     @property
     def input_rows(self) -> int:
@@ -102,7 +108,7 @@ class GenerationPlan:
 
     @property
     def rows_done_before(self) -> int:
-        return self.resume.committed_rows
+        return self.ids.done_rows if self.ids else self.resume.committed_rows
 
     @property
     def rows_to_read(self) -> int:
@@ -113,7 +119,10 @@ class GenerationPlan:
         return self.resume.finished
 
     def before_run(self) -> None:
-        """Nothing: what is done comes from the output's listing, repeated ids are found with the rows."""
+        """By id: which input rows the output holds, found by tasks. By position: nothing (the output's listing says)."""
+        if self.by_id:
+            results, errors = self.output.spans()
+            self.ids = look_up_ids(self.fragments, results + errors, "id")
 
     def placement(self, cluster: ClusterShape) -> str:
         return resolve_placement(self.config.placement, cluster)
@@ -165,14 +174,21 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     }
     carry_precision(identity, output.uri, config.overwrite)
     previous = output.prepare(identity, config.overwrite)
-    # 2. what earlier runs committed, from the output's listing: rows are matched by input position
-    input_files = input_versions(fragments)
-    check_input_unchanged((previous or {}).get("input_files"), input_files, fragments)
+    # 2. what earlier runs committed, from the output's listing. An input with ids may be rewritten,
+    # reordered or grown in place: its rows are matched by id, by tasks, once Ray is connected
+    # (``before_run``), unless the listing alone shows an unchanged input wholly done. An input
+    # without ids is matched by position, which its files must keep.
+    input_files, recorded = input_versions(fragments), (previous or {}).get("input_files")
+    if "id" not in schema.names:
+        check_input_unchanged(recorded, input_files, fragments)
     results, errors = output.spans()
+    resume = plan_resume(fragments, results + errors)
+    by_id = "id" in schema.names and bool(results or errors) and (input_change(recorded, input_files, fragments) is not None or not resume.finished)
     return GenerationPlan(
         config=config, model=model, output=output, identity=identity, fragments=fragments, input_files=input_files,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
-        resume=plan_resume(fragments, results + errors),
+        resume=ResumePlan(pending=[PendingFragment(fragment, ()) for fragment in fragments], committed_rows=0) if by_id else resume,
+        by_id=by_id,
     )
 
 
@@ -205,12 +221,18 @@ def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
     repeated = find_repeated_ids(plan.fragments, "id") if "id" in plan.columns else RepeatedIds.none()
     # batches form identically on every run, so reruns produce byte-identical images
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # 2. the row groups left to do; each task drops the rows committed there already
-    items = [pending.to_item() for pending in plan.resume.pending]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    dataset = dataset.map_batches(
-        read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
-    )
+    # 2. the row groups left to do; each task drops the rows committed there already (by id, or by position)
+    if plan.ids is not None:
+        dataset = ray.data.from_arrow_refs(plan.ids.items).map_batches(
+            read_rows_not_done, batch_format="pyarrow", batch_size=1, num_cpus=TASK_CPUS,
+            fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+        )
+    else:
+        items = [pending.to_item() for pending in plan.resume.pending]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        dataset = dataset.map_batches(
+            read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+        )
     return generation_rows(dataset, stages, defaults=prompt_defaults(plan.config, plan.model), block_rows=block_rows, repeated=repeated)
 
 

@@ -29,6 +29,8 @@ class ClusterShape:
 
     @classmethod
     def current(cls) -> "ClusterShape":
+        if not ray.is_initialized():  # a processor applied before any Ray: say so, rather than Ray's own error
+            raise ValueError("no Ray in this process: join or start one first (ray.init(...)); stages are sized from its resources")
         resources = ray.cluster_resources()
         return cls(cpus=resources.get("CPU", 1.0), gpus=resources.get("GPU", 0.0))
 
