@@ -42,6 +42,27 @@ def cli_run(ray_session, tmp_path_factory):
     return root / "out", manifest, pd.read_parquet(root / "out" / "errors").set_index("id")
 
 
+def test_generate_resumes_by_id_after_the_input_was_rewritten_in_place(cli_run, tmp_path):
+    """The CLI fixture's output, rerun on its input rewritten in place: reordered, one new row before the
+    others and an invalid one after them. Only the new row is generated; nothing twice."""
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(cli_run[0], output)
+    prompts = os.path.join(os.path.dirname(cli_run[0]), "prompts.parquet")  # the path run.json names
+    new, bad = {**dict.fromkeys(COLUMNS), "id": "new", "prompt": "an owl"}, {**dict.fromkeys(COLUMNS), "id": "bad"}
+    write_prompts(prompts, [new, *reversed(table_rows()), bad])
+    config = GenerateConfig(prompts=prompts, output=str(output), save_latents=True, **OPTIONS)
+    record = run_generation(config)
+    counts = record["counts"]
+    assert record["status"] == "complete" and counts["generated_this_run"] == 1 and counts["accounted_before_this_run"] == len(ROWS)
+    assert (counts["input_rows"], counts["ok_rows"], counts["error_rows"]) == (len(ROWS) + 2, len(ROWS), 2)
+    assert sorted(pd.read_parquet(output / "manifest")["id"]) == ["a", "b", "d", "e", "new"]  # each id once
+    assert sorted(pd.read_parquet(output / "errors")["id"]) == ["bad", "c"]
+    again = run_generation(config)  # finished: from the listing alone, no Ray work
+    assert again["stages"] == {} and again["counts"]["generated_this_run"] == 0
+
+
 @pytest.fixture(scope="module")
 def processed(ray_session):
     """The user's filter before the processor, the user's scoring map after it: one dataset run."""
@@ -210,18 +231,3 @@ def test_import_is_cheap_and_the_processors_cpu_tasks_load_no_model_code():
             "import pipelines.generation.processor, pipelines.encoding.processor; "
             "print(before, sorted(m for m in ('torch', 'diffusers', 'workers.runtime.base') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[] []"
-
-
-@pytest.mark.time_limit(240)
-def test_generate_images_starts_a_local_ray_when_the_caller_has_none(model_cache, tmp_path):
-    """In a fresh process: no Ray before, a new local one (not /tmp/ray's last cluster) after, and the image."""
-    import subprocess
-    import sys
-
-    code = ("import ray; from pipelines import generate_images; assert not ray.is_initialized(); "
-            "images = generate_images(['a red cat'], model='tiny', steps=1, height=16, width=16, batch_size=1); "
-            "print(ray.is_initialized(), images[0].size, ray.cluster_resources().get('CPU'))")
-    environment = {**os.environ, "LATENTRAY_CACHE": str(model_cache), "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=200, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1].startswith("True (16, 16)")

@@ -1,4 +1,5 @@
-"""Resume by input position from the output's listing, the input check, repeated ids found by tasks, and generation's resume by id."""
+"""Resume by input position from the output's listing, the input check, and repeated ids found by tasks
+(generation's resume by id: ``tests/test_api.py``, on the output its CLI fixture wrote)."""
 
 import os
 
@@ -88,26 +89,3 @@ def test_repeated_ids_found_by_tasks_across_buckets_equal_a_sort_of_the_whole_co
     assert found.positions.tolist() == expected.positions.tolist()
     assert found.first_positions.tolist() == expected.first_positions.tolist()
 
-
-def test_generate_resumes_by_id_after_the_input_was_rewritten_reordered_and_grown_in_place(ray_session, tmp_path):
-    import pandas as pd
-
-    from helpers import write_prompts
-    from pipelines.generation.generate import run_generation
-    from pipelines.runtime.config import GenerateConfig
-
-    prompts, output = tmp_path / "prompts.parquet", tmp_path / "out"
-    config = GenerateConfig(prompts=str(prompts), output=str(output), model="tiny", steps=1, height=16, width=16, batch_size=2)
-    write_prompts(prompts, [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}, {"id": "b", "prompt": "a repeat"}])
-    assert run_generation(config)["counts"]["ok_rows"] == 2
-    # the same file rewritten: its rows reordered, a new row before them and an invalid one after
-    write_prompts(prompts, [{"id": "new", "prompt": "an owl"}, {"id": "b", "prompt": "a dog"}, {"id": "a", "prompt": "a cat"},
-                            {"id": "b", "prompt": "a repeat"}, {"id": "bad", "prompt": " "}])
-    record = run_generation(config)
-    counts = record["counts"]
-    assert record["status"] == "complete" and counts["generated_this_run"] == 1 and counts["accounted_before_this_run"] == 3
-    assert (counts["input_rows"], counts["ok_rows"], counts["error_rows"]) == (5, 3, 2)
-    assert sorted(pd.read_parquet(output / "manifest")["id"]) == ["a", "b", "new"]  # each id once: nothing generated twice
-    assert sorted(pd.read_parquet(output / "errors")["id"]) == ["b", "bad"]
-    again = run_generation(config)  # finished: from the listing alone, no Ray work
-    assert again["stages"] == {} and again["counts"]["generated_this_run"] == 0
