@@ -21,6 +21,7 @@ import time
 import ray
 
 from jobs import reaper
+from pipelines.runtime.local_ray import embedded_cpus, start_local_ray  # noqa: F401 (embedded_cpus: the jobs' name for it)
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +54,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, timeout: fl
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None or address == "local":
         reaper.start()  # the local Ray goes with this driver, even if it is SIGKILLed
-        ray.init(
-            address="local", num_cpus=num_cpus or embedded_cpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING, configure_logging=True,
-        )
+        start_local_ray(num_cpus)
         return EMBEDDED
     # 3. an existing cluster: find it, check that it answers, then join it within the timeout
     target = resolve_address(address)
     probe(target, address, timeout)
     _init_within(target, address, timeout)
     return f"the Ray cluster at {target}" + (f" (from {address!r})" if target != address else "")
-
-
-def embedded_cpus() -> int:
-    """CPUs an embedded Ray advertises: the machine's cores, and at least 2.
-
-    Ray's CPUs are scheduling slots, not cores (torch threads follow the real cores):
-    with fewer than 2, a model actor and the CPU that the read, write and block-cutting
-    tasks need could not both fit, and a 1-core laptop would be refused.
-    """
-    return max(os.cpu_count() or 1, 2)
 
 
 def resolve_address(address: str) -> str:

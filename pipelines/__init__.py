@@ -10,20 +10,31 @@
 - ``pipelines.demo``: the demo model only (shapes corpus, adherence scoring, loss curves, training
   orchestration), apart from the product.
 
-``LatentDataset`` (the torch training reader) and ``collate_nested_arrays`` load torch on first
-use, so importing a pipeline module never pays for it.
+The Python API (``__all__``): ``build_generation_processor``, ``build_encoding_processor`` and
+``generate_images`` (Ray Data processors, ``pipelines.generation.processor`` and
+``pipelines.encoding.processor``), ``LatentDataset`` (the torch training reader) and
+``collate_nested_arrays``. Each is imported on first use, so ``import pipelines`` loads
+neither torch nor Ray.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LatentDataset", "collate_nested_arrays"]
+# public name -> the module that defines it (imported on first use)
+_EXPORTS = {
+    "LatentDataset": "pipelines.encoding.latent_dataset",
+    "collate_nested_arrays": "pipelines.encoding.latent_dataset",
+    "build_generation_processor": "pipelines.generation.processor",
+    "generate_images": "pipelines.generation.processor",
+    "build_encoding_processor": "pipelines.encoding.processor",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from pipelines.encoding import latent_dataset
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(latent_dataset, name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

@@ -1,6 +1,5 @@
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.generation.prompt_rows import PromptDefaults, normalize_prompts, resolve_row
@@ -38,15 +37,26 @@ def test_derived_seed_depends_on_run_seed_and_id_only():
     assert len({derived_seed(0, "x"), derived_seed(1, "x"), derived_seed(0, "y")}) == 3
 
 
-def test_block_writes_errors_and_returns_good_rows(tmp_path):
+def test_a_job_block_keeps_every_row_and_marks_the_bad_ones():
     table = pa.table({"id": ["a", "b", "a", None], "prompt": ["cat", "", "dog", "owl"], "row": [0, 1, 2, 3]})
     repeated = RepeatedIds.of_ids(["a", "b", "a", None])
-    good = normalize_prompts(table, defaults=DEFAULTS, repeated=repeated, errors_uri=str(tmp_path / "errors"))
-    assert good["id"].tolist() == ["a"]
-    errors = pq.read_table(tmp_path / "errors").to_pylist()
-    assert {(e["row"], e["reason"]) for e in errors} == {
-        (1, "prompt is empty"), (2, "id 'a' repeats the id of input row 0"), (3, "id is null"),
-    }
+    out = normalize_prompts(table, defaults=DEFAULTS, repeated=repeated).to_pydict()
+    assert out["id"] == ["a", "b", "a", "000000003"] and out["prompt"] == ["cat", "", "dog", "owl"]
+    assert out["failed_reason"] == ["", "prompt is empty", "id 'a' repeats the id of input row 0", "id is null"]
+    assert out["failed_stage"] == ["", "validate", "validate", "validate"]
+    assert out["seed"][0] == derived_seed(3, "a") and out["num_inference_steps"] == [10] * 4  # bad rows: valid placeholders
+
+
+def test_a_processor_block_keeps_its_columns_and_needs_an_id_or_a_seed():
+    table = pa.table({"prompt": ["cat", "dog"], "seed": [5, None], "score": [0.5, 0.7]})
+    out = normalize_prompts(table, defaults=DEFAULTS)
+    assert out.column_names[:3] == ["prompt", "seed", "score"] and "id" not in out.column_names
+    assert out["score"].to_pylist() == [0.5, 0.7] and out["seed"].to_pylist() == [5, 0]
+    assert out["failed_reason"].to_pylist() == ["", "seed is null and the row has no id to derive one from"]
+    with pytest.raises(ValueError, match="neither an 'id' nor a 'seed' column"):
+        normalize_prompts(pa.table({"prompt": ["cat"]}), defaults=DEFAULTS)
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        normalize_prompts(pa.table({"text": ["cat"], "id": ["a"]}), defaults=DEFAULTS)
 
 
 def test_repeats_are_found_by_sorting_and_point_to_the_first_row():

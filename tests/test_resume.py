@@ -1,4 +1,5 @@
-"""Resume by input position from the output's listing, the input check, and repeated ids found by tasks."""
+"""Resume by input position from the output's listing, the input check, and repeated ids found by tasks
+(generation's resume by id: ``tests/test_api.py``, on the output its CLI fixture wrote)."""
 
 import os
 
@@ -87,3 +88,4 @@ def test_repeated_ids_found_by_tasks_across_buckets_equal_a_sort_of_the_whole_co
     assert len(found) == len(expected) > 500
     assert found.positions.tolist() == expected.positions.tolist()
     assert found.first_positions.tolist() == expected.first_positions.tolist()
+

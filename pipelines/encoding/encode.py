@@ -25,7 +25,7 @@ import ray.data
 from pipelines.encoding.encode_rows import CAPTION_COLUMNS, PREPARED_COLUMNS, RowSettings, SourceColumns, prepare_images
 from pipelines.encoding.image_decode import Preprocessing, aspect_buckets
 from pipelines.runtime import io
-from pipelines.runtime.config import EncodeConfig, parse_bucket_list
+from pipelines.runtime.config import EncodeConfig, EncodingOptions, parse_bucket_list
 from pipelines.encoding.ledger import Lookup, look_up, read_rows_with_lookup, settle
 from pipelines.encoding.latent_output import LatentLayout, commit_latents
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
@@ -64,7 +64,7 @@ def resolve_placement(placement: str, text_embeddings: bool) -> str:
     return "fused" if placement == "auto" else placement
 
 
-def build_model_stages(config: EncodeConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
+def build_model_stages(config: EncodingOptions, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     shares = VAE_ONLY if placement == "vae_only" else SHARES[placement]
     overrides, vae_batch = vae_micro_batch(config.stages, "vae_encoder", shares)
     options = stage_options(shares, cluster, config.batch_size, overrides, placement)
@@ -167,11 +167,7 @@ def plan_encoding(config: EncodeConfig) -> EncodingPlan:
     id_column = config.id_column or ("id" if "id" in schema.names else None)
     model = describe_model(config.model)
     family = model.family
-    if config.text_embeddings:
-        family.check_options(scheduler=None, max_sequence_length=config.max_sequence_length, true_cfg_scale=1.0)
-    check_dtype(family, config.dtype)
-    resolution = config.resolution or model.shape.default_height
-    preprocessing = _preprocessing(config, model, resolution)
+    resolution, preprocessing = checked_preprocessing(config, model)
 
     # 2. the output: its identity is the model's encoders and everything that shapes a row (defaults resolved)
     components = (family.vae_component, *family.text_components) if config.text_embeddings else (family.vae_component,)
@@ -208,7 +204,16 @@ def encoding_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _preprocessing(config: EncodeConfig, model: ModelDescription, resolution: int) -> Preprocessing:
+def checked_preprocessing(config: EncodingOptions, model: ModelDescription) -> tuple[int, Preprocessing]:
+    """The options checked against the model's family: the resolution and the preprocessing they ask for."""
+    if config.text_embeddings:
+        model.family.check_options(scheduler=None, max_sequence_length=config.max_sequence_length, true_cfg_scale=1.0)
+    check_dtype(model.family, config.dtype)
+    resolution = config.resolution or model.shape.default_height
+    return resolution, preprocessing_of(config, model, resolution)
+
+
+def preprocessing_of(config: EncodingOptions, model: ModelDescription, resolution: int) -> Preprocessing:
     if config.buckets is None:
         targets = [(resolution, resolution)]
     elif config.buckets == "auto":
@@ -237,23 +242,37 @@ def run_encoding(config: EncodeConfig | EncodingPlan) -> dict:
 def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
     # batches form identically on every run: same parts, same names, on a rerun of the same rows
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # every row group is read, with the lookups of its rows: what is done is skipped by cache key in the prepare tasks
+    # 1. every row group is read, with the lookups of its rows: what is done is skipped by cache key in the prepare tasks
     dataset = ray.data.from_arrow_refs(plan.lookup.items)
     dataset = dataset.map_batches(
         read_rows_with_lookup, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": block_rows},
     )
-    # A task's results leave it as one block, whatever its UDF yields: cut the row groups
-    # into blocks sized from their work here, before decoding, so that decoding runs as one
-    # task per block and every encoder actor receives blocks from the start
-    dataset = cut_into_blocks(dataset, block_rows)
-    dataset = dataset.map_batches(
-        prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-        fn_kwargs={"settings": plan.settings, "errors_uri": plan.output.errors_uri},
-    )
-    for stage in stages:
-        dataset = stage.apply(dataset)
+    # 2. the wiring the processor shares; 3. one latents/ part per commit task
+    dataset = encoding_rows(dataset, stages, settings=plan.settings, block_rows=block_rows, errors_uri=plan.output.errors_uri)
     return dataset.map_batches(
         commit_latents, batch_size=plan.config.rows_per_part, num_cpus=TASK_CPUS,
         fn_kwargs={"output": plan.output, "layout": plan.layout, "run": plan.run},
     )
+
+
+def encoding_rows(
+    dataset: ray.data.Dataset, stages: list[Stage], *, settings: RowSettings, block_rows: int, errors_uri: str | None,
+) -> ray.data.Dataset:
+    """Image rows -> encoded rows (``latent``, caption embeddings, failure columns): the one wiring of the
+    encoders, shared by the job (``errors_uri``: bad rows are written there) and the encoding processor
+    (no ``errors_uri``: every row goes on with its own columns, bad ones marked failed; see ``prepare_images``).
+    """
+    # 1. A task's results leave it as one block, whatever its UDF yields: cut the rows into
+    # blocks sized from their work here, before decoding, so that decoding runs as one
+    # task per block and every encoder actor receives blocks from the start
+    dataset = cut_into_blocks(dataset, block_rows)
+    # 2. source bytes, cache key, decode, resize, crop (CPU task per block)
+    dataset = dataset.map_batches(
+        prepare_images, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
+        fn_kwargs={"settings": settings, "errors_uri": errors_uri},
+    )
+    # 3. the encoders
+    for stage in stages:
+        dataset = stage.apply(dataset)
+    return dataset

@@ -21,7 +21,7 @@ from pipelines.runtime import io
 from pipelines.runtime.outputs import write_errors_part
 from pipelines.runtime.row_ids import derived_seed, position_id
 from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
-from workers.runtime.columns import stack_column  # numpy only: this task loads no torch
+from workers.runtime.columns import mark_failed, stack_column  # numpy only: this task loads no torch
 
 PREPARE_STAGE = "prepare"  # the ``stage`` of errors found here
 # what a prepared row carries to the encoders (and ``CAPTION_COLUMNS`` when the table has captions)
@@ -87,13 +87,13 @@ def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, s
         reference = record.get(columns.path)
         if reference is None or not str(reference).strip():
             raise RowError("missing_source", f"column {columns.path!r} is empty")
-        uri = io.resolve_reference(settings.file_of(row)[0], str(reference).strip())
+        base = settings.file_of(row)[0] if row is not None else ""  # the processor's paths: URIs, or relative to the working folder
+        uri = io.resolve_reference(base, str(reference).strip())
         try:
             return io.read_bytes(uri), uri
         except Exception as error:  # any backend error means the same to the user: no bytes
             raise RowError("unreadable_path", f"cannot read {uri!r}: {type(error).__name__}: {error}", source=uri) from None
-    file_uri, index = settings.file_of(row)
-    reference = f"{file_uri}#row={index}"
+    reference = "{}#row={}".format(*settings.file_of(row)) if row is not None else ""
     value = record.get(columns.image)
     data = value.get("bytes") if isinstance(value, dict) else value  # HF datasets: {"bytes", "path"}
     if data is None:
@@ -101,8 +101,11 @@ def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, s
     return bytes(data), reference
 
 
-def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings) -> dict | None:
-    """A row ready for encoding, None when the output already holds it (its ``done_key``), or ``RowError``."""
+def prepare_row(record: dict, row_id: str | None, row: int | None, settings: RowSettings) -> dict | None:
+    """A row ready for encoding, None when the output already holds it (its ``done_key``), or ``RowError``.
+
+    ``row``: the row's input position (None in the processor); ``row_id`` None: the seed derives
+    from the content instead (the processor's rows without an id column)."""
     # 1. the source bytes, their hash and the row's cache key
     data, source = read_source(record, row, settings)
     content = content_hash(data)
@@ -112,7 +115,7 @@ def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings) -> d
         return None
 
     # 2. decode, resize, crop
-    seed = derived_seed(settings.seed, row_id)
+    seed = derived_seed(settings.seed, content if row_id is None else row_id)
     try:
         fitted = preprocess(data, settings.preprocessing, seed)
     except ImageRejected as rejected:
@@ -124,14 +127,18 @@ def prepare_row(record: dict, row_id: str, row: int, settings: RowSettings) -> d
     }
 
 
-def prepare_images(table: pa.Table, *, settings: RowSettings, errors_uri: str) -> dict[str, np.ndarray]:
-    """Ray Data task: a block of input rows -> crops to encode; bad rows go to ``errors/`` here.
+def prepare_images(table: pa.Table, *, settings: RowSettings, errors_uri: str | None) -> dict[str, np.ndarray]:
+    """Ray Data task: a block of input rows -> crops to encode.
 
-    Each row comes with its lookup (``ledger.read_rows_with_lookup``): ``done_key``, the
-    cache key the output holds for its id, and ``repeat_of``, the first row with its id
-    when it repeats one. Errors tied to a position (null or repeated id) are written again
-    on every run: they cost nothing to find, and a newer copy supersedes the older one.
+    The job (``errors_uri``): each row comes with its lookup (``ledger.read_rows_with_lookup``):
+    ``done_key``, the cache key the output holds for its id, and ``repeat_of``, the first row with
+    its id when it repeats one; done rows leave, bad rows are written to ``errors/`` here (errors
+    tied to a position, null or repeated id, are written again on every run: they cost nothing to
+    find, and a newer copy supersedes the older one). The processor (no ``errors_uri``,
+    ``processor_rows``): every row stays, with its own columns.
     """
+    if errors_uri is None:
+        return processor_rows(table, settings)
     good, bad = [], []
     id_column = settings.columns.id
     for record in table.to_pylist():
@@ -158,6 +165,40 @@ def prepare_images(table: pa.Table, *, settings: RowSettings, errors_uri: str) -
     if not good:
         return {}  # Ray Data passes no empty block on to the encoders (and empty tensor columns do not convert)
     return crops_batch(good, with_caption=settings.columns.caption is not None)
+
+
+# what the processor's rows carry of a prepared row (the user's columns keep their own id and source)
+PROCESSOR_PREPARED = ("content_hash", "seed", "pixels", "original_size", "crop_top_left", "target_size", *CAPTION_COLUMNS)
+
+
+def processor_rows(table: pa.Table, settings: RowSettings) -> dict[str, np.ndarray]:
+    """The processor's prepare: every row keeps its columns and gains its crop; a bad row is marked failed
+    (stage ``prepare``, its code and reason) with a 1x1 placeholder crop that the encoders skip."""
+    from ray.data.block import BlockAccessor
+
+    # 1. each row's crop, or why it has none
+    columns = settings.columns
+    source = columns.path or columns.image
+    if source not in table.column_names:
+        raise ValueError(f"the dataset has no {source!r} column (columns are: {', '.join(table.column_names)})")
+    ids = table.column(columns.id).to_pylist() if columns.id in table.column_names else [None] * table.num_rows
+    prepared, failures = [], {}
+    for index, (record, row_id) in enumerate(zip(table.to_pylist(), ids)):
+        try:
+            prepared.append(prepare_row(record, None if row_id is None else str(row_id), None, settings))
+        except RowError as error:
+            failures[index] = (error.code, error.message)
+            caption = None if columns.caption is None else record.get(columns.caption)
+            prepared.append({"content_hash": error.content or "", "seed": 0, "caption": caption, "pixels": np.zeros((1, 1, 3), np.uint8),
+                             "original_size": (0, 0), "crop_top_left": (0, 0), "target_size": (0, 0)})
+    if not prepared:
+        return {}
+    # 2. the input's columns as Ray Data hands any batch, then the crops and the failures
+    batch = BlockAccessor.for_block(table).to_batch_format("numpy")
+    crops = crops_batch([{**row, "id": "", "row": 0, "source": "", "cache_key": ""} for row in prepared], with_caption=columns.caption is not None)
+    batch.update({name: values for name, values in crops.items() if name in PROCESSOR_PREPARED})
+    mark_failed(batch, failures, PREPARE_STAGE)
+    return batch
 
 
 def crops_batch(rows: list[dict], with_caption: bool) -> dict[str, np.ndarray]:

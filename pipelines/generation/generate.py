@@ -18,14 +18,17 @@ import ray.data
 from pipelines.generation.commit import commit_generated
 from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts
 from pipelines.runtime import io
-from pipelines.runtime.config import GenerateConfig
+from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
-from pipelines.runtime.resume import ResumePlan, check_input_unchanged, input_versions, plan_resume, read_pending_rows
+from pipelines.runtime.id_resume import IdLookup, look_up_ids, read_rows_not_done
+from pipelines.runtime.resume import (
+    PendingFragment, ResumePlan, check_input_unchanged, input_change, input_versions, plan_resume, read_pending_rows,
+)
 from pipelines.runtime.schemas import PROMPT_OPTIONAL_COLUMNS, check_prompt_schema
 from pipelines.runtime.stages import Stage, cut_into_blocks
 from workers.generation.denoiser import DenoiserWorker
@@ -51,12 +54,12 @@ SHARES = {
 ROLES = {"fused": tuple(SPLIT_WORKERS), **{name: (name,) for name in SPLIT_WORKERS}}
 
 
-def resolve_placement(placement: str, cluster: ClusterShape) -> str:
+def resolve_placement(placement: str, cluster: ClusterShape | None) -> str:
     """``auto``: fused; as fast as split on CPU with less memory, and one GPU has nothing to fan out (see README)."""
     return "fused" if placement == "auto" else placement
 
 
-def build_model_stages(config: GenerateConfig, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
+def build_model_stages(config: GenerationOptions, model: ModelDescription, placement: str, cluster: ClusterShape) -> list[Stage]:
     workers = {"fused": FusedGenerationWorker} if placement == "fused" else SPLIT_WORKERS
     shares = SHARES[placement]
     if placement == "split":  # the GPU split is the family's: T5 and Qwen3 need more of a GPU than CLIP
@@ -101,6 +104,9 @@ class GenerationPlan:
     columns: list[str]
     input_files: list[dict]
     resume: ResumePlan
+    # an input with ids that the listing does not show unchanged and wholly done: rows matched by id (``before_run``)
+    by_id: bool = False
+    ids: IdLookup | None = None
 
     @property
     def input_rows(self) -> int:
@@ -108,7 +114,7 @@ class GenerationPlan:
 
     @property
     def rows_done_before(self) -> int:
-        return self.resume.committed_rows
+        return self.ids.done_rows if self.ids else self.resume.committed_rows
 
     @property
     def rows_to_read(self) -> int:
@@ -119,7 +125,10 @@ class GenerationPlan:
         return self.resume.finished
 
     def before_run(self) -> None:
-        """Nothing: what is done comes from the output's listing, repeated ids are found with the rows."""
+        """By id: which input rows the output holds, found by tasks. By position: nothing (the output's listing says)."""
+        if self.by_id:
+            results, errors = self.output.spans()
+            self.ids = look_up_ids(self.fragments, results + errors, "id")
 
     def placement(self, cluster: ClusterShape) -> str:
         return resolve_placement(self.config.placement, cluster)
@@ -171,14 +180,21 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     }
     carry_precision(identity, output.uri, config.overwrite)
     previous = output.prepare(identity, config.overwrite)
-    # 2. what earlier runs committed, from the output's listing: rows are matched by input position
-    input_files = input_versions(fragments)
-    check_input_unchanged((previous or {}).get("input_files"), input_files, fragments)
+    # 2. what earlier runs committed, from the output's listing. An input with ids may be rewritten,
+    # reordered or grown in place: its rows are matched by id, by tasks, once Ray is connected
+    # (``before_run``), unless the listing alone shows an unchanged input wholly done. An input
+    # without ids is matched by position, which its files must keep.
+    input_files, recorded = input_versions(fragments), (previous or {}).get("input_files")
+    if "id" not in schema.names:
+        check_input_unchanged(recorded, input_files, fragments)
     results, errors = output.spans()
+    resume = plan_resume(fragments, results + errors)
+    by_id = "id" in schema.names and bool(results or errors) and (input_change(recorded, input_files, fragments) is not None or not resume.finished)
     return GenerationPlan(
         config=config, model=model, output=output, identity=identity, fragments=fragments, input_files=input_files,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
-        resume=plan_resume(fragments, results + errors),
+        resume=ResumePlan(pending=[PendingFragment(fragment, ()) for fragment in fragments], committed_rows=0) if by_id else resume,
+        by_id=by_id,
     )
 
 
@@ -187,7 +203,7 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     return run_job(config if isinstance(config, GenerationPlan) else plan_generation(config))
 
 
-def prompt_defaults(config: GenerateConfig, model: ModelDescription) -> PromptDefaults:
+def prompt_defaults(config: GenerationOptions, model: ModelDescription) -> PromptDefaults:
     return PromptDefaults(
         negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
         height=config.height or model.shape.default_height, width=config.width or model.shape.default_width,
@@ -206,25 +222,43 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
 
 
 def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -> ray.data.Dataset:
-    """The pipeline up to the last model stage: pending rows, validated, cut into blocks, generated."""
-    config = plan.config
+    """The job's pipeline up to the last model stage: its pending rows, then ``generation_rows``."""
     # 1. repeated ids, found by tasks (the driver receives only the repeats)
     repeated = find_repeated_ids(plan.fragments, "id") if "id" in plan.columns else RepeatedIds.none()
     # batches form identically on every run, so reruns produce byte-identical images
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    # 2. the row groups left to do; each task drops the rows committed there already
-    items = [pending.to_item() for pending in plan.resume.pending]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    dataset = dataset.map_batches(
-        read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
-    )
+    # 2. the row groups left to do; each task drops the rows committed there already (by id, or by position)
+    if plan.ids is not None:
+        dataset = ray.data.from_arrow_refs(plan.ids.items).map_batches(
+            read_rows_not_done, batch_format="pyarrow", batch_size=1, num_cpus=TASK_CPUS,
+            fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+        )
+    else:
+        items = [pending.to_item() for pending in plan.resume.pending]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        dataset = dataset.map_batches(
+            read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+        )
+    return generation_rows(dataset, stages, defaults=prompt_defaults(plan.config, plan.model), block_rows=block_rows, repeated=repeated)
+
+
+def generation_rows(
+    dataset: ray.data.Dataset, stages: list[Stage], *, defaults: PromptDefaults, block_rows: int, repeated: RepeatedIds | None = None,
+) -> ray.data.Dataset:
+    """Prompt rows -> generated rows (``latents``, ``image`` pixels, failure columns): the one wiring of the
+    model stages, shared by the job (``generated_rows``) and the generation processor.
+
+    Every row goes through with its own columns; a bad row is marked failed and the models skip it.
+    ``repeated``: the job's (its ids name its outputs, see ``normalize_prompts``).
+    """
+    # 1. validate and resolve each row's settings (CPU task per block)
     dataset = dataset.map_batches(
         normalize_prompts, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
-        fn_kwargs={"defaults": prompt_defaults(config, plan.model), "repeated": repeated, "errors_uri": plan.output.errors_uri},
+        fn_kwargs={"defaults": defaults, "repeated": repeated},
     )
-    # A task's results leave it as one block, whatever its UDF yields: without this cut a
+    # 2. A task's results leave it as one block, whatever its UDF yields: without this cut a
     # row group of prompts would reach a single actor as one block, and its images would
-    # all appear when that block is done. Cut after validation, so blocks count real work.
+    # all appear when that block is done. Invalid rows ride along: the models skip them.
     dataset = cut_into_blocks(dataset, block_rows)
     # 3. the model stages
     for stage in stages:

@@ -71,23 +71,24 @@ def write_with_retries(uri: str, data: bytes) -> str | None:
     return f"cannot write the image after {WRITE_ATTEMPTS} attempts: {failure}"
 
 
-def write_generated_images(batch: dict[str, np.ndarray], output: str, image_format: str, quality: int, keep_latents: bool) -> dict[str, np.ndarray]:
-    """Ray Data task: store each row's image; replace pixels by per-channel latent aggregates.
+def encode_generated(batch: dict[str, np.ndarray], image_format: str, quality: int, channels: int | None = None) -> dict[str, np.ndarray]:
+    """Each row's image as file bytes (``image``; None for a row without one) and its latent's per-channel aggregates.
 
-    A row a model stage failed (out of GPU memory, a non-finite image: the stage and
-    reason it recorded), whose latent is not finite (stage ``denoiser``) or whose image
-    cannot be written (stage ``write``) gets an error reason instead of an image; the
-    other rows go on. Runs apart from the model actors and imports no model code (no torch here).
+    A row a model stage failed (out of GPU memory, a non-finite image, an invalid row: the
+    stage and reason it recorded) or whose latent is not finite (stage ``denoiser``) gets
+    ``error_stage`` and ``error_reason`` instead of an image. ``channels``: the latent's
+    (statistics of failed rows are NaN of that size); None: from the batch's other rows.
+    Imports no model code (no torch here): it runs in CPU tasks.
     """
-    paths, reasons, stages = [], [], []
+    images, reasons, stages = [], [], []
     aggregates: dict[str, list] = {"latent_count": [], "latent_mean": [], "latent_std": [], "latent_min": [], "latent_max": []}
     failed = failed_rows(batch)
-    channels = next((np.shape(latent)[0] for latent, fail in zip(batch["latents"], failed) if not fail), 1)
-    for index, row_id in enumerate(batch["id"]):
+    channels = channels or next((np.shape(latent)[0] for latent, fail in zip(batch["latents"], failed) if not fail), 1)
+    for index in range(len(failed)):
         if failed[index]:  # no latent (a placeholder): no statistics, no image
             for name in aggregates:
                 aggregates[name].append(0 if name == "latent_count" else np.full(channels, np.nan))
-            paths.append("")
+            images.append(None)
             reasons.append(str(batch[FAILED_REASON_COLUMN][index]))
             stages.append(str(batch[FAILED_STAGE_COLUMN][index]))
             continue
@@ -95,20 +96,40 @@ def write_generated_images(batch: dict[str, np.ndarray], output: str, image_form
         values = values.reshape(values.shape[0], -1)
         for name, value in zip(aggregates, (values.shape[1], values.mean(1), values.std(1), values.min(1), values.max(1))):
             aggregates[name].append(value)
-        if not np.isfinite(values).all():
+        finite = bool(np.isfinite(values).all())
+        images.append(encode_image(batch["image"][index], image_format, quality) if finite else None)
+        reasons.append("" if finite else "the final latent has non-finite values (NaN or infinity)")
+        stages.append("" if finite else "denoiser")
+    batch.update({name: np.array(values) for name, values in aggregates.items()})
+    batch.update(image=_objects(images), error_reason=np.array(reasons, dtype=object), error_stage=np.array(stages, dtype=object))
+    return batch
+
+
+def write_generated_images(batch: dict[str, np.ndarray], output: str, image_format: str, quality: int, keep_latents: bool) -> dict[str, np.ndarray]:
+    """Ray Data task: store each row's image; replace pixels by per-channel latent aggregates (``encode_generated``).
+
+    A row whose image cannot be written gets an error reason (stage ``write``) instead of
+    an image; the other rows go on. Runs apart from the model actors (no torch here).
+    """
+    batch = encode_generated(batch, image_format, quality)
+    paths = []
+    for index, (row_id, data) in enumerate(zip(batch["id"], batch.pop("image"))):
+        if data is None:
             paths.append("")
-            reasons.append("the final latent has non-finite values (NaN or infinity)")
-            stages.append("denoiser")
             continue
         path = image_path(str(row_id), image_format)
-        failure = write_with_retries(io.join(output, path), encode_image(batch["image"][index], image_format, quality))
+        failure = write_with_retries(io.join(output, path), data)
         paths.append("" if failure else path)
-        reasons.append(failure or "")
-        stages.append("write" if failure else "")
-    batch.pop("image")
+        if failure:
+            batch["error_reason"][index], batch["error_stage"][index] = failure, "write"
     if not keep_latents:
         batch.pop("latents")
-    batch.update({name: np.array(values) for name, values in aggregates.items()})
-    batch.update(image_path=np.array(paths, dtype=object), error_reason=np.array(reasons, dtype=object),
-                 error_stage=np.array(stages, dtype=object))
+    batch["image_path"] = np.array(paths, dtype=object)
     return batch
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object array of ``values`` (numpy would make a 2-d array of equal-length byte strings)."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column

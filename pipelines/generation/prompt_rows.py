@@ -1,8 +1,9 @@
-"""Validation and normalisation of prompt rows: each row becomes a fully resolved request or an error.
+"""Validation and normalisation of prompt rows: each row gets fully resolved settings, or the reason it has none.
 
-Runs as a CPU task in Ray Data, before any model. Rows that fail go to ``errors/``
-with the reason; the others carry every setting explicitly, so workers never see a
-missing value.
+Runs as a CPU task in Ray Data, before any model. Every row goes on with its own
+columns: a bad row is marked failed (stage ``validate``) and the model stages skip it,
+so that the job's commit writes it to ``errors/`` and the processor returns it with its
+``error``; the others carry every setting explicitly, so workers never see a missing value.
 """
 
 from __future__ import annotations
@@ -10,17 +11,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines.runtime.outputs import write_errors_part
 from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
-from pipelines.runtime.schemas import ERRORS_SCHEMA, PAIR_COLUMNS
+from pipelines.runtime.schemas import PAIR_COLUMNS, check_prompt_schema
+from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
 
 
 # what a validated row carries to the model stages (and the family's conditioning columns it has)
 PROMPT_ROW_COLUMNS = ("id", "row", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "height", "width")
+# the settings a row resolves, with their types (a bad row holds the run's defaults there)
+SETTING_TYPES = {
+    "negative_prompt": pa.string(), "seed": pa.int64(), "num_inference_steps": pa.int64(), "guidance_scale": pa.float64(),
+    "height": pa.int64(), "width": pa.int64(),
+}
+VALIDATE_STAGE, INVALID_CODE = "validate", "invalid_row"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,13 +44,18 @@ class PromptDefaults:
     max_image_size: int
     size_multiple: int  # the VAE's downsampling factor
 
+    def placeholder(self) -> dict:
+        """The settings a bad row carries to the model stages, which skip it: valid values, never used."""
+        return {"negative_prompt": self.negative_prompt, "seed": 0, "num_inference_steps": self.steps,
+                "guidance_scale": self.guidance, "height": self.height, "width": self.width}
+
 
 def _missing(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str | None]:
-    """(resolved row, None) or (None, reason)."""
+    """(the row's resolved settings, None) or (None, reason). ``row["id"]`` (a string or None) seeds a row without a seed."""
     prompt = row.get("prompt")
     if _missing(prompt):
         return None, "prompt is null"
@@ -68,6 +81,8 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
             return None, f"{column} {value} is above the maximum {defaults.max_image_size}"
         size[column] = value
     seed = row.get("seed")
+    if _missing(seed) and _missing(row.get("id")):
+        return None, "seed is null and the row has no id to derive one from"
     seed = derived_seed(defaults.seed, row["id"]) if _missing(seed) else int(seed)
     if not 0 <= seed <= MAX_SEED:
         return None, f"seed must be between 0 and 2**63-1, got {seed}"
@@ -81,40 +96,65 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
         else:
             pairs[column] = [int(number) for number in value]
     return {
-        "id": row["id"], "row": int(row["row"]), "prompt": str(prompt),
         "negative_prompt": str(setting("negative_prompt", defaults.negative_prompt)),
         "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs,
     }, None
 
 
-def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: RepeatedIds, errors_uri: str) -> pd.DataFrame:
-    """Resolve a block of prompt rows; write its bad rows to ``errors/``; return the good ones.
+def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: RepeatedIds | None = None) -> pa.Table:
+    """Resolve a block of prompt rows: ``table`` with each row's settings resolved and bad rows marked failed.
 
-    ``repeated`` knows the position of every repeat of an id and of the id's first row.
+    Every column of ``table`` stays; the setting columns (``SETTING_TYPES``, the family's
+    pairs) hold the resolved values, and the failure columns say why a row has none.
+    ``repeated``: a job's, whose ids name its outputs: every row then has an id (its
+    position, ``row``, without an ``id`` column) and every repeat of an id is an error
+    naming the id's first row. Without it (the processor) ids are the user's own.
     """
-    frame = table.to_pandas()
-    if "id" in frame.columns:
-        frame["id"] = [None if _missing(value) else str(value) for value in frame["id"]]
-    else:
-        frame["id"] = [position_id(row) for row in frame["row"]]
-    first_rows = repeated.first_of(frame["row"].to_numpy())
+    # 1. the columns a block must have, and each row's id as a string (None when absent)
+    check_prompt_schema(table.schema, "the dataset")
+    ids = row_ids(table, job=repeated is not None)
+    first_rows = repeated.first_of(table.column("row").to_numpy()) if repeated is not None else np.full(table.num_rows, -1)
 
-    good, bad = [], []
-    for row, first_row in zip(frame.to_dict("records"), first_rows):
-        if _missing(row["id"]):
-            bad.append({"id": position_id(row["row"]), "row": row["row"], "stage": "validate", "reason": "id is null"})
-            continue
-        if first_row >= 0:
-            reason = f"id {row['id']!r} repeats the id of input row {first_row}"
-            bad.append({"id": row["id"], "row": row["row"], "stage": "validate", "reason": reason})
-            continue
-        resolved, reason = resolve_row(row, defaults)
-        if resolved is None:
-            bad.append({"id": row["id"], "row": row["row"], "stage": "validate", "reason": reason})
-        else:
-            good.append(resolved)
+    # 2. each row's settings, or why it has none
+    read = [column for column in ("prompt", *SETTING_TYPES, *PAIR_COLUMNS) if column in table.column_names]
+    settings, reasons = [], []
+    for row, row_id, first_row in zip(table.select(read).to_pylist(), ids, first_rows):
+        resolved, reason = resolve_row({**row, "id": row_id}, defaults)
+        if repeated is not None and row_id is None:
+            resolved, reason = None, "id is null"
+        elif first_row >= 0:
+            resolved, reason = None, f"id {row_id!r} repeats the id of input row {first_row}"
+        settings.append(resolved or {**defaults.placeholder(), **{column: None for column in PAIR_COLUMNS if column in row}})
+        reasons.append(reason or "")
 
-    if bad:
-        write_errors_part(pa.Table.from_pylist(bad, schema=ERRORS_SCHEMA), errors_uri)
-    columns = [*PROMPT_ROW_COLUMNS, *[column for column in PAIR_COLUMNS if column in frame.columns]]
-    return pd.DataFrame(good, columns=columns)
+    # 3. the settings and failures as columns beside the input's own (a job's ids as strings)
+    columns = {column: pa.array([row[column] for row in settings], kind) for column, kind in SETTING_TYPES.items()}
+    columns.update({column: pa.array([row[column] for row in settings], pa.list_(pa.int64()))
+                    for column in PAIR_COLUMNS if column in table.column_names})
+    if repeated is not None:
+        columns["id"] = pa.array([row_id if row_id is not None else position_id(row) for row_id, row in zip(ids, table.column("row").to_pylist())], pa.string())
+    failed = [bool(reason) for reason in reasons]
+    columns.update({
+        FAILED_STAGE_COLUMN: pa.array([VALIDATE_STAGE if fail else "" for fail in failed], pa.string()),
+        FAILED_CODE_COLUMN: pa.array([INVALID_CODE if fail else "" for fail in failed], pa.string()),
+        FAILED_REASON_COLUMN: pa.array(reasons, pa.string()),
+    })
+    for column, values in columns.items():
+        index = table.column_names.index(column) if column in table.column_names else -1
+        table = table.set_column(index, column, values) if index >= 0 else table.append_column(column, values)
+    return table
+
+
+def row_ids(table: pa.Table, *, job: bool) -> list[str | None]:
+    """Each row's id as a string: its ``id``, else (a job) its input position; None where it has none.
+
+    The processor's rows may do without ids when each has a ``seed``: a dataset with neither column is refused.
+    """
+    if "id" in table.column_names:
+        return [None if _missing(value) else str(value) for value in table.column("id").to_pylist()]
+    if job:
+        return [position_id(row) for row in table.column("row").to_pylist()]
+    if "seed" not in table.column_names:
+        raise ValueError("the dataset has neither an 'id' nor a 'seed' column: a row's seed is its 'seed', "
+                         "else derived from the run's seed and its 'id'; give the rows either column")
+    return [None] * table.num_rows

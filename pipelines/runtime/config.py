@@ -34,6 +34,22 @@ class StageOptions:
         return StageOptions(**{f.name: getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self)})
 
 
+def options_from(kind: type, config: object | None, options: dict) -> object:
+    """The Python API's options: ``config`` (a ``kind``, or a subclass such as a job's config), or
+    ``kind(**options)``; an unknown name is a ValueError naming it, as a bad value is."""
+    if config is not None:
+        if options:
+            raise ValueError(f"{', '.join(sorted(options))}: give options or a config object, not both")
+        if not isinstance(config, kind):
+            raise ValueError(f"config: must be a {kind.__name__}, got {type(config).__name__}")
+        return config
+    names = [f.name for f in fields(kind)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not an option (options are {', '.join(names)})")
+    return kind(**options)
+
+
 def check_text_cache_fields(text_cache: bool, text_cache_mib: int | None) -> None:
     """The job text cache's fields of a run config (generation and encoding)."""
     if not isinstance(text_cache, bool):
@@ -56,11 +72,10 @@ def parse_stage_option(text: str) -> tuple[str, str, float | int]:
 
 
 @dataclass(kw_only=True)
-class GenerateConfig:
-    """One bulk generation run."""
+class GenerationOptions:
+    """What a generated row depends on and how the models run: ``latentray generate``'s flags less the job's
+    (input, output, overwrite, the job text cache). The generation processor takes these alone."""
 
-    prompts: str  # Parquet file or folder URI
-    output: str  # output folder URI
     model: str = "demo"  # built-in model (demo, tiny, tiny-sdxl, ...), or diffusers directory (local path or any fsspec URI)
     steps: int | None = None  # None: the model family's default (workers/families)
     guidance: float | None = None  # None: the model's recommended scale (its family's default; demo: 5)
@@ -77,14 +92,9 @@ class GenerateConfig:
     image_quality: int = 95  # jpeg / webp
     save_latents: bool = False
     placement: str = "auto"
-    overwrite: bool = False
     max_image_size: int = 2048  # rows asking for more pixels per side go to errors
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
-    # one cache of text embeddings for the whole job: each distinct prompt and negative prompt
-    # is encoded once per job (while the cache holds it), not once per batch or actor
-    text_cache: bool = True
-    text_cache_mib: int | None = None  # its budget; None: a quarter of the cluster's object store (TEXT_CACHE_SHARE)
     # opt-in speed for the denoiser (``workers.runtime.speed``); like batch sizes, not part of the output's identity
     compile: bool = False  # regional torch.compile of its repeated blocks
     attention_backend: str | None = None  # diffusers' attention backend (flash, sage, _native_cudnn, ...); None: diffusers' default
@@ -92,9 +102,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
 
-        for name in ("prompts", "output", "model"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"{name}: must be a non-empty path or URI")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model: must be a non-empty path or URI")
         for name in ("steps", "batch_size", "max_image_size", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -117,21 +126,14 @@ class GenerateConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_scheduler_name(self.scheduler)
-        check_text_cache_fields(self.text_cache, self.text_cache_mib)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: must be true or false, got {self.compile!r}")
         if self.attention_backend is not None and (not isinstance(self.attention_backend, str) or not self.attention_backend.strip()):
             raise ValueError(f"attention_backend: must be a backend name, got {self.attention_backend!r}")
-        self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
+        self.stages = stage_options_of(self.stages)
 
-    # fields that change what a run writes: a rerun into the same output must agree on them
-    OUTPUT_FIELDS = (
-        "prompts", "steps", "guidance", "height", "width", "negative_prompt", "scheduler",
-        "seed", "image_format", "image_quality", "save_latents", "max_image_size", "true_cfg_scale", "max_sequence_length",
-    )
-
-    def with_model_defaults(self, model) -> "GenerateConfig":
-        """This config with what it leaves to the model filled in, and the family's checks passed.
+    def with_model_defaults(self, model) -> "GenerationOptions":
+        """These options with what they leave to the model filled in, and the family's checks passed.
 
         ``model`` is a ``ModelDescription``: its family says which schedulers and options fit,
         and what steps, guidance and size multiple it uses.
@@ -158,8 +160,52 @@ class GenerateConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+@dataclass(kw_only=True)
+class GenerateConfig(GenerationOptions):
+    """One bulk generation run: the generation options, plus what only a job has."""
+
+    prompts: str  # Parquet file or folder URI
+    output: str  # output folder URI
+    overwrite: bool = False
+    # one cache of text embeddings for the whole job: each distinct prompt and negative prompt
+    # is encoded once per job (while the cache holds it), not once per batch or actor
+    text_cache: bool = True
+    text_cache_mib: int | None = None  # its budget; None: a quarter of the cluster's object store (TEXT_CACHE_SHARE)
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty path or URI")
+        super().__post_init__()
+        check_text_cache_fields(self.text_cache, self.text_cache_mib)
+
+    # fields that change what a run writes: a rerun into the same output must agree on them
+    OUTPUT_FIELDS = (
+        "prompts", "steps", "guidance", "height", "width", "negative_prompt", "scheduler",
+        "seed", "image_format", "image_quality", "save_latents", "max_image_size", "true_cfg_scale", "max_sequence_length",
+    )
+
     def output_identity(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+
+
+def stage_options_of(stages: dict) -> dict[str, StageOptions]:
+    """``stages`` as ``StageOptions`` per stage name; a plain dict per stage is accepted (the Python API's form)."""
+    if not isinstance(stages, dict):
+        raise ValueError(f"stages: must map stage names to options, got {stages!r}")
+    resolved = {}
+    for name, options in stages.items():
+        if isinstance(options, dict):
+            unknown = set(options) - {f.name for f in fields(StageOptions)}
+            if unknown:
+                raise ValueError(f"stages: {name}: unknown option(s) {', '.join(sorted(unknown))}; options are "
+                                 f"{', '.join(f.name for f in fields(StageOptions))}")
+            options = StageOptions(**options)
+        elif not isinstance(options, StageOptions):
+            raise ValueError(f"stages: {name}: expected a dict of options, got {options!r}")
+        resolved[name] = options
+    return resolved
 
 
 CROPS = ("center", "random")
@@ -184,11 +230,10 @@ def parse_bucket_list(text: str) -> list[tuple[int, int]]:
 
 
 @dataclass(kw_only=True)
-class EncodeConfig:
-    """One latent-dataset run: images -> latents (and caption embeddings) for training."""
+class EncodingOptions:
+    """What an encoded row depends on and how the encoders run: ``latentray encode``'s flags less the job's
+    (input, output, overwrite, rows per part, the job text cache). The encoding processor takes these alone."""
 
-    images: str  # Parquet file or folder URI
-    output: str  # output folder URI
     model: str = "tiny"  # built-in model (demo, tiny, tiny-sdxl, ...), or diffusers directory (local path or any fsspec URI)
     resolution: int | None = None  # square side, or the pixel budget's side with buckets; None: the model's size
     crop: str = "center"
@@ -209,16 +254,11 @@ class EncodeConfig:
     background: str = "white"  # what transparent pixels are composited on
     batch_size: int = 8
     placement: str = "auto"
-    overwrite: bool = False
     dtype: str = "auto"
     stages: dict[str, StageOptions] = field(default_factory=dict)
-    rows_per_part: int = 1000  # rows per latents/ part
-    # with --text-embeddings: each distinct caption encoded once per job (see GenerateConfig)
-    text_cache: bool = True
-    text_cache_mib: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("images", "output", "model", "image_column"):
+        for name in ("model", "image_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty string")
         for name in ("path_column", "caption_column", "id_column"):
@@ -239,14 +279,13 @@ class EncodeConfig:
             raise ValueError("text_embeddings: needs a caption column (--caption-column)")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be between 0 and 2**63-1, got {self.seed}")
-        for name in ("max_image_pixels", "batch_size", "rows_per_part", "max_sequence_length"):
+        for name in ("max_image_pixels", "batch_size", "max_sequence_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_image_size is not None and self.min_image_size < 1:
             raise ValueError(f"min_image_size: must be >= 1, got {self.min_image_size}")
         self.background_rgb()  # fails here, naming the field, rather than in a task
-        check_text_cache_fields(self.text_cache, self.text_cache_mib)
-        self.stages = {name: options if isinstance(options, StageOptions) else StageOptions(**options) for name, options in self.stages.items()}
+        self.stages = stage_options_of(self.stages)
 
     def background_rgb(self) -> tuple[int, int, int]:
         from PIL import ImageColor
@@ -256,6 +295,31 @@ class EncodeConfig:
         except ValueError:
             raise ValueError(f"background: {self.background!r} is not a colour (e.g. white, #808080, rgb(0,0,0))") from None
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(kw_only=True)
+class EncodeConfig(EncodingOptions):
+    """One latent-dataset run: the encoding options, plus what only a job has."""
+
+    images: str  # Parquet file or folder URI
+    output: str  # output folder URI
+    overwrite: bool = False
+    rows_per_part: int = 1000  # rows per latents/ part
+    # with --text-embeddings: each distinct caption encoded once per job (see GenerateConfig)
+    text_cache: bool = True
+    text_cache_mib: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("images", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty string")
+        super().__post_init__()
+        if self.rows_per_part < 1:
+            raise ValueError(f"rows_per_part: must be >= 1, got {self.rows_per_part}")
+        check_text_cache_fields(self.text_cache, self.text_cache_mib)
+
     # fields that change what a run writes: a rerun into the same output must agree on them
     # (the input URI is not one: rows are cached by content, so a moved or grown corpus reuses them)
     OUTPUT_FIELDS = (
@@ -263,9 +327,6 @@ class EncodeConfig:
         "id_column", "text_embeddings", "sample", "latent_dtype", "seed", "max_image_pixels", "min_image_size",
         "background", "max_sequence_length",
     )  # the dtype each encoder ran in is added once the cluster is known (``pipelines.runtime.precision``)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def output_identity(self) -> dict:
         return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}

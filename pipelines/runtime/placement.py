@@ -29,6 +29,8 @@ class ClusterShape:
 
     @classmethod
     def current(cls) -> "ClusterShape":
+        if not ray.is_initialized():  # a processor applied before any Ray: say so, rather than Ray's own error
+            raise ValueError("no Ray in this process: join or start one first (ray.init(...)); stages are sized from its resources")
         resources = ray.cluster_resources()
         return cls(cpus=resources.get("CPU", 1.0), gpus=resources.get("GPU", 0.0))
 
@@ -65,9 +67,7 @@ def stage_options(
     CPU: read, write and block-cutting tasks must always find ``FREE_CPUS``, or the
     dataset stalls.
     """
-    unknown = set(overrides) - set(shares)
-    if unknown:
-        raise ValueError(f"stages: {', '.join(sorted(unknown))} not in the {placement} placement (stages: {', '.join(shares)})")
+    check_stage_names(overrides, shares, placement)
     gpus = int(cluster.gpus)
     budget = max(cluster.cpus - FREE_CPUS, TASK_CPUS)
     options = {}
@@ -88,6 +88,13 @@ def stage_options(
             f"{FREE_CPUS:g} free or the run stalls: lower num_cpus or concurrency of {', '.join(options)}"
         )
     return options
+
+
+def check_stage_names(overrides: dict[str, StageOptions], shares: dict[str, StageShare], placement: str) -> None:
+    """Refuse settings for a stage the placement does not have (known before the cluster is)."""
+    unknown = set(overrides) - set(shares)
+    if unknown:
+        raise ValueError(f"stages: {', '.join(sorted(unknown))} not in the {placement} placement (stages: {', '.join(shares)})")
 
 
 def vae_micro_batch(overrides: dict[str, StageOptions], stage: str, shares: dict[str, StageShare]) -> tuple[dict[str, StageOptions], int | None]:

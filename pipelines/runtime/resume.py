@@ -104,8 +104,19 @@ def read_pending_rows(batch: dict, columns: list[str] | None, rows_per_block: in
 def check_input_unchanged(recorded: list[dict] | None, current: list[dict], fragments: list[io.ParquetFragment]) -> None:
     """Positions in the output must mean the same input rows: the files an earlier run read
     are unchanged and start at the same position (new files after them are fine)."""
+    problem = input_change(recorded, current, fragments)
+    if problem:
+        raise ValueError(
+            f"{problem} since an earlier run into this output: committed rows are matched by their input position, "
+            "which no longer holds; rerun with --overwrite, add new rows as new files that sort after the existing "
+            "ones, or give the rows an 'id' column (rows with ids are matched by id)"
+        )
+
+
+def input_change(recorded: list[dict] | None, current: list[dict], fragments: list[io.ParquetFragment]) -> str | None:
+    """How the input differs from what an earlier run recorded (None: its files and positions are as they were)."""
     if not recorded:
-        return  # no earlier run, or one before inputs were recorded
+        return None  # no earlier run, or one before inputs were recorded
     now = {version["uri"]: version for version in current}
     starts = io.file_starts(fragments)
     for before in recorded:
@@ -118,11 +129,8 @@ def check_input_unchanged(recorded: list[dict] | None, current: list[dict], frag
             problem = f"now starts at input row {starts.get(before['uri'])}, not {before.get('first_row')} (a file was added before it)"
         else:
             continue
-        raise ValueError(
-            f"input file {before['uri']!r} {problem} since an earlier run into this output: committed rows are "
-            "matched by their input position, which no longer holds; rerun with --overwrite, or add new rows as "
-            "new files that sort after the existing ones"
-        )
+        return f"input file {before['uri']!r} {problem}"
+    return None
 
 
 def input_versions(fragments: list[io.ParquetFragment]) -> list[dict]:

@@ -7,7 +7,7 @@ import numpy as np
 from workers.families import ModelFamily
 from workers.generation.text_encoder import TextEncoderWorker, text_out_of_memory
 from workers.runtime.base import Batch, embedding_columns
-from workers.runtime.columns import mark_failed, stack_column, with_placeholders
+from workers.runtime.columns import failed_rows, mark_failed, stack_column, with_placeholders
 from workers.runtime.devices import on_compute_thread
 from workers.runtime.memory import OUT_OF_MEMORY
 
@@ -28,7 +28,8 @@ class CaptionEncoderWorker(TextEncoderWorker):
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
-            captions = ["" if text is None else str(text) for text in batch["caption"]]
+            # rows an earlier step failed (undecodable images, in the processor) are not encoded: they stand for ""
+            captions = ["" if text is None or skip else str(text) for text, skip in zip(batch["caption"], failed_rows(batch))]
             # 1. encode each distinct caption once; a caption that does not fit in GPU memory fails its row
             embedded = self.embed(captions)
             mark_failed(batch, {row: (OUT_OF_MEMORY, text_out_of_memory(captions[row]))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns
-from workers.runtime.columns import COUNT_COLUMN_PREFIX, mark_failed, stack_column, with_placeholders
+from workers.runtime.columns import COUNT_COLUMN_PREFIX, failed_rows, mark_failed, stack_column, with_placeholders
 from workers.families import ModelFamily
 from workers.runtime.devices import inference_mode, on_compute_thread
 from workers.runtime.memory import OUT_OF_MEMORY, run_in_halves
@@ -65,8 +65,10 @@ class TextEncoderWorker(ModelWorker):
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
-            prompts = [str(text) for text in batch["prompt"]]
-            negatives = [str(text) if self.sends_negative else "" for text in batch["negative_prompt"]]
+            # rows an earlier step failed (invalid rows) are not encoded: they stand for "" (encoded at start-up)
+            skipped = failed_rows(batch)
+            prompts = ["" if skip else str(text) for text, skip in zip(batch["prompt"], skipped)]
+            negatives = [str(text) if self.sends_negative and not skip else "" for text, skip in zip(batch["negative_prompt"], skipped)]
 
             # 1. each distinct text of the batch, from a cache or encoded (``embed``); a row whose
             # texts do not fit in GPU memory fails

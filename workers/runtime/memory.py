@@ -92,7 +92,7 @@ def run_in_halves(rows: list[int], compute: Callable[[list[int]], Sequence[Any]]
     Halves run in row order, each split again when it does not fit, down to single rows.
     """
     result = HalvedRun()
-    pending = [rows]
+    pending = [rows] if rows else []  # no rows (all failed earlier): no model call with an empty batch
     while pending:
         part = pending.pop(0)
         out_of_memory = False
