@@ -42,6 +42,7 @@ def cli_run(ray_session, tmp_path_factory):
     return root / "out", manifest, pd.read_parquet(root / "out" / "errors").set_index("id")
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_generate_resumes_by_id_after_the_input_was_rewritten_in_place(cli_run, tmp_path):
     """The CLI fixture's output, rerun on its input rewritten in place: reordered, one new row before the
     others and an invalid one after them. Only the new row is generated; nothing twice."""
@@ -196,6 +197,7 @@ def encoded_both(ray_session, tmp_path_factory):
     return job, job_errors, {row["id"]: row for row in rows}
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_encoding_rows_keep_their_columns_and_equal_the_jobs_latents(encoded_both):
     job, _, rows = encoded_both
     assert sorted(rows) == ["junk", "p0", "p1"]
@@ -212,6 +214,7 @@ def test_encoding_rows_keep_their_columns_and_equal_the_jobs_latents(encoded_bot
         assert row["content_hash"] == job.loc[row_id, "content_hash"]
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_an_undecodable_image_is_an_error_row_with_the_jobs_reason(encoded_both):
     _, job_errors, rows = encoded_both
     junk = rows["junk"]

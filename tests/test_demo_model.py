@@ -21,6 +21,7 @@ def test_shipped_model_is_a_small_safetensors_diffusers_directory():
     assert pipe.vae.config.block_out_channels and pipe.unet.config.sample_size * 8 == 64
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_latentray_demo_draws_the_requested_colours_where_random_weights_do_not(ray_session, tmp_path, capsys):
     from jobs.cli import main
 

@@ -179,6 +179,7 @@ def test_dataset_reader_yields_tensors_for_training(first_run):
     assert sorted(ids) == sorted(latents_frame(first_run[0]).index)  # every row once across workers
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_incremental_rerun_encodes_only_new_changed_and_lost_rows_then_nothing(first_run, corpus, tmp_path):
     # a grown corpus with one changed image, and an output whose last run lost a part
     images = odd_and_plain_images()
@@ -215,6 +216,7 @@ def test_another_preprocessing_config_is_refused_unless_overwrite(first_run, cor
     assert plan.lookup is None and plan.run == 1 and not (output / "latents").exists()
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_buckets_read_as_one_table_and_split_placement(ray_session, tmp_path):
     """HF datasets' image structs, no id column, aspect buckets, caption and VAE encoders in separate pools."""
     import ray.data

@@ -67,6 +67,7 @@ def images(output) -> dict[str, np.ndarray]:
     return {row_id: read_image(os.path.join(output, path)) for row_id, path in frame["image_path"].items()}
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_counts_add_up_and_every_bad_row_has_its_reason(first_run):
     output, record = first_run
     assert record["status"] == "complete"
@@ -121,6 +122,7 @@ def test_images_equal_what_diffusers_draws_for_each_row(first_run, tiny_model_di
         assert_images_match(actual[row], reference)
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_batch_size_workers_and_placement_do_not_change_images(first_run, prompts, tmp_path):
     reference = images(first_run[0])
     variants = {  # the reference ran one worker, batch 4

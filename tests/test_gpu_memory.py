@@ -77,6 +77,7 @@ def test_peaks_are_maxima_across_batches_and_null_where_not_measured():
     assert peak_memory_per_stage(totals.counts, totals.busy_seconds) == {"denoiser": 3.0, "text_encoder": None}
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_a_compiled_job_on_ray_records_its_compiles_stages_and_memory(ray_session, tmp_path, monkeypatch):
     """One small job end to end: --compile and --attention-backend reach the actor; run.json says what ran where."""
     import json

@@ -52,6 +52,7 @@ def prompts(tmp_path) -> str:
     return write_prompts(tmp_path / "prompts.parquet", {"id": ["cat", "dog"], "prompt": ["a cat", "a dog"]})
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_no_address_starts_a_new_local_ray_despite_a_stale_cluster_file(ray_temp, prompts, tmp_path, model_cache):
     directory, stale = ray_temp
     result = latentray(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", "tiny", "--steps", "2"],
@@ -98,6 +99,7 @@ def wait_for_recorded_address(path: str, stale: str, timeout: float = 60) -> str
     raise TimeoutError(f"ray start did not record its address in {path} within {timeout:g} s")
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_auto_joins_the_cluster_that_ray_start_made(ray_temp, model_cache):
     directory, stale = ray_temp
     head = start_head(directory=os.path.join(directory, "ray"))  # `ray start` records its address where auto looks

@@ -22,6 +22,8 @@ from ray_head import start_head
 from jobs.cli import main
 from jobs.submit import connect_jobs_api, job_request_from_arguments, wait_for_job
 
+pytestmark = pytest.mark.slow  # a Ray head started with `ray start`, and jobs submitted to it: ~30 s each
+
 PROMPTS = [{"id": f"p{i}", "prompt": text} for i, text in enumerate(["a red cube", "a blue ball", "a green cone", "a grey owl"])]
 # a secret in the submitting process must reach neither the job's runtime_env nor its logs
 FAKE_SECRET = "fake-secret-never-shown-1234"

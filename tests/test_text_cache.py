@@ -171,6 +171,7 @@ def cycling_rows(count: int) -> list[dict]:
              "seed": 100 + index} for index in range(count)]
 
 
+@pytest.mark.slow  # a whole Ray job or more: ~20 s and over
 def test_a_split_job_encodes_each_distinct_text_once_across_its_text_actors(ray_session, tmp_path):
     # 24 rows in blocks of 2 (batches of 2) over 2 text-encoder actors: every text reaches both actors
     rows = cycling_rows(24)
