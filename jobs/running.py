@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from jobs import reaper
 from jobs.options import encode_config, generate_config
@@ -72,18 +72,24 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
     """
     from pipelines.runtime import lease
 
+    # stdout carries the summary alone, so that it parses as JSON: Ray forwards its workers' and
+    # raylet's messages ("a worker died ...") to the driver's sys.stdout while the job runs
+    summary_stream, sys.stdout = sys.stdout, sys.stderr
     try:
-        return _plan_and_run(verb, plan_job, run_job, config_from_args, args, summary_keys)
+        return _plan_and_run(verb, plan_job, run_job, config_from_args, args, summary_keys, summary_stream)
     except Exception as error:
         storage = storage_error_in(error)
         if storage is None:
             raise
         return fail_storage(storage)
     finally:
+        sys.stdout = summary_stream
         lease.release_all()  # a plan that failed after taking the output's lease (a run gives it back itself)
 
 
-def _plan_and_run(verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...]) -> int:
+def _plan_and_run(
+    verb: str, plan_job, run_job, config_from_args, args: argparse.Namespace, summary_keys: tuple[str, ...], summary_stream: TextIO,
+) -> int:
     from jobs.ray_runtime import EMBEDDED, RayConnectionError, connect
 
     try:
@@ -91,7 +97,7 @@ def _plan_and_run(verb: str, plan_job, run_job, config_from_args, args: argparse
     except ValueError as error:
         return fail(str(error))
     if plan.finished:  # every input row is committed: no Ray, no model, only the run record
-        return _print_summary(run_job(plan), summary_keys)
+        return _print_summary(run_job(plan), summary_keys, summary_stream)
     try:
         where = connect(args.address, timeout=args.connect_timeout)
     except RayConnectionError as error:
@@ -108,11 +114,11 @@ def _plan_and_run(verb: str, plan_job, run_job, config_from_args, args: argparse
         record = run_job(plan)
     except ValueError as error:
         return fail(str(error))
-    return _print_summary(record, summary_keys)
+    return _print_summary(record, summary_keys, summary_stream)
 
 
-def _print_summary(record: dict, summary_keys: tuple[str, ...]) -> int:
-    print(json.dumps({key: record[key] for key in summary_keys}, indent=2))
+def _print_summary(record: dict, summary_keys: tuple[str, ...], stream: TextIO) -> int:
+    print(json.dumps({key: record[key] for key in summary_keys}, indent=2), file=stream, flush=True)
     return 0 if record["status"] == "complete" else 1
 
 

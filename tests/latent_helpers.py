@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import os
 
-from pipelines.encoding.latent_output import LatentLayout, commit_latents
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.encoding.latent_output import LatentLayout, commit_latents, latents_of
 from pipelines.runtime.outputs import RunOutput
 
 BUCKET_SHAPES = ((4, 8, 8), (4, 6, 10), (4, 10, 6))
@@ -65,3 +71,25 @@ def write_latent_dataset(uri: str, part_rows: list[int], *, buckets: bool, seed:
         commit_latents(encoded_rows(first, shapes, tokens, width, ragged), output=output, layout=layout, run=1)
         first += rows
     return [f"r-{index}" for index in range(first)]
+
+
+# -- what an encode job wrote -------------------------------------------------------------------
+
+
+def latents_frame(output) -> pd.DataFrame:
+    table = pq.read_table(os.path.join(output, "latents"))
+    frame = table.drop_columns([c for c in ("latent", "latent_flipped", "prompt_embeds") if c in table.column_names]).to_pandas()
+    frame["latent"] = latents_of(table)
+    return frame.set_index("id").sort_index()
+
+
+def assert_stats_equal_numpy(output) -> None:
+    stats = json.load(open(os.path.join(output, "latent_stats.json")))
+    values = np.concatenate([latent.astype(np.float64).reshape(4, -1) for latent in latents_frame(output)["latent"]], axis=1)
+    np.testing.assert_allclose(stats["mean"], values.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(stats["std"], values.std(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(stats["min"], values.min(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(stats["max"], values.max(axis=1), rtol=1e-5)
+    assert stats["count"] == [values.shape[1]] * 4
+    assert stats["suggested"]["scaling_factor"] == pytest.approx(stats["scaling_factor"] / values.std(), rel=1e-5)
+    assert stats["suggested"]["shift_factor"] == pytest.approx(stats["shift_factor"] + values.mean() / stats["scaling_factor"], rel=1e-5)

@@ -16,9 +16,9 @@ from image_helpers import (
     alpha_png, cmyk_jpeg, decompression_bomb_png, encoded, exif_rotated_jpeg, gray16_png, jpeg,
     palette_png_with_transparency, picture, png, truncated, upright_of_exif_jpeg, write_table,
 )
+from latent_helpers import assert_stats_equal_numpy, latents_frame
 from pipelines.encoding.encode import plan_encoding, run_encoding
 from pipelines.encoding.image_decode import aspect_buckets, nearest_target
-from pipelines.encoding.latent_output import latents_of
 from pipelines.runtime.config import EncodeConfig
 
 RESOLUTION = 64
@@ -77,29 +77,10 @@ def first_run(ray_session, corpus, tmp_path_factory):
     return output, run_encoding(config(corpus, output))
 
 
-def latents_frame(output) -> pd.DataFrame:
-    table = pq.read_table(os.path.join(output, "latents"))
-    frame = table.drop_columns([c for c in ("latent", "latent_flipped", "prompt_embeds") if c in table.column_names]).to_pandas()
-    frame["latent"] = latents_of(table)
-    return frame.set_index("id").sort_index()
-
-
 def errors_frame(output) -> pd.DataFrame:
     frame = pd.read_parquet(os.path.join(output, "errors"))
     frame.index = [f"{i}@{r}" if code == "duplicate_id" else i for i, r, code in zip(frame["id"], frame["row"], frame["code"])]
     return frame
-
-
-def assert_stats_equal_numpy(output) -> None:
-    stats = json.load(open(os.path.join(output, "latent_stats.json")))
-    values = np.concatenate([latent.astype(np.float64).reshape(4, -1) for latent in latents_frame(output)["latent"]], axis=1)
-    np.testing.assert_allclose(stats["mean"], values.mean(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(stats["std"], values.std(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(stats["min"], values.min(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(stats["max"], values.max(axis=1), rtol=1e-5)
-    assert stats["count"] == [values.shape[1]] * 4
-    assert stats["suggested"]["scaling_factor"] == pytest.approx(stats["scaling_factor"] / values.std(), rel=1e-5)
-    assert stats["suggested"]["shift_factor"] == pytest.approx(stats["shift_factor"] + values.mean() / stats["scaling_factor"], rel=1e-5)
 
 
 def test_every_row_ends_in_latents_or_errors_with_its_reason_code(first_run):

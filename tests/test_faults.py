@@ -1,5 +1,5 @@
 """Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice; the driver
-SIGKILLed mid-run, then the job rerun; an object store that throttles, cuts connections or refuses
+SIGKILLed mid-run, then the job rerun (``generate`` and ``encode``); an object store that throttles, cuts connections or refuses
 listings; and one writer per output (a second run refused, a dead run's lease taken over).
 
 The job runs as a user runs it (``python -m jobs.cli generate``, embedded Ray, in its own
@@ -253,6 +253,97 @@ def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp
     clean_images = images_by_id(clean_output)
     for row_id, image in images_by_id(output).items():
         assert np.array_equal(image, clean_images[row_id]), row_id
+
+
+# -- encode: the driver killed, then the rerun with its model actor killed ----------------------------
+
+ENCODE_ROWS = 800  # ~30 s of encoding at 256 px, well above the ~10 s of start-up
+ENCODE_ACTOR_TITLE = "ray::MapWorker(MapBatches(FusedEncodingWorker))"
+
+
+def encode_command(images: str, output: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "encode", "--model", "tiny", "--images", images, "--output", output,
+            "--resolution", "256", "--caption-column", "caption", "--text-embeddings"]
+
+
+def encoded_ids(output: str) -> dict[str, list[str]]:
+    """Ids in latents/ and errors/ (each folder may be absent or empty)."""
+    found = {}
+    for folder in ("latents", "errors"):
+        path = os.path.join(output, folder)
+        parts = [name for name in os.listdir(path) if name.endswith(".parquet")] if os.path.isdir(path) else []
+        found[folder] = pq.read_table(path, columns=["id"]).column("id").to_pylist() if parts else []
+    return found
+
+
+@pytest.mark.time_limit(600)  # three whole encodes: ~2 min on a quiet machine
+def test_encode_driver_killed_then_rerun_with_its_actor_killed_encodes_exactly_the_missing_rows(tmp_path, model_cache):
+    """encode commits block by block, so what it committed survives its driver's SIGKILL (the test prints
+    when a quarter of the rows were committed, as a share of a clean run's time); the rerun encodes only the rest, completes by itself through a SIGKILL of
+    its model actor, and the output equals a clean run's (latents, embeddings, exact statistics)."""
+    from image_helpers import picture, png, write_table
+    from latent_helpers import assert_stats_equal_numpy, latents_frame
+
+    images = write_table(tmp_path / "images.parquet", [
+        {"id": f"img-{index:04d}", "image": png(picture(index, 256, 256)), "caption": f"a picture number {index % 50}"}
+        for index in range(ENCODE_ROWS)])
+    # 1. a clean run, for its wall time and its latents
+    clean_output = str(tmp_path / "clean")
+    started = time.monotonic()
+    clean = subprocess.run(encode_command(images, clean_output), cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    clean_seconds = time.monotonic() - started
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    # 2. the same run, its driver SIGKILLed (with its Ray) once a quarter of the rows are committed: the kill
+    # follows progress, not the clock, so that a loaded machine cannot move it past the end of the run
+    output = str(tmp_path / "killed")
+    started = time.monotonic()
+    job = start_job(encode_command(images, output))
+    try:
+        wait_for(lambda: len(encoded_ids(output)["latents"]) >= ENCODE_ROWS // 4, job, 300, "a quarter of the rows")
+        quarter_seconds = time.monotonic() - started
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    at_kill = encoded_ids(output)
+    rows_at_kill = len(at_kill["latents"]) + len(at_kill["errors"])
+    print(f"clean run {clean_seconds:.1f} s; a quarter of the rows committed at {quarter_seconds:.1f} s "
+          f"({quarter_seconds / clean_seconds:.0%} of the clean run); killed with {rows_at_kill} of {ENCODE_ROWS} rows committed")
+    assert ENCODE_ROWS // 4 <= rows_at_kill < ENCODE_ROWS, rows_at_kill
+
+    # 3. the rerun, its model actor SIGKILLed once it has committed rows of its own
+    rerun = start_job(encode_command(images, output))
+    try:
+        wait_for(lambda: len(encoded_ids(output)["latents"]) > rows_at_kill, rerun, 300, "the rerun's first part")
+        actor = wait_for(lambda: next((pid for pid, title in process_titles().items()
+                                       if title.startswith(ENCODE_ACTOR_TITLE) and session_of(pid) == rerun.pid), None),
+                         rerun, 120, "the rerun's model actor")
+        os.kill(actor, signal.SIGKILL)
+        stdout, stderr = rerun.communicate(timeout=600)
+    finally:
+        if rerun.poll() is None:
+            os.killpg(rerun.pid, signal.SIGKILL)
+    assert rerun.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+    # 4. only the missing rows encoded; every row once; the clean run's latents, embeddings and exact statistics
+    counts = json.loads(stdout)["counts"]
+    assert counts["encoded_this_run"] == ENCODE_ROWS - rows_at_kill, counts
+    assert counts["ok_rows"] == counts["input_rows"] == ENCODE_ROWS and counts["error_rows"] == 0
+    ids = encoded_ids(output)["latents"]
+    assert len(ids) == len(set(ids)) == ENCODE_ROWS and not encoded_ids(output)["errors"]
+    assert not temporary_files(output)
+    written, expected = latents_frame(output), latents_frame(clean_output)
+    assert list(written.index) == list(expected.index)
+    for row_id in written.index:
+        assert np.array_equal(written.at[row_id, "latent"], expected.at[row_id, "latent"]), row_id
+    written_embeddings = pq.read_table(os.path.join(output, "latents"), columns=["id", "prompt_embeds"]).to_pydict()
+    expected_embeddings = pq.read_table(os.path.join(clean_output, "latents"), columns=["id", "prompt_embeds"]).to_pydict()
+    by_id = dict(zip(expected_embeddings["id"], expected_embeddings["prompt_embeds"]))
+    assert all(embedding == by_id[row_id] for row_id, embedding in zip(written_embeddings["id"], written_embeddings["prompt_embeds"]))
+    assert_stats_equal_numpy(output)
 
 
 # -- an object store that throttles and drops connections -------------------------------------------

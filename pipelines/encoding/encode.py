@@ -248,7 +248,8 @@ def _build_dataset(plan: EncodingPlan, stages: list[Stage], block_rows: int) -> 
         read_rows_with_lookup, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"columns": plan.settings.columns.to_read(), "rows_per_block": block_rows},
     )
-    # 2. the wiring the processor shares; 3. one latents/ part per commit task
+    # 2. the wiring the processor shares; 3. one latents/ part per commit task: by default one per
+    # block, so that rows commit as their block finishes and a killed run loses only the blocks in flight
     dataset = encoding_rows(dataset, stages, settings=plan.settings, block_rows=block_rows, errors_uri=plan.output.errors_uri)
     return dataset.map_batches(
         commit_latents, batch_size=plan.config.rows_per_part, num_cpus=TASK_CPUS,

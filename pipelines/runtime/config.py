@@ -306,7 +306,9 @@ class EncodeConfig(EncodingOptions):
     images: str  # Parquet file or folder URI
     output: str  # output folder URI
     overwrite: bool = False
-    rows_per_part: int = 1000  # rows per latents/ part
+    # None: one latents/ part per block, committed as soon as its block is encoded (as generate does);
+    # a number gathers that many rows per part: fewer, larger files, but nothing commits until a part is full
+    rows_per_part: int | None = None
     # with --text-embeddings: each distinct caption encoded once per job (see GenerateConfig)
     text_cache: bool = True
     text_cache_mib: int | None = None
@@ -316,7 +318,7 @@ class EncodeConfig(EncodingOptions):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty string")
         super().__post_init__()
-        if self.rows_per_part < 1:
+        if self.rows_per_part is not None and self.rows_per_part < 1:
             raise ValueError(f"rows_per_part: must be >= 1, got {self.rows_per_part}")
         check_text_cache_fields(self.text_cache, self.text_cache_mib)
 

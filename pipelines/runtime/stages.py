@@ -61,8 +61,12 @@ def cut_into_blocks(dataset: ray.data.Dataset, rows_per_block: int) -> ray.data.
     encoding output took 58 s with them, 31 s with light ones). The reservation is set on
     the operator the plan holds (a private attribute: a later Ray that moves it gets a
     warning, and the whole-CPU default).
+
+    ``strict``: Ray fuses a non-strict repartition into the task before it, and the task after
+    it (encode's decoding) into the same task, whose output buffer then joins the cut blocks
+    into one again: a row group reached the encoder, and its commit, as a single block.
     """
-    dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
+    dataset = dataset.repartition(target_num_rows_per_block=rows_per_block, strict=True)
     remote_args = getattr(getattr(getattr(dataset, "_logical_plan", None), "dag", None), "ray_remote_args", None)
     if isinstance(remote_args, dict):
         remote_args.setdefault("num_cpus", TASK_CPUS)
