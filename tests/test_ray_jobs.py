@@ -25,6 +25,7 @@ from jobs.submit import connect_jobs_api, job_request_from_arguments, wait_for_j
 pytestmark = pytest.mark.slow  # a Ray head started with `ray start`, and jobs submitted to it: ~30 s each
 
 PROMPTS = [{"id": f"p{i}", "prompt": text} for i, text in enumerate(["a red cube", "a blue ball", "a green cone", "a grey owl"])]
+NEW_PROMPTS = [{"id": "p4", "prompt": "a pink star"}, {"id": "p5", "prompt": "a tall tree"}]
 # a secret in the submitting process must reach neither the job's runtime_env nor its logs
 FAKE_SECRET = "fake-secret-never-shown-1234"
 
@@ -68,9 +69,10 @@ def latentray_jobs(head) -> list:
     return [job for job in connect_jobs_api(head.address).list_jobs() if (job.submission_id or "").startswith("latentray-")]
 
 
-def test_submit_attaches_resumes_and_never_runs_a_job_twice(head_token, tmp_path, capsys):
+def test_submit_attaches_resumes_never_runs_a_job_twice_and_picks_up_new_input(head_token, tmp_path, capsys):
     head = head_token
-    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS)
+    prompts = tmp_path / "prompts"  # a folder, where a schedule's new files land
+    write_prompts(prompts / "day-1.parquet", PROMPTS)
     output = tmp_path / "out"
     submit = ["submit", "generate", *generate_arguments(prompts, output), "--address", head.address]
     request = job_request_from_arguments("generate", generate_arguments(prompts, output))
@@ -122,6 +124,21 @@ def test_submit_attaches_resumes_and_never_runs_a_job_twice(head_token, tmp_path
     assert not (details.runtime_env or {}).get("env_vars")
     assert FAKE_SECRET not in json.dumps(details.model_dump(), default=str)
     assert FAKE_SECRET not in client.get_job_logs(request.attempt_id(2))
+
+    # 6. a new file in the prompt folder (what a daily schedule finds): a new job, which resumes
+    # into the same output and generates only its rows; then nothing new, nothing to do
+    write_prompts(prompts / "day-2.parquet", NEW_PROMPTS)
+    later = job_request_from_arguments("generate", generate_arguments(prompts, output))
+    assert later.configuration == request.configuration and later.fingerprint != request.fingerprint
+    assert main(submit) == 0
+    err = capsys.readouterr().err
+    assert f"submitted job {later.attempt_id(1)}" in err and f"job {later.attempt_id(1)} SUCCEEDED" in err
+    counts = json.loads((output / "run.json").read_text())["counts"]
+    assert (counts["input_rows"], counts["ok_rows"], counts["generated_this_run"], counts["accounted_before_this_run"]) == (6, 6, 2, 4)
+    assert sorted(pd.read_parquet(output / "manifest")["id"]) == [row["id"] for row in PROMPTS + NEW_PROMPTS]  # each once
+    assert main(submit) == 0
+    assert f"job {later.attempt_id(1)} already SUCCEEDED" in capsys.readouterr().err
+    assert [job.submission_id for job in latentray_jobs(head) if job.submission_id.startswith(later.id_prefix)] == [later.attempt_id(1)]
 
 
 def test_a_missing_or_wrong_token_says_how_to_provide_it(head, tmp_path, monkeypatch, capsys):
