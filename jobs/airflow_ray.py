@@ -178,8 +178,8 @@ class SubmitAndWaitOperator(BaseOperator):
     def execute(self, context) -> str:
         params = context["params"]
         submission = submit(connect_jobs_api(params["ray_address"]), request_from_params(params, self.input_state or None))
-        self.log.info("Ray job %s: %s (earlier attempts: %s)", submission.submission_id, submission.action,
-                      ", ".join(submission.previous) or "none")
+        self.log.info("Ray job %s: %s (input state %s; earlier attempts: %s)", submission.submission_id, submission.action,
+                      self.input_state or "listed now", ", ".join(submission.previous) or "none")
         if submission.action == "already succeeded":
             return submission.submission_id
         trigger = RayJobTrigger(params["ray_address"], submission.submission_id, float(params["poll_seconds"]))

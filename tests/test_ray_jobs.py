@@ -205,3 +205,4 @@ def test_airflow_dag_runs_a_generate_job_on_the_head(head_token, tmp_path):
     request = job_request_from_arguments("generate", ["--prompts", prompts, "--output", str(output), "--model", "tiny",
                                                       "--steps", "2", "--height", "32", "--width", "32", "--stage", "fused.num_cpus=0.5"])
     assert [job.submission_id for job in latentray_jobs(head) if job.submission_id.startswith(request.id_prefix)] == [request.attempt_id(1)]
+    assert f"input state {request.input_state};" in result.stdout + result.stderr  # the wait named the job by check_input's listing
