@@ -7,6 +7,7 @@ to the client through RAY_AUTH_TOKEN_PATH, the way Ray itself reads it.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,20 +126,32 @@ def test_submit_attaches_resumes_never_runs_a_job_twice_and_picks_up_new_input(h
     assert FAKE_SECRET not in json.dumps(details.model_dump(), default=str)
     assert FAKE_SECRET not in client.get_job_logs(request.attempt_id(2))
 
-    # 6. a new file in the prompt folder (what a daily schedule finds): a new job, which resumes
-    # into the same output and generates only its rows; then nothing new, nothing to do
-    write_prompts(prompts / "day-2.parquet", NEW_PROMPTS)
+    # 6. a new file in the prompt folder (what a daily schedule finds): a new job, which resumes into
+    # the same output and generates only the new rows. Another file while it runs: the next
+    # submission follows it (one writer per output), and the one after it ends picks up the rest.
+    images_before = {path.name: path.stat().st_mtime_ns for path in (output / "images").iterdir()}
+    write_prompts(prompts / "day-2.parquet", NEW_PROMPTS[:1])
     later = job_request_from_arguments("generate", generate_arguments(prompts, output))
     assert later.configuration == request.configuration and later.fingerprint != request.fingerprint
-    assert main(submit) == 0
+    assert main([*submit, "--no-wait"]) == 0
+    write_prompts(prompts / "day-3.parquet", NEW_PROMPTS[1:])
+    latest = job_request_from_arguments("generate", generate_arguments(prompts, output))
+    assert main([*submit, "--no-wait"]) == 0
     err = capsys.readouterr().err
-    assert f"submitted job {later.attempt_id(1)}" in err and f"job {later.attempt_id(1)} SUCCEEDED" in err
-    counts = json.loads((output / "run.json").read_text())["counts"]
-    assert (counts["input_rows"], counts["ok_rows"], counts["generated_this_run"], counts["accounted_before_this_run"]) == (6, 6, 2, 4)
-    assert sorted(pd.read_parquet(output / "manifest")["id"]) == [row["id"] for row in PROMPTS + NEW_PROMPTS]  # each once
+    assert f"submitted job {later.attempt_id(1)}" in err and f"job {later.attempt_id(1)} (same kind, output and options, an earlier state" in err
+    assert wait_for_job(client, later.attempt_id(1), poll_seconds=0.5, follow_logs=False)[0] == "SUCCEEDED"
     assert main(submit) == 0
-    assert f"job {later.attempt_id(1)} already SUCCEEDED" in capsys.readouterr().err
-    assert [job.submission_id for job in latentray_jobs(head) if job.submission_id.startswith(later.id_prefix)] == [later.attempt_id(1)]
+    assert f"job {latest.attempt_id(1)} SUCCEEDED" in capsys.readouterr().err
+    assert main(submit) == 0
+    assert f"job {latest.attempt_id(1)} already SUCCEEDED" in capsys.readouterr().err
+
+    counts = json.loads((output / "run.json").read_text())["counts"]
+    assert (counts["input_rows"], counts["ok_rows"]) == (6, 6)
+    assert sorted(pd.read_parquet(output / "manifest")["id"]) == [row["id"] for row in PROMPTS + NEW_PROMPTS]  # each once
+    # the two jobs generated the two new rows between them (the first may have seen both files), nothing else
+    generated = [int(re.findall(r'"generated_this_run": (\d+)', client.get_job_logs(job.attempt_id(1)))[-1]) for job in (later, latest)]
+    assert sum(generated) == len(NEW_PROMPTS)
+    assert all((output / "images" / name).stat().st_mtime_ns == mtime for name, mtime in images_before.items())
 
 
 def test_a_missing_or_wrong_token_says_how_to_provide_it(head, tmp_path, monkeypatch, capsys):
