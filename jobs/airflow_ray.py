@@ -1,4 +1,10 @@
-"""Airflow pieces for latentray jobs on Ray: an operator that submits and waits without a worker slot.
+"""Airflow pieces for latentray jobs on Ray: the DAG, and an operator that submits and waits without a worker slot.
+
+``latentray_dag`` builds the DAG: triggered by hand with params (``jobs/airflow_dag.py``)
+or on a schedule with the params' defaults given (see the README's scheduled example).
+Its ``check_input`` task lists the input once (files, sizes, versions; nothing read):
+every later task of the run names the same Ray job by that state, and a run that finds
+new files submits a new job, which resumes into the output and does only the new rows.
 
 ``SubmitAndWaitOperator`` submits through the same idempotent code as ``latentray submit``
 (``jobs.submit``) and then defers to ``RayJobTrigger``, which polls the job from
@@ -15,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import DAG, BaseOperator, Param, task
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from jobs.submit import (
@@ -31,6 +38,16 @@ from jobs.submit import (
 )
 
 LOG_TAIL_LINES = 40
+PARAMS = {
+    "kind": Param("generate", enum=["generate", "encode"], description="latentray job: generate or encode"),
+    "input": Param(type="string", minLength=1, description="prompts (generate) or images (encode): Parquet file or folder URI"),
+    "output": Param(type="string", minLength=1, description="output folder URI"),
+    "model": Param("tiny", type="string", description="preset or diffusers directory URI"),
+    "options": Param({}, type="object", description='other options of the job, e.g. {"steps": 30, "save_latents": true, "stage": ["fused.concurrency=4"]}'),
+    "ray_address": Param("http://127.0.0.1:8265", type="string", description="Ray dashboard (job server) address"),
+    "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, description="largest share of input rows allowed to end in errors/"),
+    "poll_seconds": Param(30, type="number", minimum=0.1, description="how often the triggerer asks Ray about the job"),
+}
 
 
 def option_arguments(options: dict[str, Any]) -> list[str]:
@@ -48,12 +65,74 @@ def option_arguments(options: dict[str, Any]) -> list[str]:
     return arguments
 
 
-def request_from_params(params: dict[str, Any]) -> JobRequest:
-    """The DAG's params (kind, input, output, model, options) as a validated job request."""
+def request_from_params(params: dict[str, Any], input_state: str | None = None) -> JobRequest:
+    """The DAG's params (kind, input, output, model, options) as a validated job request.
+
+    ``input_state``: the one ``check_input`` listed; None lists the input now.
+    """
     kind = job_kind(params["kind"])
     arguments = [f"--{kind.input_option}", params["input"], "--output", params["output"], "--model", params["model"],
                  *option_arguments(dict(params.get("options") or {}))]
-    return job_request_from_arguments(kind.name, arguments)
+    return job_request_from_arguments(kind.name, arguments, input_state)
+
+
+def dag_params(defaults: dict[str, Any]) -> dict[str, Param]:
+    """``PARAMS`` with the given defaults: what a scheduled run, which nobody triggers with params, uses."""
+    unknown = sorted(set(defaults) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"params: unknown {', '.join(unknown)}; known: {', '.join(PARAMS)}")
+    return {name: Param(defaults[name], description=param.description, **param.schema) if name in defaults else param
+            for name, param in PARAMS.items()}
+
+
+def latentray_dag(dag_id: str = "latentray", *, schedule: Any = None, **defaults: Any) -> DAG:
+    """check_input -> submit_job -> wait_for_job -> verify_run -> done, for a latentray job on Ray.
+
+    ``schedule``: Airflow's (None: triggered by hand with params; ``"@daily"``: every day,
+    with the params' ``defaults``, each run doing the rows of the files added since).
+    """
+    with DAG(
+        dag_id=dag_id,
+        description="A latentray job on a Ray cluster: submit, wait without a worker slot, verify run.json",
+        schedule=schedule,
+        catchup=False,
+        max_active_runs=1,  # runs of one output follow each other: one writer per output
+        params=dag_params(defaults),
+        default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
+        tags=["latentray", "ray"],
+    ) as dag:
+
+        @task(retries=0)  # a wrong option or a missing input does not fix itself
+        def check_input(params=None) -> str:
+            """Every option valid, like the CLI's; the input's state, which names this run's job."""
+            request = request_from_params(params)
+            print(f"input {params['input']}: state {request.input_state}; job {request.id_prefix}: {request.entrypoint}")
+            return request.input_state
+
+        @task
+        def submit_job(input_state: str, params=None) -> str:
+            submission = submit(connect_jobs_api(params["ray_address"]), request_from_params(params, input_state))
+            print(f"Ray job {submission.submission_id}: {submission.action} (status {submission.status})")
+            return submission.submission_id
+
+        wait_for_job = SubmitAndWaitOperator(task_id="wait_for_job", input_state="{{ ti.xcom_pull(task_ids='check_input') }}",
+                                             retries=3, retry_delay=timedelta(minutes=1))
+
+        @task(retries=0)  # the outputs are what they are; a rerun of the DAG resumes the job if needed
+        def verify_run(params=None) -> dict:
+            from pipelines.report import check_run_record
+            from pipelines.runtime import io
+
+            return check_run_record(io.read_json(io.join(params["output"], "run.json")), float(params["max_error_rate"]))
+
+        @task
+        def done(summary: dict, params=None) -> None:
+            print(f"latentray {params['kind']} into {params['output']}: {summary}")
+
+        checked = verify_run()
+        submit_job(check_input()) >> wait_for_job >> checked
+        done(checked)
+    return dag
 
 
 class RayJobTrigger(BaseTrigger):
@@ -85,15 +164,22 @@ class RayJobTrigger(BaseTrigger):
 class SubmitAndWaitOperator(BaseOperator):
     """Submit the DAG run's latentray job to Ray (idempotently), defer until it ends, fail unless it SUCCEEDED.
 
-    The job comes from the DAG's params (see ``request_from_params``), so a retry derives
-    the same submission id and resumes instead of starting over.
+    The job comes from the DAG's params (see ``request_from_params``) and ``input_state``
+    (the state ``check_input`` listed; templated), so a retry derives the same submission id
+    and resumes instead of starting over.
     """
+
+    template_fields = ("input_state",)
+
+    def __init__(self, *, input_state: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.input_state = input_state
 
     def execute(self, context) -> str:
         params = context["params"]
-        submission = submit(connect_jobs_api(params["ray_address"]), request_from_params(params))
-        self.log.info("Ray job %s: %s (earlier attempts: %s)", submission.submission_id, submission.action,
-                      ", ".join(submission.previous) or "none")
+        submission = submit(connect_jobs_api(params["ray_address"]), request_from_params(params, self.input_state or None))
+        self.log.info("Ray job %s: %s (input state %s; earlier attempts: %s)", submission.submission_id, submission.action,
+                      self.input_state or "listed now", ", ".join(submission.previous) or "none")
         if submission.action == "already succeeded":
             return submission.submission_id
         trigger = RayJobTrigger(params["ray_address"], submission.submission_id, float(params["poll_seconds"]))

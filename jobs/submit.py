@@ -1,13 +1,18 @@
 """Submitting latentray jobs to a Ray cluster through Ray's Jobs API, idempotently.
 
-A job's submission id is derived from what it produces: its kind, input, output and
-the options that change outputs (``output_identity()`` of its config), never from
-resources or batch sizes. So submitting the same job again
+A job's submission id is derived from what it produces: its kind, input, output, the
+options that change outputs (``output_identity()`` of its config), and the input's state
+(its files with their sizes and versions, from one listing), never from resources or
+batch sizes. So submitting the same job again
 
 - while it runs attaches to it instead of starting a second one;
 - after it failed or was stopped starts the next attempt (``...-2``, ``...-3``), which
   skips every row the earlier attempts committed (the output protocol's resume);
-- after it succeeded does nothing.
+- after it succeeded does nothing, unless the input changed since: a file added or
+  rewritten is a new job, which resumes into the same output and does only the new rows
+  (what a scheduled submission relies on). While a job of the same output and options
+  runs on an earlier state of the input, a new state attaches to it: one writer per
+  output; the next submission after it ends picks up the rest.
 
 Nothing secret goes into the job: Ray shows a job's runtime environment and entrypoint
 on its dashboard and in its logs, so workers find storage credentials on their own
@@ -34,6 +39,7 @@ from itertools import count
 from pathlib import Path
 
 from jobs import options
+from pipelines.runtime.resume import input_state as listed_input_state
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
@@ -79,7 +85,13 @@ class JobRequest:
     kind: str
     arguments: tuple[str, ...]  # the job's own command-line options, canonical
     output: str
-    fingerprint: str  # of kind, input, output, model and the options that change outputs
+    configuration: str  # fingerprint of kind, input, output, model and the options that change outputs
+    input_state: str  # fingerprint of the input's files, sizes and versions (``resume.input_state``)
+
+    @property
+    def fingerprint(self) -> str:
+        """The job's: its configuration on this state of its input."""
+        return hashlib.sha256(f"{self.configuration}:{self.input_state}".encode()).hexdigest()[:16]
 
     @property
     def entrypoint(self) -> str:
@@ -93,20 +105,26 @@ class JobRequest:
         return f"{self.id_prefix}-{attempt}"
 
 
-def job_request(kind_name: str, args: argparse.Namespace) -> JobRequest:
-    """The job for parsed options; its config is validated here (ValueError naming the field)."""
+def job_request(kind_name: str, args: argparse.Namespace, input_state: str | None = None) -> JobRequest:
+    """The job for parsed options; its config is validated here (ValueError naming the field).
+
+    ``input_state``: the input's, when the caller listed it already (an Airflow run lists
+    it once, so that its submit and wait tasks name the same job); else listed here.
+    """
+    # 1. the options, validated as the job will
     kind = job_kind(kind_name)
     config = kind.config(args)
+    input_uri = getattr(args, kind.input_option)
     for name in (kind.input_option, "output"):
         check_cluster_path(name, getattr(args, name))
-    identity = {"kind": kind.name, "input": getattr(args, kind.input_option), "output": config.output,
-                "model": config.model, **config.output_identity()}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return JobRequest(kind=kind.name, arguments=tuple(canonical_arguments(kind.parser(), args)),
-                      output=config.output, fingerprint=digest)
+    # 2. what the job produces, and from which state of its input (one listing, no file read)
+    identity = {"kind": kind.name, "input": input_uri, "output": config.output, "model": config.model, **config.output_identity()}
+    configuration = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return JobRequest(kind=kind.name, arguments=tuple(canonical_arguments(kind.parser(), args)), output=config.output,
+                      configuration=configuration, input_state=input_state or listed_input_state(input_uri))
 
 
-def job_request_from_arguments(kind_name: str, arguments: list[str]) -> JobRequest:
+def job_request_from_arguments(kind_name: str, arguments: list[str], input_state: str | None = None) -> JobRequest:
     """The same from a command line, as the Airflow DAG builds it: errors raise ValueError, never exit."""
     parser = job_kind(kind_name).parser()
 
@@ -114,7 +132,7 @@ def job_request_from_arguments(kind_name: str, arguments: list[str]) -> JobReque
         raise ValueError(f"options for {kind_name}: {message} (arguments: {shlex.join(arguments)})")
 
     parser.error = refuse  # argparse would print usage and exit the worker process
-    return job_request(kind_name, parser.parse_args(arguments))
+    return job_request(kind_name, parser.parse_args(arguments), input_state)
 
 
 def check_cluster_path(name: str, value: str) -> None:
@@ -243,6 +261,7 @@ class Submission:
     action: str  # "submitted", "attached" or "already succeeded"
     status: str
     previous: tuple[str, ...] = ()  # earlier attempts that failed or were stopped
+    earlier_input: bool = False  # attached to a job of the same output and options on an earlier state of the input
 
 
 def submit(client, request: JobRequest) -> Submission:
@@ -252,6 +271,9 @@ def submit(client, request: JobRequest) -> Submission:
         submission_id = request.attempt_id(attempt)
         details = job_details(client, submission_id)
         if details is None:
+            running = running_on_earlier_input(client, request)
+            if running is not None:  # one writer per output: this state's job would be refused by its lease
+                return Submission(running.submission_id, "attached", status_name(running), tuple(failed), earlier_input=True)
             details = _submit_attempt(client, request, submission_id)
             if details is None:
                 return Submission(submission_id, "submitted", "PENDING", tuple(failed))
@@ -264,6 +286,15 @@ def submit(client, request: JobRequest) -> Submission:
     raise AssertionError("unreachable")
 
 
+def running_on_earlier_input(client, request: JobRequest):
+    """A job of the same configuration (same output) still pending or running, on another state of the input."""
+    for job in client.list_jobs():
+        same_configuration = (job.metadata or {}).get("latentray_configuration") == request.configuration
+        if same_configuration and status_name(job) in ACTIVE_STATUSES:
+            return job
+    return None
+
+
 def _submit_attempt(client, request: JobRequest, submission_id: str):
     """Submit one attempt; if another submitter took this id first, that job's details."""
     with working_dir() as directory:
@@ -272,7 +303,7 @@ def _submit_attempt(client, request: JobRequest, submission_id: str):
                 entrypoint=request.entrypoint, submission_id=submission_id,
                 runtime_env={"working_dir": directory, "excludes": WORKING_DIR_EXCLUDES},
                 metadata={"latentray_kind": request.kind, "latentray_output": request.output,
-                          "latentray_fingerprint": request.fingerprint},
+                          "latentray_configuration": request.configuration, "latentray_input_state": request.input_state},
             )
             return None
         except RuntimeError as error:
@@ -329,10 +360,13 @@ def describe(submission: Submission, request: JobRequest, address: str) -> str:
     earlier = f" (earlier attempts: {', '.join(submission.previous)}; this one resumes from what they committed)" if submission.previous else ""
     if submission.action == "submitted":
         return f"submitted job {submission.submission_id} to {address}{earlier}: {request.entrypoint}"
+    if submission.action == "attached" and submission.earlier_input:
+        return (f"job {submission.submission_id} (same kind, output and options, an earlier state of the input) is still "
+                f"{submission.status} on {address}: following it; submit again once it ends to pick up the new input")
     if submission.action == "attached":
         return (f"job {submission.submission_id} (same kind, input, output and options) is already {submission.status} "
                 f"on {address}: following it instead of submitting again")
-    return (f"job {submission.submission_id} already SUCCEEDED for this output and configuration; nothing to do "
+    return (f"job {submission.submission_id} already SUCCEEDED for this output, configuration and input; nothing to do "
             f"(`ray job logs {submission.submission_id}` shows its logs)")
 
 
@@ -363,7 +397,8 @@ def add_submit_parsers(verbs) -> argparse.ArgumentParser:
         "submit", help="run generate or encode as a Ray job on a cluster (idempotent)",
         description="Submit a latentray job to a Ray cluster through Ray's Jobs API, with this project as the "
                     "job's working directory. The same job submitted again attaches to it while it runs, resumes "
-                    "after it failed, and does nothing after it succeeded.",
+                    "after it failed, and does nothing after it succeeded unless files were added to or changed in "
+                    "its input (then a new job does only the new rows).",
     )
     kinds = submit_parser.add_subparsers(dest="kind", required=True)
     for kind in KINDS.values():

@@ -70,3 +70,40 @@ def test_exported_preset_loads_in_diffusers(tmp_path, model_cache):
 def test_python_module_entry_point_has_help():
     result = subprocess.run([sys.executable, "-m", "jobs.generate", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--prompts" in result.stdout and "--placement" in result.stdout
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_a_submission_is_named_by_its_input_state(storage, tmp_path, request):
+    """Submit and the Airflow DAG name a job by its input's files, sizes and versions: new input, new job."""
+    import pyarrow as pa
+
+    from jobs.submit import job_request_from_arguments
+    from pipelines.runtime import io
+
+    if storage == "s3":
+        import boto3
+
+        request.getfixturevalue("s3_endpoint")
+        boto3.client("s3").create_bucket(Bucket="scheduled-bucket")
+        folder = "s3://scheduled-bucket/prompts"
+    else:
+        folder = str(tmp_path / "prompts")
+    arguments = ["--prompts", folder, "--output", "/data/out", "--model", "tiny", "--steps", "2"]
+    io.write_parquet(pa.table({"prompt": ["a cat", "a dog"]}), io.join(folder, "day-1.parquet"))
+    first = job_request_from_arguments("generate", arguments)
+    assert job_request_from_arguments("generate", arguments).attempt_id(1) == first.attempt_id(1)  # nothing new
+
+    io.write_parquet(pa.table({"prompt": ["a cow"]}), io.join(folder, "day-2.parquet"))
+    added = job_request_from_arguments("generate", arguments)
+    assert added.configuration == first.configuration and added.fingerprint != first.fingerprint
+    io.write_parquet(pa.table({"prompt": ["a pig"]}), io.join(folder, "day-2.parquet"))  # rewritten, same size
+    rewritten = job_request_from_arguments("generate", arguments)
+    assert rewritten.fingerprint not in (first.fingerprint, added.fingerprint)
+
+    # the DAG names the same job, from the state its check_input task listed
+    pytest.importorskip("airflow")
+    from jobs.airflow_ray import request_from_params
+
+    params = {"kind": "generate", "input": folder, "output": "/data/out", "model": "tiny", "options": {"steps": 2}}
+    assert request_from_params(params).attempt_id(1) == rewritten.attempt_id(1)
+    assert request_from_params(params, first.input_state).attempt_id(1) == first.attempt_id(1)

@@ -7,6 +7,7 @@ to the client through RAY_AUTH_TOKEN_PATH, the way Ray itself reads it.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from jobs.submit import connect_jobs_api, job_request_from_arguments, wait_for_j
 pytestmark = pytest.mark.slow  # a Ray head started with `ray start`, and jobs submitted to it: ~30 s each
 
 PROMPTS = [{"id": f"p{i}", "prompt": text} for i, text in enumerate(["a red cube", "a blue ball", "a green cone", "a grey owl"])]
+NEW_PROMPTS = [{"id": "p4", "prompt": "a pink star"}, {"id": "p5", "prompt": "a tall tree"}]
 # a secret in the submitting process must reach neither the job's runtime_env nor its logs
 FAKE_SECRET = "fake-secret-never-shown-1234"
 
@@ -68,9 +70,10 @@ def latentray_jobs(head) -> list:
     return [job for job in connect_jobs_api(head.address).list_jobs() if (job.submission_id or "").startswith("latentray-")]
 
 
-def test_submit_attaches_resumes_and_never_runs_a_job_twice(head_token, tmp_path, capsys):
+def test_submit_attaches_resumes_never_runs_a_job_twice_and_picks_up_new_input(head_token, tmp_path, capsys):
     head = head_token
-    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS)
+    prompts = tmp_path / "prompts"  # a folder, where a schedule's new files land
+    write_prompts(prompts / "day-1.parquet", PROMPTS)
     output = tmp_path / "out"
     submit = ["submit", "generate", *generate_arguments(prompts, output), "--address", head.address]
     request = job_request_from_arguments("generate", generate_arguments(prompts, output))
@@ -122,6 +125,33 @@ def test_submit_attaches_resumes_and_never_runs_a_job_twice(head_token, tmp_path
     assert not (details.runtime_env or {}).get("env_vars")
     assert FAKE_SECRET not in json.dumps(details.model_dump(), default=str)
     assert FAKE_SECRET not in client.get_job_logs(request.attempt_id(2))
+
+    # 6. a new file in the prompt folder (what a daily schedule finds): a new job, which resumes into
+    # the same output and generates only the new rows. Another file while it runs: the next
+    # submission follows it (one writer per output), and the one after it ends picks up the rest.
+    images_before = {path.name: path.stat().st_mtime_ns for path in (output / "images").iterdir()}
+    write_prompts(prompts / "day-2.parquet", NEW_PROMPTS[:1])
+    later = job_request_from_arguments("generate", generate_arguments(prompts, output))
+    assert later.configuration == request.configuration and later.fingerprint != request.fingerprint
+    assert main([*submit, "--no-wait"]) == 0
+    write_prompts(prompts / "day-3.parquet", NEW_PROMPTS[1:])
+    latest = job_request_from_arguments("generate", generate_arguments(prompts, output))
+    assert main([*submit, "--no-wait"]) == 0
+    err = capsys.readouterr().err
+    assert f"submitted job {later.attempt_id(1)}" in err and f"job {later.attempt_id(1)} (same kind, output and options, an earlier state" in err
+    assert wait_for_job(client, later.attempt_id(1), poll_seconds=0.5, follow_logs=False)[0] == "SUCCEEDED"
+    assert main(submit) == 0
+    assert f"job {latest.attempt_id(1)} SUCCEEDED" in capsys.readouterr().err
+    assert main(submit) == 0
+    assert f"job {latest.attempt_id(1)} already SUCCEEDED" in capsys.readouterr().err
+
+    counts = json.loads((output / "run.json").read_text())["counts"]
+    assert (counts["input_rows"], counts["ok_rows"]) == (6, 6)
+    assert sorted(pd.read_parquet(output / "manifest")["id"]) == [row["id"] for row in PROMPTS + NEW_PROMPTS]  # each once
+    # the two jobs generated the two new rows between them (the first may have seen both files), nothing else
+    generated = [int(re.findall(r'"generated_this_run": (\d+)', client.get_job_logs(job.attempt_id(1)))[-1]) for job in (later, latest)]
+    assert sum(generated) == len(NEW_PROMPTS)
+    assert all((output / "images" / name).stat().st_mtime_ns == mtime for name, mtime in images_before.items())
 
 
 def test_a_missing_or_wrong_token_says_how_to_provide_it(head, tmp_path, monkeypatch, capsys):
@@ -188,3 +218,4 @@ def test_airflow_dag_runs_a_generate_job_on_the_head(head_token, tmp_path):
     request = job_request_from_arguments("generate", ["--prompts", prompts, "--output", str(output), "--model", "tiny",
                                                       "--steps", "2", "--height", "32", "--width", "32", "--stage", "fused.num_cpus=0.5"])
     assert [job.submission_id for job in latentray_jobs(head) if job.submission_id.startswith(request.id_prefix)] == [request.attempt_id(1)]
+    assert f"input state {request.input_state};" in result.stdout + result.stderr  # the wait named the job by check_input's listing

@@ -193,12 +193,21 @@ def list_parquet_files(uri: str) -> list[str]:
 
     None there: ValueError (bad input); a listing that failed: ``StorageError``.
     """
+    return [file["uri"] for file in parquet_file_versions(uri)]
+
+
+def parquet_file_versions(uri: str) -> list[dict]:
+    """``list_parquet_files`` with each file's size and version, from the one listing: no file is read.
+
+    What a scheduled submission compares to tell new input from the input an earlier job ran on.
+    """
     with storage_errors("list", uri):
         fs, path = filesystem(uri)
-        paths = [path] if _is_file(fs, path) else _find_parquet(fs, path)
-    if not paths:
+        info = _info(fs, path)
+        found = {path: info} if info and info["type"] == "file" else _find_parquet(fs, path)
+    if not found:
         raise ValueError(f"no Parquet files at {uri!r}")
-    return [fs.unstrip_protocol(p) for p in paths]
+    return [_file_version(fs.unstrip_protocol(p), info) for p, info in found.items()]
 
 
 def list_parts(folder_uri: str) -> list[str]:
@@ -212,21 +221,22 @@ def list_parts(folder_uri: str) -> list[str]:
         return [fs.unstrip_protocol(p) for p in _find_parquet(fs, path)]
 
 
-def _is_file(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    # fs.isfile answers False for any error (a refused HEAD too): ask info, where only "not found" is False
+def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    # fs.isfile answers False for any error (a refused HEAD too): ask info, where only "not found" is None
     try:
-        return fs.info(path)["type"] == "file"
+        return fs.info(path)
     except ABSENT:
-        return False
+        return None
 
 
-def _find_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def _find_parquet(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """The Parquet files under ``path``, sorted, with the listing's details (size, ETag or mtime)."""
     # fsspec's walk skips folders it fails to list unless told to raise; a folder that is not there lists nothing
     try:
-        found = fs.find(path, on_error="raise") if "file" in _protocols(fs) else fs.find(path)
+        found = fs.find(path, detail=True, on_error="raise") if "file" in _protocols(fs) else fs.find(path, detail=True)
     except ABSENT:
-        return []
-    return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+        return {}
+    return {p: found[p] for p in sorted(found) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))}
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -432,14 +442,18 @@ def remove_temporary_files(uri: str) -> int:
 
 
 def file_versions(uris: Sequence[str]) -> list[dict]:
-    """Size and version (ETag, else modification time) of each file: what tells a changed file from an unchanged one."""
+    """Size and version of each file: what tells a changed file from an unchanged one."""
     versions = []
     for uri in uris:
         fs, path = filesystem(uri)
-        info = fs.info(path)
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        versions.append({"uri": uri, "size": int(info.get("size") or 0), "version": str(version)})
+        versions.append(_file_version(uri, fs.info(path)))
     return versions
+
+
+def _file_version(uri: str, info: dict) -> dict:
+    """A file's size and version (ETag, else modification time), from its info or a listing's entry."""
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"uri": uri, "size": int(info.get("size") or 0), "version": str(version)}
 
 
 # -- model directories ----------------------------------------------------------------------------

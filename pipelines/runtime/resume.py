@@ -18,6 +18,8 @@ sizes and versions recorded in ``run.json`` (``check_input_unchanged``).
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -137,3 +139,15 @@ def input_versions(fragments: list[io.ParquetFragment]) -> list[dict]:
     """Each input file's size, version and first input position, as run.json records them."""
     starts = io.file_starts(fragments)
     return [{**version, "first_row": starts[version["uri"]]} for version in io.file_versions(list(starts))]
+
+
+def input_state(uri: str) -> str:
+    """A digest of the input's files with their sizes and versions, as ``input_versions`` defines them.
+
+    From one listing, no file read: a scheduled submission compares it to tell new or changed
+    input from the input an earlier job ran on (``jobs.submit``).
+    """
+    digest = hashlib.sha256()
+    for version in io.parquet_file_versions(uri):
+        digest.update(json.dumps([version["uri"], version["size"], version["version"]]).encode() + b"\n")
+    return digest.hexdigest()[:16]
