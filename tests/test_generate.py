@@ -229,6 +229,17 @@ def test_a_rerun_by_input_position_retries_exactly_the_transient_errors(ray_sess
     assert sorted(manifest(output)["row"]) == [0, 1, 3]
     assert pd.read_parquet(output / "errors")[["row", "cause"]].values.tolist() == [[2, "permanent"]]
 
+    # a transient error left beside a row committed since (a block Ray retried after its first try wrote it)
+    # goes on the finished rerun, which loads no model
+    import pyarrow as pa
+
+    from pipelines.runtime.outputs import write_errors_part
+
+    write_errors_part(pa.table({"id": [position_id(3)], "row": pa.array([3], pa.int64()), "reason": ["x"], "cause": ["transient"]}),
+                      str(output / "errors"))
+    last = generate(prompts, output, batch_size=2, height=32, width=32)
+    assert last["stages"] == {} and last["status"] == "complete" and last["error_causes"] == {"permanent": 1, "transient": 0}
+
 
 def test_a_small_job_reaches_every_actor_block_by_block(ray_session, tmp_path):
     # 48 rows, 2 actors, batches of 4: 4-row blocks, so both actors work and results stream back

@@ -138,6 +138,9 @@ def _run_job(plan: PlannedJob) -> dict:
         progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
         record = _start_record(plan, placement=None, stages=[], block_rows=None)
         record["note"] = "every input row was accounted for by an earlier run: nothing to do, no model loaded"
+        # transient errors left beside a finished output hold rows committed since (a block Ray retried
+        # after its first try wrote them): they go, as a run would retry them
+        plan.output.reopen_transient_errors()
         return _finish(plan, record, started, progress, totals=None)
 
     # 1. stages for this cluster, wiring checked before anything runs; then what the output holds,
