@@ -5,8 +5,9 @@ then connect to Ray, run, and print the run's summary.
 
 Exit codes: 0 complete; 1 the counts do not add up; 2 a problem with the whole job (bad
 input or options, an output another run is writing, no Ray); 3 the output (or input)
-could not be listed, read or written after the file system's retries: nothing committed
-was lost, rerun the same command.
+could not be listed, read or written after the file system's retries, or the run ended
+incomplete with rows whose errors were transient (storage that failed for them): nothing
+committed was lost, rerun the same command (it retries exactly those rows).
 """
 
 from __future__ import annotations
@@ -119,18 +120,25 @@ def _plan_and_run(
 
 def _print_summary(record: dict, summary_keys: tuple[str, ...], stream: TextIO) -> int:
     print(json.dumps({key: record[key] for key in summary_keys}, indent=2), file=stream, flush=True)
+    transient = record.get("error_causes", {}).get("transient", 0)
+    if transient:
+        reasons = record.get("transient_error_reasons") or {}
+        example = max(reasons, key=reasons.get) if reasons else "unknown"
+        return fail(f"run incomplete: {transient} of {record['counts']['input_rows']} rows failed for a cause outside them "
+                    f"(transient; e.g. {example}). Nothing committed was lost: rerun the same command to retry exactly those rows.",
+                    STORAGE_FAILED)
     return 0 if record["status"] == "complete" else 1
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from pipelines.generation.generate import plan_generation, run_generation
 
-    keys = ("status", "counts", "wall_seconds", "images_per_second", "stage_busy_seconds", "texts_encoded", "texts_reused")
+    keys = ("status", "counts", "error_causes", "wall_seconds", "images_per_second", "stage_busy_seconds", "texts_encoded", "texts_reused")
     return run_planned_job("generating", plan_generation, run_generation, generate_config, args, keys)
 
 
 def run_encode(args: argparse.Namespace) -> int:
     from pipelines.encoding.encode import plan_encoding, run_encoding
 
-    keys = ("status", "counts", "error_reasons", "wall_seconds", "images_per_second", "stage_busy_seconds", "texts_encoded", "texts_reused")
+    keys = ("status", "counts", "error_reasons", "error_causes", "wall_seconds", "images_per_second", "stage_busy_seconds", "texts_encoded", "texts_reused")
     return run_planned_job("encoding", plan_encoding, run_encoding, encode_config, args, keys)

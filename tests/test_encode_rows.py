@@ -50,6 +50,7 @@ def test_prepare_reads_hf_struct_bytes_and_relative_paths_and_skips_what_is_done
     errors = errors_of(tmp_path / "out")
     assert errors["code"].to_dict() == {"b": "unreadable_path", "c": "missing_source", "000000003": "null_id", "a": "duplicate_id"}
     assert pd.isna(errors.loc["b", "cache_key"]) and (errors["run"] == 1).all()
+    assert (errors["cause"] == "permanent").all()  # a path that is not there is the row's own fault: a rerun leaves it
 
     # the same bytes inline, as HF datasets stores images: same content hash, and a done row is skipped
     struct = pa.table({"image": [{"bytes": image, "path": "a.png"}], "row": pa.array([0], pa.int64())})
@@ -119,7 +120,7 @@ def test_the_ledger_removes_superseded_copies_looks_up_done_keys_and_counts(tmp_
     commit_latents(encoded_batch(["a", "zz"], rng.normal(size=(2, 4, 8, 8)).astype(np.float32)), output=output, layout=LAYOUT, run=3)
     errors = pa.table({"id": ["a", "000000004"], "row": pa.array([3, 4], pa.int64()), "stage": ["prepare"] * 2, "reason": ["r"] * 2,
                        "code": ["duplicate_id", "null_id"], "source": [None, None], "content_hash": [None, None],
-                       "cache_key": [None, None], "run": [3, 3]}, schema=ENCODE_ERRORS_SCHEMA)
+                       "cache_key": [None, None], "run": [3, 3], "cause": ["permanent"] * 2}, schema=ENCODE_ERRORS_SCHEMA)
     output.commit(None, errors, None)
     counts = settle(output, fragments, "id", run=3)
     assert counts == {"input_rows": 6, "ok_rows": 3, "error_rows": 2, "encoded_this_run": 2, "errors_this_run": 2,

@@ -1,6 +1,7 @@
 """Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice; the driver
-SIGKILLed mid-run, then the job rerun (``generate`` and ``encode``); an object store that throttles, cuts connections or refuses
-listings; and one writer per output (a second run refused, a dead run's lease taken over).
+SIGKILLed mid-run, then the job rerun (``generate`` and ``encode``); an object store that throttles, cuts connections, refuses some
+rows' image writes (transient errors, retried by the rerun) or refuses listings; and one writer per
+output (a second run refused, a dead run's lease taken over).
 
 The job runs as a user runs it (``python -m jobs.cli generate``, embedded Ray, in its own
 process group); the test finds the model actor among the job's processes by the title
@@ -350,15 +351,19 @@ def test_encode_driver_killed_then_rerun_with_its_actor_killed_encodes_exactly_t
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+ACCESS_DENIED = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+REFUSALS = {503: SLOW_DOWN, 403: ACCESS_DENIED}
 
 
 class FaultyS3Proxy:
     """A small HTTP proxy in front of the S3 server: answers one request in ``slow_down_every`` with
     503 SlowDown and cuts one connection in ``cut_every`` mid-response (after the server acted).
     Counted, not drawn: every run injects the same share of faults (``0``: none). ``refuse(method, path)``:
-    requests answered 503 SlowDown every time (a listing that keeps failing through the client's retries)."""
+    requests answered ``refuse_status`` every time: 503 SlowDown (a listing that keeps failing through the
+    client's retries) or 403 AccessDenied (a write the store refuses, which no client retries)."""
 
-    def __init__(self, upstream: str, slow_down_every: int = 0, cut_every: int = 0, refuse: Callable[[str, str], bool] | None = None):
+    def __init__(self, upstream: str, slow_down_every: int = 0, cut_every: int = 0, refuse: Callable[[str, str], bool] | None = None,
+                 refuse_status: int = 503):
         import http.server
         import threading
         import urllib.parse
@@ -386,11 +391,12 @@ class FaultyS3Proxy:
                 if refused or (slow_down_every and number % slow_down_every == 3):
                     with lock:
                         counts["refused" if refused else "slow_down"] += 1
-                    self.send_response(503)
+                    status = refuse_status if refused else 503
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.send_header("Content-Length", str(len(REFUSALS[status])))
                     self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    self.wfile.write(REFUSALS[status])
                     return
                 connection = http.client.HTTPConnection(upstream_host, upstream_port, timeout=60)
                 headers = {key: value for key, value in self.headers.items() if key.lower() not in ("expect", "connection")}
@@ -435,37 +441,71 @@ class FaultyS3Proxy:
         self.server.server_close()
 
 
-def test_object_store_throttling_and_cut_connections_lose_and_repeat_nothing(s3_endpoint, model_cache, tmp_path):
+def test_object_store_throttling_cut_connections_and_refused_writes_lose_and_repeat_nothing(s3_endpoint, model_cache, tmp_path):
+    """Also transient errors: the image writes of two rows refused (403) through every attempt end the first run
+    incomplete with exit 3; the rerun retries exactly those rows and removes their error rows."""
     import boto3
 
+    from helpers import assert_images_match
     from pipelines.runtime import io
     from pipelines.runtime.stats import ChannelStats
 
     rows = 24
     table = {"id": [f"s3-row-{index:02d}" for index in range(rows)], "prompt": [f"a green triangle {index}" for index in range(rows)],
              "seed": list(range(rows))}
+    # the refused rows draw what rows 0 and 1 draw (same prompt and seed): their retried images must match those
+    twins = {"s3-row-05": "s3-row-00", "s3-row-17": "s3-row-01"}
+    for row_id, twin in twins.items():
+        for column in ("prompt", "seed"):
+            table[column][table["id"].index(row_id)] = table[column][table["id"].index(twin)]
     local_prompts = write_prompts(tmp_path / "prompts.parquet", table)
     boto3.client("s3").create_bucket(Bucket="fault-bucket")
     io.write_bytes("s3://fault-bucket/prompts/part-0.parquet", open(local_prompts, "rb").read())
+    command = job_command("s3://fault-bucket/prompts/", "s3://fault-bucket/out", "--save-latents")
 
-    # 1. the job from and to the object store, through a proxy that throttles 10% and cuts 2%
-    proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50)
+    # 1. the job from and to the object store, through a proxy that throttles 10%, cuts 2% and refuses two rows' image writes
+    refused = lambda method, path: method == "PUT" and any(f"/out/images/{row_id}.png" in path for row_id in twins)
+    proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50, refuse=refused, refuse_status=403)
+    started = time.monotonic()
     try:
-        environment = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
-        faulty = subprocess.run(job_command("s3://fault-bucket/prompts/", "s3://fault-bucket/out", "--save-latents"), cwd=PROJECT,
-                                capture_output=True, text=True, timeout=600, env=environment)
+        faulty = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
     finally:
         proxy.close()
-    print(f"proxy: {proxy.counts}")
-    assert faulty.returncode == 0, faulty.stderr[-3000:]
-    assert proxy.counts["slow_down"] > 0 and proxy.counts["cut"] > 0, proxy.counts
+    print(f"first run {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    assert proxy.counts["slow_down"] > 0 and proxy.counts["cut"] > 0 and proxy.counts["refused"] >= 2 * 3, proxy.counts
 
-    # 2. every row once, each image whole, latent_stats.json exact over the latents the manifest holds
+    # 2. those rows are transient errors: the run is incomplete, exit 3, with a line that says so
+    assert faulty.returncode == 3, faulty.stderr[-3000:]
+    assert "Traceback" not in faulty.stderr and f"2 of {rows} rows failed for a cause outside them" in faulty.stderr, faulty.stderr[-3000:]
+    record = io.read_json("s3://fault-bucket/out/run.json")
+    assert record["status"] == "incomplete" and record["error_causes"] == {"permanent": 0, "transient": 2}
+    assert record["counts"]["ok_rows"] == rows - 2 and record["counts"]["error_rows"] == 2
+    errors = io.read_parquet_folder("s3://fault-bucket/out/errors").to_pylist()
+    assert sorted((row["id"], row["stage"], row["cause"]) for row in errors) == [(row_id, "write", "transient") for row_id in sorted(twins)]
+
+    # 3. the rerun, through a proxy that still throttles and cuts but refuses nothing: exactly those rows, their error rows gone
+    proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50)
+    started = time.monotonic()
+    try:
+        rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
+    finally:
+        proxy.close()
+    print(f"rerun {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    record = io.read_json("s3://fault-bucket/out/run.json")
+    assert record["status"] == "complete" and record["transient_errors_retried"] == 2 and record["counts"]["generated_this_run"] == 2
+    assert record["error_causes"] == {"permanent": 0, "transient": 0}
+
+    # 4. every row once, each image whole, latent_stats.json exact over the latents the manifest holds
     frame = io.read_parquet_columns("s3://fault-bucket/out/manifest", ["id", "image_path", "latent", "latent_shape"]).to_pylist()
     assert sorted(row["id"] for row in frame) == sorted(table["id"]) and len(frame) == rows
     assert io.read_parquet_folder("s3://fault-bucket/out/errors") is None
-    for row in frame:
-        assert read_image(BytesIO(io.read_bytes(io.join("s3://fault-bucket/out", row["image_path"])))).shape == (64, 64, 3)
+    images = {row["id"]: read_image(BytesIO(io.read_bytes(io.join("s3://fault-bucket/out", row["image_path"])))) for row in frame}
+    assert {image.shape for image in images.values()} == {(64, 64, 3)}
+    for row_id, twin in twins.items():
+        assert_images_match(images[row_id], images[twin])
     latents = np.stack([np.asarray(row["latent"], np.float64).reshape(row["latent_shape"]) for row in frame])
     expected = ChannelStats.of(latents)
     stats = io.read_json("s3://fault-bucket/out/latent_stats.json")
@@ -530,3 +570,4 @@ def test_refused_listings_on_a_finished_rerun_exit_3_naming_the_location_and_cha
 
     ids = io.read_parquet_folder(f"{output}/manifest", ["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(f"listed-{index}" for index in range(rows))
+

@@ -175,29 +175,70 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(first_run, prompt
     assert set(manifest(output)["num_inference_steps"]) == {3, 2}
 
 
-def test_long_and_odd_ids_get_bounded_names_and_a_failed_write_becomes_an_error_row(ray_session, tmp_path):
+def block_image_path(output, row_id: str) -> str:
+    """A directory where the row's image must go: a real write error that no retry of the run fixes."""
+    from pipelines.generation.images import image_path
+
+    blocked = output / image_path(row_id, "png")
+    blocked.mkdir(parents=True)
+    (blocked / "keep").write_text("x")
+    return blocked
+
+
+def test_long_and_odd_ids_get_bounded_names_and_a_failed_write_is_a_transient_error(ray_session, tmp_path):
     from pipelines.generation.images import image_path
 
     odd_ids = ["x" * 300, "a/b c", "ünï code", "..", "%41", "blocked"]
     prompts = write_prompts(tmp_path / "odd.parquet", {"id": odd_ids, "prompt": [f"prompt {i}" for i in range(len(odd_ids))]})
     output = tmp_path / "odd-out"
-    # a directory where one row's image must go: a real write error that no retry fixes
-    (output / image_path("blocked", "png")).mkdir(parents=True)
-    (output / image_path("blocked", "png") / "keep").write_text("x")
+    block_image_path(output, "blocked")
 
     record = generate(prompts, output, batch_size=2)
 
+    # 1. the other rows complete; the blocked one is an error whose cause is outside it: the run is incomplete
     counts = record["counts"]
-    assert record["status"] == "complete" and counts["input_rows"] == len(odd_ids) == counts["ok_rows"] + counts["error_rows"]
+    assert counts["input_rows"] == len(odd_ids) == counts["ok_rows"] + counts["error_rows"]
+    assert record["status"] == "incomplete" and record["error_causes"] == {"permanent": 0, "transient": 1}
     frame = manifest(output)
     assert sorted(frame.index) == sorted(set(odd_ids) - {"blocked"})  # exact ids, 300 characters included
     for row_id, path in frame["image_path"].items():
         assert path == image_path(row_id, "png") and len(os.path.basename(path).encode()) <= 100
         assert read_image(output / path).shape == (64, 64, 3)
     errors = pd.read_parquet(output / "errors")
-    assert errors[["id", "row", "stage"]].values.tolist() == [["blocked", 5, "write"]]
+    assert errors[["id", "row", "stage", "cause"]].values.tolist() == [["blocked", 5, "write", "transient"]]
     assert "cannot write the image after 3 attempts: IsADirectoryError" in errors["reason"][0]
+    assert list(record["transient_error_reasons"].values()) == [1]
     assert not [name for name in os.listdir(output / "images") if name.startswith(".tmp-")]  # no orphan temporary files
+    # (a rerun retries it: by position below; by id, on object storage, in tests/test_faults.py)
+
+
+def test_a_rerun_by_input_position_retries_exactly_the_transient_errors(ray_session, tmp_path):
+    from pipelines.runtime.row_ids import position_id
+
+    prompts = write_prompts(tmp_path / "plain.parquet", {"prompt": ["a cat", "a dog", "  ", "an owl"]})  # no ids: matched by position
+    output = tmp_path / "plain-out"
+    blocked = block_image_path(output, position_id(1))
+    first = generate(prompts, output, batch_size=2, height=32, width=32)
+    assert first["status"] == "incomplete" and first["error_causes"] == {"permanent": 1, "transient": 1}
+
+    shutil.rmtree(blocked)
+    again = generate(prompts, output, batch_size=2, height=32, width=32)
+    assert again["status"] == "complete" and again["error_causes"] == {"permanent": 1, "transient": 0}
+    assert again["transient_errors_retried"] == 1
+    assert again["counts"]["generated_this_run"] == 1 and again["counts"]["accounted_before_this_run"] == 3
+    assert sorted(manifest(output)["row"]) == [0, 1, 3]
+    assert pd.read_parquet(output / "errors")[["row", "cause"]].values.tolist() == [[2, "permanent"]]
+
+    # a transient error left beside a row committed since (a block Ray retried after its first try wrote it)
+    # goes on the finished rerun, which loads no model
+    import pyarrow as pa
+
+    from pipelines.runtime.outputs import write_errors_part
+
+    write_errors_part(pa.table({"id": [position_id(3)], "row": pa.array([3], pa.int64()), "reason": ["x"], "cause": ["transient"]}),
+                      str(output / "errors"))
+    last = generate(prompts, output, batch_size=2, height=32, width=32)
+    assert last["stages"] == {} and last["status"] == "complete" and last["error_causes"] == {"permanent": 1, "transient": 0}
 
 
 def test_a_small_job_reaches_every_actor_block_by_block(ray_session, tmp_path):

@@ -89,3 +89,36 @@ def test_repeated_ids_found_by_tasks_across_buckets_equal_a_sort_of_the_whole_co
     assert found.positions.tolist() == expected.positions.tolist()
     assert found.first_positions.tolist() == expected.first_positions.tolist()
 
+
+
+def test_transient_errors_have_parts_of_their_own_that_a_rerun_reopens(tmp_path):
+    output = RunOutput(str(tmp_path / "out"), "manifest")
+    errors = pa.table({"id": ["r1", "r2", "r5", "r9"], "row": pa.array([1, 2, 5, 9], pa.int64()), "stage": ["validate", "write", "denoiser", "write"],
+                       "reason": ["prompt is null", "cannot write", "non-finite", "cannot write"],
+                       "cause": ["permanent", "transient", None, "transient"]})
+    written = write_errors_part(errors, output.errors_uri)
+    write_errors_part(pa.table({"id": ["r7"], "row": pa.array([7], pa.int64()), "reason": ["old"]}), output.errors_uri)  # no cause: an older part
+
+    # 1. one part per cause, told apart by name; rows without a cause are permanent
+    assert [os.path.basename(uri).split("part-")[0] for uri in written] == ["", "transient-"]
+    assert output.error_causes() == {"permanent": 3, "transient": 2} and output.counts() == (0, 5)
+    assert output.transient_error_reasons() == {"cannot write": 2}
+    # 2. a rerun deletes the transient parts: their rows are pending again, the others stay done
+    assert output.reopen_transient_errors() == 2
+    results, errors_left = output.spans()
+    assert sorted(io.read_parquet_folder(output.errors_uri, ["id"]).column("id").to_pylist()) == ["r1", "r5", "r7"]
+    assert not results and not any(span.transient for span in errors_left) and sum(span.rows for span in errors_left) == 3
+    assert output.error_causes() == {"permanent": 3, "transient": 0}
+    with pytest.raises(ValueError, match="cause: \\['flaky'\\] are not error causes"):
+        write_errors_part(pa.table({"id": ["x"], "row": pa.array([0], pa.int64()), "cause": ["flaky"]}), output.errors_uri)
+
+
+def test_a_read_refused_by_the_store_is_transient_an_object_not_there_is_not():
+    assert io.is_transient(io.StorageError("read", "s3://b/k", "PermissionError: 403"))  # raised in a task: no cause kept
+    for error, transient in ((PermissionError("Forbidden"), True), (OSError("503 SlowDown"), True), (ConnectionError("reset"), True),
+                             (FileNotFoundError("s3://b/k"), False), (IsADirectoryError("k"), False), (ValueError("bad URI"), False)):
+        try:
+            with io.storage_errors("read", "s3://b/k"):
+                raise error
+        except io.StorageError as wrapped:
+            assert io.is_transient(wrapped) is transient, error

@@ -20,7 +20,7 @@ from pipelines.encoding.image_decode import ImageRejected, Preprocessing, prepro
 from pipelines.runtime import io
 from pipelines.runtime.outputs import write_errors_part
 from pipelines.runtime.row_ids import derived_seed, position_id
-from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA
+from pipelines.runtime.schemas import ENCODE_ERRORS_SCHEMA, PERMANENT, TRANSIENT
 from workers.runtime.columns import mark_failed, stack_column  # numpy only: this task loads no torch
 
 PREPARE_STAGE = "prepare"  # the ``stage`` of errors found here
@@ -75,9 +75,12 @@ def cache_key(content: str, caption: str | None, encoding_key: str) -> str:
 
 
 class RowError(Exception):
-    def __init__(self, code: str, message: str, source: str | None = None, content: str | None = None, key: str | None = None):
+    """Why a row cannot be encoded; ``cause``: the row's own fault (``PERMANENT``) or outside it (``TRANSIENT``)."""
+
+    def __init__(self, code: str, message: str, source: str | None = None, content: str | None = None, key: str | None = None,
+                 cause: str = PERMANENT):
         super().__init__(message)
-        self.code, self.message, self.source, self.content, self.key = code, message, source, content, key
+        self.code, self.message, self.source, self.content, self.key, self.cause = code, message, source, content, key, cause
 
 
 def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, str]:
@@ -91,8 +94,9 @@ def read_source(record: dict, row: int, settings: RowSettings) -> tuple[bytes, s
         uri = io.resolve_reference(base, str(reference).strip())
         try:
             return io.read_bytes(uri), uri
-        except Exception as error:  # any backend error means the same to the user: no bytes
-            raise RowError("unreadable_path", f"cannot read {uri!r}: {type(error).__name__}: {error}", source=uri) from None
+        except Exception as error:  # any backend error means the same to the user: no bytes; a rerun retries a refusal
+            raise RowError("unreadable_path", f"cannot read {uri!r}: {type(error).__name__}: {error}", source=uri,
+                           cause=TRANSIENT if io.is_transient(error) else PERMANENT) from None
     reference = "{}#row={}".format(*settings.file_of(row)) if row is not None else ""
     value = record.get(columns.image)
     data = value.get("bytes") if isinstance(value, dict) else value  # HF datasets: {"bytes", "path"}
@@ -155,6 +159,7 @@ def prepare_images(table: pa.Table, *, settings: RowSettings, errors_uri: str | 
             bad.append({
                 "id": row_id, "row": row, "stage": PREPARE_STAGE, "reason": error.message, "code": error.code,
                 "source": error.source, "content_hash": error.content, "cache_key": error.key, "run": settings.run,
+                "cause": error.cause,
             })
             continue
         if prepared is not None:

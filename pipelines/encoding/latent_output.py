@@ -25,7 +25,7 @@ from pipelines.runtime import io
 from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput, write_errors_part
 from pipelines.runtime.schemas import (
-    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, LENGTH_SUFFIX, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type,
+    EMBEDDING_COLUMNS, ENCODE_ERRORS_SCHEMA, LENGTH_SUFFIX, PERMANENT, SHAPE_RUNS_METADATA_KEY, is_ragged_type, is_tensor_type,
     latents_schema, tensor_type,
 )
 from pipelines.runtime.stats import stats_of_latents
@@ -78,8 +78,10 @@ def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: L
 
 
 def _error_row(batch: dict, i: int, run: int, **fields) -> dict:
+    # the row's own: out of memory even alone, non-finite values (encode's transient errors are unreadable paths)
     return {"id": str(batch["id"][i]), "row": int(batch["row"][i]), "source": str(batch["source"][i]),
-            "content_hash": str(batch["content_hash"][i]), "cache_key": str(batch["cache_key"][i]), "run": run, **fields}
+            "content_hash": str(batch["content_hash"][i]), "cache_key": str(batch["cache_key"][i]), "run": run,
+            "cause": PERMANENT, **fields}
 
 
 def _non_finite_errors(batch: dict, rows: np.ndarray, layout: LatentLayout, run: int) -> list[dict]:

@@ -2,7 +2,7 @@
 
 ``commit_generated`` runs as a CPU task in Ray Data after the VAE decoder, one call per
 block, and imports no model code. It writes each row's image, then the block's rows that
-failed (non-finite latent, image write) as one ``errors/`` part and the others as one
+failed (non-finite latent, image write) as ``errors/`` parts (one per cause) and the others as one
 ``manifest/`` part carrying the exact partial statistics of their latents in its footer.
 Parts are named from the rows' input positions and ids (``io.part_name``): a retried
 block replaces its own parts. The driver receives one summary row per block.
@@ -46,6 +46,7 @@ def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table |
     return pa.Table.from_pydict({
         "id": [str(v) for v in batch["id"][failed]], "row": batch["row"][failed].astype(np.int64),
         "stage": list(batch["error_stage"][failed]), "reason": list(batch["error_reason"][failed]),
+        "cause": list(batch["error_cause"][failed]),
     }, schema=ERRORS_SCHEMA)
 
 

@@ -183,11 +183,13 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     # 2. what earlier runs committed, from the output's listing. An input with ids may be rewritten,
     # reordered or grown in place: its rows are matched by id, by tasks, once Ray is connected
     # (``before_run``), unless the listing alone shows an unchanged input wholly done. An input
-    # without ids is matched by position, which its files must keep.
+    # without ids is matched by position, which its files must keep. Rows of transient errors are
+    # not done: the run deletes their parts before it starts (``run_job``) and retries them.
     input_files, recorded = input_versions(fragments), (previous or {}).get("input_files")
     if "id" not in schema.names:
         check_input_unchanged(recorded, input_files, fragments)
     results, errors = output.spans()
+    errors = [span for span in errors if not span.transient]
     resume = plan_resume(fragments, results + errors)
     by_id = "id" in schema.names and bool(results or errors) and (input_change(recorded, input_files, fragments) is not None or not resume.finished)
     return GenerationPlan(

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.runtime import io
+from pipelines.runtime.schemas import PERMANENT, TRANSIENT
 from workers.runtime.columns import FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, failed_rows
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -109,9 +110,12 @@ def write_generated_images(batch: dict[str, np.ndarray], output: str, image_form
     """Ray Data task: store each row's image; replace pixels by per-channel latent aggregates (``encode_generated``).
 
     A row whose image cannot be written gets an error reason (stage ``write``) instead of
-    an image; the other rows go on. Runs apart from the model actors (no torch here).
+    an image; the other rows go on. ``error_cause`` says whose fault each failure is: the
+    row's (a model stage's failure, a non-finite latent) or the storage's (a write that
+    failed after its retries: a rerun retries the row). Runs apart from the model actors (no torch here).
     """
     batch = encode_generated(batch, image_format, quality)
+    batch["error_cause"] = np.array([PERMANENT if reason else "" for reason in batch["error_reason"]], dtype=object)
     paths = []
     for index, (row_id, data) in enumerate(zip(batch["id"], batch.pop("image"))):
         if data is None:
@@ -121,7 +125,7 @@ def write_generated_images(batch: dict[str, np.ndarray], output: str, image_form
         failure = write_with_retries(io.join(output, path), data)
         paths.append("" if failure else path)
         if failure:
-            batch["error_reason"][index], batch["error_stage"][index] = failure, "write"
+            batch["error_reason"][index], batch["error_stage"][index], batch["error_cause"][index] = failure, "write", TRANSIENT
     if not keep_latents:
         batch.pop("latents")
     batch["image_path"] = np.array(paths, dtype=object)

@@ -57,6 +57,14 @@ class StorageError(Exception):
         return cls(*found.groups()) if found else None
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a read that raised ``error`` may succeed when tried again: the store refused or did not
+    answer (after its own retries), as opposed to an object that is not there, is a folder, or a URI
+    that is not valid, which no retry changes."""
+    cause = error.__cause__ if isinstance(error, StorageError) and error.__cause__ is not None else error
+    return not isinstance(cause, (*ABSENT, IsADirectoryError, ValueError))
+
+
 @contextmanager
 def storage_errors(action: str, uri: str) -> Iterator[None]:
     """Any backend error inside (OSError, botocore's, ...) becomes a ``StorageError`` naming ``uri``."""
@@ -408,9 +416,10 @@ def part_name(rows: np.ndarray, ids: Sequence[str]) -> str:
     return f"part-{int(rows.min()):012d}-{int(rows.max()):012d}-{len(rows)}-{digest}.parquet"
 
 
-def write_parquet_part(table: pa.Table, folder_uri: str) -> str:
-    """Write one part of an output table (which has ``id`` and ``row`` columns), named from its rows."""
-    uri = join(folder_uri, part_name(table.column("row").to_numpy(), table.column("id").to_pylist()))
+def write_parquet_part(table: pa.Table, folder_uri: str, prefix: str = "") -> str:
+    """Write one part of an output table (which has ``id`` and ``row`` columns), named from its rows
+    (after ``prefix``: a kind of part a listing alone tells apart)."""
+    uri = join(folder_uri, prefix + part_name(table.column("row").to_numpy(), table.column("id").to_pylist()))
     write_parquet(table, uri)
     return uri
 

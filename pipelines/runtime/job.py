@@ -25,6 +25,7 @@ from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.placement import BlockWork, ClusterShape, rows_per_block
 from pipelines.runtime.progress import ProgressReporter
 from pipelines.runtime.run_record import library_versions, utc_now
+from pipelines.runtime.schemas import TRANSIENT
 from pipelines.runtime.stages import Stage, check_wiring
 from pipelines.runtime.stats import latent_stats_report
 from pipelines.runtime.text_cache import start_text_cache, stop_text_cache
@@ -137,17 +138,23 @@ def _run_job(plan: PlannedJob) -> dict:
         progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
         record = _start_record(plan, placement=None, stages=[], block_rows=None)
         record["note"] = "every input row was accounted for by an earlier run: nothing to do, no model loaded"
+        # transient errors left beside a finished output hold rows committed since (a block Ray retried
+        # after its first try wrote them): they go, as a run would retry them
+        plan.output.reopen_transient_errors()
         return _finish(plan, record, started, progress, totals=None)
 
-    # 1. stages for this cluster, wiring checked before anything runs; then what the output holds
+    # 1. stages for this cluster, wiring checked before anything runs; then what the output holds,
+    # rows of transient errors pending again (this run retries them)
     cluster = ClusterShape.current()
     placement = plan.placement(cluster)
     stages = plan.model_stages(placement, cluster)
     check_wiring(stages, plan.stage_input_columns())
+    retried = plan.output.reopen_transient_errors()
     plan.before_run()
     progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
     block_rows = job_block_rows(plan, stages)
     record = _start_record(plan, placement, stages, block_rows)
+    record["transient_errors_retried"] = retried
     plan.output.write_json("run.json", record)
 
     # 2. pending rows -> stages -> commit tasks; the driver receives one summary per committed block.
@@ -199,8 +206,9 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         logger.warning("%s", warning)
     wall = time.time() - started
     produced = totals.ok_rows if totals else 0
+    causes = plan.output.error_causes()  # from the listing: transient rows have parts of their own
     record.update(
-        status="complete" if counts["ok_rows"] + counts["error_rows"] == counts["input_rows"] else "incomplete",
+        status=run_status(counts, causes), error_causes=causes,
         finished_at=utc_now(), counts=counts, error_reasons=plan.error_reasons(), wall_seconds=round(wall, 3),
         images_per_second=round(produced / wall, 4) if wall > 0 else None,
         stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
@@ -213,8 +221,17 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         # --compile: graphs compiled, recompiles (graphs compiled after a shape's warm-up), warm-up seconds
         compile=compile_record(totals.counts if totals else {}),
     )
+    if causes[TRANSIENT]:
+        record["transient_error_reasons"] = plan.output.transient_error_reasons()
     lease.check(plan.output.uri)  # a run whose lease another run took does not write the record over the other's
     plan.output.write_json("run.json", record)
-    if record["status"] != "complete":
+    if counts["ok_rows"] + counts["error_rows"] != counts["input_rows"]:
         logger.warning("counts do not add up: %s", record["counts"])
     return record
+
+
+def run_status(counts: dict, causes: dict[str, int]) -> str:
+    """``complete``: every input row is in the results, or in errors for a cause of its own; else
+    ``incomplete``: rows unaccounted for, or rows whose errors were transient (a rerun retries them)."""
+    accounted = counts["ok_rows"] + counts["error_rows"] == counts["input_rows"]
+    return "complete" if accounted and not causes.get(TRANSIENT) else "incomplete"

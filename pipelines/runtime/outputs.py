@@ -11,6 +11,13 @@ statistics are an exact merge of those partials, across reruns and resumes.
 What the driver reads of an output is its listing (``PartSpan``: positions and row
 count from each part's name) and footers: its memory follows the number of parts,
 not of rows.
+
+Error rows whose cause is outside the row (``schemas.TRANSIENT``: storage that failed
+after its retries) are written in parts of their own, named ``transient-part-...``, so
+the listing alone tells them apart. A rerun deletes those parts before it resumes
+(``reopen_transient_errors``): their rows are pending again and go through the run like
+any row not yet done. Each delete removes whole rows, so a row is never in both tables;
+a run that dies after the delete leaves them pending, for the next run.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.runtime import io, lease
+from pipelines.runtime.schemas import ERROR_CAUSES, PERMANENT, TRANSIENT
 from pipelines.runtime.stats import ChannelStats, merge_all
 
 STATS_METADATA_KEY = b"latentray.latent_stats"
 REASONS_METADATA_KEY = b"latentray.error_counts"  # an errors part's rows per reason (and per code)
 ERRORS_FOLDER = "errors"
+TRANSIENT_PART_PREFIX = "transient-"  # an errors part of transient rows only (see the module's docstring)
 PART_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)-[0-9a-f]+\.parquet$")
 # error reasons counted by name in run.json; rarer ones beyond this many are counted together
 MAX_DISTINCT_REASONS = 1000
@@ -64,6 +73,11 @@ class PartSpan:
 
     def overlaps(self, first: int, end: int) -> bool:
         return self.first < end and self.last >= first
+
+    @property
+    def transient(self) -> bool:
+        """An errors part of rows whose cause is outside them: a rerun retries them."""
+        return self.uri.rsplit("/", 1)[-1].startswith(TRANSIENT_PART_PREFIX)
 
 
 @dataclass
@@ -128,6 +142,28 @@ class RunOutput:
                 results = results.replace_schema_metadata(metadata)
             io.write_parquet_part(results, self.results_uri)
 
+    def reopen_transient_errors(self) -> int:
+        """Delete the errors parts of transient rows, before a run resumes: their rows are pending again
+        and this run retries them. Return how many rows."""
+        reopened = [span for span in self.spans()[1] if span.transient]
+        for span in reopened:
+            io.remove_tree(span.uri)
+        return sum(span.rows for span in reopened)
+
+    def error_causes(self) -> dict[str, int]:
+        """Error rows per cause (``schemas.ERROR_CAUSES``), from the listing alone."""
+        errors = self.spans()[1]
+        transient = sum(span.rows for span in errors if span.transient)
+        return {PERMANENT: sum(span.rows for span in errors) - transient, TRANSIENT: transient}
+
+    def transient_error_reasons(self) -> dict[str, int]:
+        """Transient error rows per reason, from the footers of their parts (few: storage that failed)."""
+        counts: dict[str, int] = {}
+        for span in self.spans()[1]:
+            for reason, number in (_part_reasons(span.uri, "reason").items() if span.transient else ()):
+                counts[reason] = counts.get(reason, 0) + number
+        return counts
+
     def counts(self) -> tuple[int, int]:
         """(result rows, error rows) committed in the output so far, from the parts' names."""
         results, errors = self.spans()
@@ -160,12 +196,28 @@ class RunOutput:
         io.write_json(io.join(self.uri, name), value)
 
 
-def write_errors_part(table: pa.Table, errors_uri: str) -> str:
-    """One ``errors/`` part, with its rows per reason (and per code) in its footer: ``error_reasons``
-    then reads footers, not 10 million reasons."""
+def write_errors_part(table: pa.Table, errors_uri: str) -> list[str]:
+    """``errors/`` parts of ``table``'s rows: one of its permanent rows, one of its transient rows (named
+    apart, ``TRANSIENT_PART_PREFIX``); each with its rows per reason (and per code) in its footer:
+    ``error_reasons`` then reads footers, not 10 million reasons. Rows without a cause (a table
+    written before causes were recorded) are permanent."""
+    if "cause" not in table.column_names:
+        return [_write_errors(table, errors_uri, prefix="")]
+    unknown = set(pc.unique(table.column("cause")).to_pylist()) - set(ERROR_CAUSES) - {None}
+    if unknown:
+        raise ValueError(f"cause: {sorted(unknown)} are not error causes ({', '.join(ERROR_CAUSES)})")
+    transient = pc.fill_null(pc.equal(table.column("cause"), TRANSIENT), False)
+    written = []
+    for rows, prefix in ((table.filter(pc.invert(transient)), ""), (table.filter(transient), TRANSIENT_PART_PREFIX)):
+        if len(rows):
+            written.append(_write_errors(rows, errors_uri, prefix))
+    return written
+
+
+def _write_errors(table: pa.Table, errors_uri: str, prefix: str) -> str:
     counts = {column: _value_counts(table.column(column)) for column in ("reason", "code") if column in table.column_names}
     metadata = {**(table.schema.metadata or {}), REASONS_METADATA_KEY: json.dumps(counts).encode()}
-    return io.write_parquet_part(table.replace_schema_metadata(metadata), errors_uri)
+    return io.write_parquet_part(table.replace_schema_metadata(metadata), errors_uri, prefix)
 
 
 def _value_counts(column: pa.ChunkedArray | pa.Array) -> dict:

@@ -81,11 +81,20 @@ def manifest_schema(save_latents: bool) -> pa.Schema:
     return pa.schema(MANIFEST_FIELDS + (LATENT_FIELDS if save_latents else []))
 
 
+# Why a row is in errors/: its own fault, or something outside it. A rerun leaves the first kind
+# and retries the second. Parts written before causes were recorded have no column: permanent.
+PERMANENT, TRANSIENT = "permanent", "transient"
+ERROR_CAUSES = {
+    PERMANENT: "the row itself: a bad prompt, an undecodable or missing image, a repeated id, a size that does not fit even alone",
+    TRANSIENT: "outside the row: a write or read of storage that failed after its retries; a rerun retries the row",
+}
+
 ERRORS_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
     pa.field("row", pa.int64()),  # position of the row in the input (files in sorted order)
     pa.field("stage", pa.string()),
     pa.field("reason", pa.string()),
+    pa.field("cause", pa.string()),  # one of ERROR_CAUSES
 ])
 
 
