@@ -2,6 +2,7 @@
 
     python bench/scale_benchmark.py                                   # generate at 100k, 1M, 10M rows; encode at 100k and 1M
     python bench/scale_benchmark.py --rows 100000 1000000 --encode-rows 100000 --json scale.json
+    python bench/scale_benchmark.py --rows --encode-rows --parts 10000 50000    # only the end of run at many parts
 
 Rows need little model work, so the figures show what latentray itself costs per row: one
 row in ``--real-every`` is a real prompt (the tiny model draws it at 16x16 in 1 step) and
@@ -12,6 +13,9 @@ sampler reads the resident memory of the driver and of every process under it (R
 GCS, raylet and workers are its descendants) every 0.2 s. After the largest generation
 run, the same command runs again on its finished output: a rerun must find nothing to do.
 The largest encoding run is rerun the same way.
+
+``--parts N ...`` adds the end of a run at N manifest parts on the local S3 server
+(``end_of_run_parts.py``): a real output of N parts, the end of its run and its rerun.
 
 Goals (issue 11): driver peak RSS at 10M <= 1.5x that at 100k; time per row at 10M <=
 1.2x that at 100k; the rerun of a finished output under 5% of the first run's wall time.
@@ -35,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import common
+from end_of_run_parts import print_parts_report, run_parts_benchmark
 
 ROW_GROUP_ROWS = 100_000
 SIZE = 16  # pixels: the tiny model's smallest useful image, so model work stays negligible
@@ -187,16 +192,21 @@ def _goals(runs: list[ScaleRun], job: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=common.positive_integer, nargs="+", default=[100_000, 1_000_000, 10_000_000],
+    parser.add_argument("--rows", type=common.positive_integer, nargs="*", default=[100_000, 1_000_000, 10_000_000],
                         help="generation job sizes; the largest is rerun on its finished output")
     parser.add_argument("--encode-rows", type=common.positive_integer, nargs="*", default=[100_000, 1_000_000],
                         help="encoding job sizes (none: skip encoding)")
     parser.add_argument("--real-every", type=common.positive_integer, default=1000,
                         help="one row in N is real work (a prompt, a PNG); the others go to errors/")
+    parser.add_argument("--parts", type=common.positive_integer, nargs="*", default=[],
+                        help="also time the end of a run and a finished rerun at N manifest parts on the local S3 server")
     parser.add_argument("--work-dir", help="where inputs and outputs go (default: the system's temp folder)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     options = parser.parse_args(argv)
-    report = print_report(run_benchmark(options), options)
+    runs = run_benchmark(options)
+    report = print_report(runs, options) if runs else {}
+    if options.parts:
+        report["parts"] = print_parts_report(run_parts_benchmark(options.parts, options.work_dir))
     common.write_json(report, options.json)
     return 0
 

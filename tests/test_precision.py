@@ -1,7 +1,6 @@
 """Precision: resolved per family and device by the driver (no torch), used exactly by the workers,
 part of a run's identity (no Ray: stages are built for a given cluster shape)."""
 
-import json
 
 import pytest
 import torch

@@ -82,7 +82,7 @@ def test_an_address_that_does_not_answer_exits_2_naming_it(case, ray_temp, promp
         if listener is not None:
             listener.close()
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"latentray: error: address: " in result.stderr and named in result.stderr
+    assert "latentray: error: address: " in result.stderr and named in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "manifest").exists()
 

@@ -8,9 +8,10 @@ import pyarrow as pa
 import pytest
 
 from pipelines.runtime import io
-from pipelines.runtime.outputs import PartSpan, RunOutput, write_errors_part
+from pipelines.runtime.outputs import INDEX_NAME, CommittedParts, PartSpan, RunOutput, write_errors_part
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
 from pipelines.runtime.resume import check_input_unchanged, input_versions, plan_resume, read_pending_rows
+from pipelines.runtime.stats import stats_of_latents
 
 FRAGMENTS = [io.ParquetFragment("in.parquet", group, 100 * group, 100) for group in range(3)]  # rows 0..299
 
@@ -49,6 +50,63 @@ def test_a_task_drops_exactly_the_committed_rows_of_its_row_group(tmp_path):
         rows += [row for table in read_pending_rows(batch, ["id"], rows_per_block=64) for row in table.column("row").to_pylist()]
     assert sorted(rows) == sorted(set(range(300)) - {3, 150})
     assert output.error_reasons() == {"x": 1, "y": 1} and output.counts() == (0, 2)
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_the_parts_index_spares_reading_footers_and_counts_every_listed_part_once(storage, tmp_path, s3_endpoint):
+    if storage == "s3":
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="index-bucket")
+    output = RunOutput(str(tmp_path / "out") if storage == "local" else "s3://index-bucket/out", "latents")
+    rng = np.random.default_rng(0)
+    latents = {first: rng.normal(first, 1 + first / 10, (4, 4, 2, 2)) for first in range(0, 40, 4)}
+
+    def commit(first: int, reason: str | None = None) -> list[dict]:
+        rows = pa.array(np.arange(first, first + 4), pa.int64())
+        table = pa.table({"id": [f"r{row}" for row in rows.to_pylist()], "row": rows})
+        errors = pa.table({"id": [f"e{first}"], "row": pa.array([1000 + first], pa.int64()), "reason": [reason]}) if reason else None
+        return output.commit(table, errors, stats_of_latents(list(latents[first])))
+
+    def assert_exact(summary, firsts: list[int]) -> None:
+        values = np.moveaxis(np.concatenate([latents[first] for first in firsts]), 1, 0).reshape(4, -1)
+        assert summary.stats.count.tolist() == [values.shape[1]] * 4
+        np.testing.assert_allclose(summary.stats.mean, values.mean(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(summary.stats.std, values.std(axis=1), rtol=1e-12)
+
+    # 1. a run whose commit tasks report their parts: the end of the run reads no footer
+    committed = CommittedParts()
+    for first in range(0, 32, 4):
+        committed.add(commit(first, reason="bad" if first < 8 else None))
+    summary = output.summarize(committed)
+    assert summary.footers_read == 0 and summary.error_reasons() == {"bad": 2}
+    assert_exact(summary, list(range(0, 32, 4)))
+    output.save_index(summary)
+
+    # 2. a killed run's part (in no report, in no index) is read and counted; the index covers the rest
+    commit(32, reason="worse")
+    summary = output.summarize()
+    assert summary.footers_read == 2 and summary.error_reasons() == {"bad": 2, "worse": 1}
+    assert_exact(summary, list(range(0, 36, 4)))
+    output.save_index(summary)
+
+    # 3. a rerun of the finished output reads the index only, and leaves it as it is
+    summary = output.summarize()
+    assert summary.footers_read == 0 and not summary.index_changed
+    assert_exact(summary, list(range(0, 36, 4)))
+
+    # 4. a part gone (a rewrite superseded it) leaves the merge; its group's other parts are read again
+    gone = [uri for uri in io.list_parts(output.results_uri) if "part-000000000004-" in uri]
+    io.remove_tree(gone[0])
+    summary = output.summarize()
+    assert 0 < summary.footers_read < 9
+    assert_exact(summary, [first for first in range(0, 36, 4) if first != 4])
+    output.save_index(summary)
+    assert output.latent_stats().count.tolist() == summary.stats.count.tolist()
+
+    # 5. an index that does not parse is ignored: every footer is read, the totals are the same
+    io.write_bytes(io.join(output.uri, INDEX_NAME), b"not parquet")
+    assert_exact(output.summarize(), [first for first in range(0, 36, 4) if first != 4])
 
 
 def test_changed_moved_or_missing_input_files_are_refused_new_files_after_them_are_not(tmp_path):
@@ -100,15 +158,16 @@ def test_transient_errors_have_parts_of_their_own_that_a_rerun_reopens(tmp_path)
     write_errors_part(pa.table({"id": ["r7"], "row": pa.array([7], pa.int64()), "reason": ["old"]}), output.errors_uri)  # no cause: an older part
 
     # 1. one part per cause, told apart by name; rows without a cause are permanent
-    assert [os.path.basename(uri).split("part-")[0] for uri in written] == ["", "transient-"]
-    assert output.error_causes() == {"permanent": 3, "transient": 2} and output.counts() == (0, 5)
-    assert output.transient_error_reasons() == {"cannot write": 2}
+    assert [os.path.basename(uri).split("part-")[0] for uri, _ in written] == ["", "transient-"]
+    summary = output.summarize()
+    assert summary.error_causes() == {"permanent": 3, "transient": 2} and output.counts() == (0, 5)
+    assert output.transient_error_reasons(summary) == {"cannot write": 2}
     # 2. a rerun deletes the transient parts: their rows are pending again, the others stay done
     assert output.reopen_transient_errors() == 2
     results, errors_left = output.spans()
     assert sorted(io.read_parquet_folder(output.errors_uri, ["id"]).column("id").to_pylist()) == ["r1", "r5", "r7"]
     assert not results and not any(span.transient for span in errors_left) and sum(span.rows for span in errors_left) == 3
-    assert output.error_causes() == {"permanent": 3, "transient": 0}
+    assert output.summarize().error_causes() == {"permanent": 3, "transient": 0}
     with pytest.raises(ValueError, match="cause: \\['flaky'\\] are not error causes"):
         write_errors_part(pa.table({"id": ["x"], "row": pa.array([0], pa.int64()), "cause": ["flaky"]}), output.errors_uri)
 

@@ -29,7 +29,7 @@ from pipelines.runtime.config import EncodeConfig, EncodingOptions, parse_bucket
 from pipelines.encoding.ledger import Lookup, look_up, read_rows_with_lookup, settle
 from pipelines.encoding.latent_output import LatentLayout, commit_latents
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
-from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.outputs import OutputSummary, RunOutput
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
@@ -152,8 +152,8 @@ class EncodingPlan:
         # one copy per row: rows this run wrote again supersede their older copies
         return settle(self.output, self.fragments, self.id_column, self.run)
 
-    def error_reasons(self) -> dict[str, int]:
-        return self.output.error_reasons("code")
+    def error_reasons(self, summary: OutputSummary) -> dict[str, int]:
+        return summary.error_reasons("code")
 
     def latent_stats_text(self) -> tuple[str, str]:
         return LATENT_STATS_OVER, "the corpus suggests"

@@ -73,8 +73,8 @@ def commit_latents(batch: dict[str, np.ndarray], *, output: RunOutput, layout: L
     keep = np.flatnonzero(finite)
     table = latents_table(batch, keep, latents, flipped, layout, run) if len(keep) else None
     stats = stats_of_latents([latents[i] for i in keep])
-    output.commit(table, errors_table, stats)
-    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy, counts=counts)
+    parts = output.commit(table, errors_table, stats)
+    return part_summary(ok_rows=len(keep), error_rows=rows - len(keep), busy=busy, counts=counts, parts=parts)
 
 
 def _error_row(batch: dict, i: int, run: int, **fields) -> dict:

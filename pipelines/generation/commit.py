@@ -36,8 +36,8 @@ def commit_generated(
     if len(ok["id"]):
         results = manifest_table(ok, scheduler, save_latents)
         stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
-    output.commit(results, errors_table(batch, failed), stats)
-    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, counts=counts)
+    parts = output.commit(results, errors_table(batch, failed), stats)
+    return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, counts=counts, parts=parts)
 
 
 def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table | None:

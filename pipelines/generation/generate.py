@@ -21,7 +21,7 @@ from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.model_source import ModelDescription, describe_model
-from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.outputs import OutputSummary, RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
@@ -156,8 +156,8 @@ class GenerationPlan:
         return {"input_rows": self.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
                 "generated_this_run": totals.ok_rows if totals else 0, "accounted_before_this_run": self.rows_done_before}
 
-    def error_reasons(self) -> dict[str, int]:
-        return self.output.error_reasons()
+    def error_reasons(self, summary: OutputSummary) -> dict[str, int]:
+        return summary.error_reasons()
 
     def latent_stats_text(self) -> tuple[str, str]:
         return LATENT_STATS_OVER, "the generated latents suggest"

@@ -20,6 +20,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -148,13 +149,18 @@ def write_json(uri: str, value: Any) -> None:
 
 def read_json(uri: str) -> Any | None:
     """The JSON object at ``uri``, or None when there is none (a failed read raises ``StorageError``)."""
+    data = read_bytes_if_any(uri)
+    return None if data is None else json.loads(data)
+
+
+def read_bytes_if_any(uri: str) -> bytes | None:
+    """The object at ``uri``, or None when there is none (a failed read raises ``StorageError``)."""
     with storage_errors("read", uri):
         fs, path = filesystem(uri)
         try:
-            data = fs.cat_file(path)
+            return fs.cat_file(path)
         except ABSENT:
             return None
-    return json.loads(data)
 
 
 def exists(uri: str) -> bool:
@@ -227,6 +233,19 @@ def list_parts(folder_uri: str) -> list[str]:
     with storage_errors("list", folder_uri):
         fs, path = filesystem(folder_uri)
         return [fs.unstrip_protocol(p) for p in _find_parquet(fs, path)]
+
+
+def list_part_versions(folder_uri: str) -> dict[str, str]:
+    """``list_parts`` with each part's version (its ETag, else inode, modification time and size): what
+    tells a part rewritten under the same name from the one an index summarised."""
+    with storage_errors("list", folder_uri):
+        fs, path = filesystem(folder_uri)
+        return {fs.unstrip_protocol(p): _part_version(info) for p, info in _find_parquet(fs, path).items()}
+
+
+def _part_version(info: dict) -> str:
+    etag = info.get("ETag") or info.get("etag")
+    return str(etag).strip('"') if etag else f"{info.get('ino')}:{info.get('mtime')}:{info.get('size')}"
 
 
 def _info(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
@@ -337,6 +356,9 @@ def read_parquet_folder(uri: str, columns: list[str] | None = None) -> pa.Table 
     return pa.concat_tables([read_parquet_file(part, columns) for part in parts], promote_options="permissive")
 
 
+FOOTER_READ_THREADS = 32  # footers read at once (``parquet_metadata_of_many``)
+
+
 def parquet_schema(uri: str) -> pa.Schema:
     """The Arrow schema of a Parquet file (read from the footer)."""
     with storage_errors("read", uri):
@@ -351,6 +373,13 @@ def parquet_metadata(uri: str) -> dict[bytes, bytes]:
         fs, path = filesystem(uri)
         with fs.open(path, "rb") as handle:
             return pq.ParquetFile(handle).schema_arrow.metadata or {}
+
+
+def parquet_metadata_of_many(uris: Sequence[str], threads: int = FOOTER_READ_THREADS) -> Iterator[dict[bytes, bytes]]:
+    """``parquet_metadata`` of each file, in order, read by ``threads`` at once: on an object store a
+    footer costs a round trip or two, and thousands read one by one cost minutes."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        yield from pool.map(parquet_metadata, uris)
 
 
 def parquet_footer(uri: str) -> pq.FileMetaData:

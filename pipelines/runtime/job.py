@@ -5,8 +5,9 @@ which stages for this cluster, what each row costs, the Ray Data pipeline from i
 pending input rows to its commit task, and what the output holds at the end. ``run_job``
 does the rest the same way for both: wiring checked before anything runs, blocks sized
 from their work, ``run.json`` written at the start and the end, summaries of committed
-parts collected (never rows), progress lines, ``latent_stats.json`` from the parts'
-footers. A plan that finds nothing left to do runs no dataset and loads no model.
+parts collected (never rows), progress lines, ``latent_stats.json`` and the error counts from
+the parts index, this run's summaries and the footers of parts neither covers
+(``RunOutput.summarize``), the parts index saved for the next run. A plan that finds nothing left to do runs no dataset and loads no model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import ray.data
 
 from pipelines.runtime import lease
-from pipelines.runtime.outputs import RunOutput
+from pipelines.runtime.outputs import CommittedParts, OutputSummary, RunOutput
 from pipelines.runtime.placement import BlockWork, ClusterShape, rows_per_block
 from pipelines.runtime.progress import ProgressReporter
 from pipelines.runtime.run_record import library_versions, utc_now
@@ -62,7 +63,7 @@ class PlannedJob(Protocol):
     def dataset(self, stages: list[Stage], block_rows: int) -> ray.data.Dataset: ...
     def record_fields(self) -> dict: ...  # what run.json holds beside the common fields
     def final_counts(self, totals: "RunTotals | None") -> dict: ...  # input_rows, ok_rows, error_rows, ...
-    def error_reasons(self) -> dict[str, int]: ...
+    def error_reasons(self, summary: OutputSummary) -> dict[str, int]: ...  # of what the output holds
     def latent_stats_text(self) -> tuple[str, str]: ...  # (what the statistics are over, how warnings open)
 
 
@@ -89,11 +90,14 @@ def peak_memory_per_stage(counts: dict[str, int], busy: dict[str, float]) -> dic
     return {stage: round(peaks[stage] / 2**30, 3) if stage in peaks else None for stage in sorted(set(busy) | set(peaks))}
 
 
-def part_summary(*, ok_rows: int, error_rows: int, busy: dict[str, float], counts: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+def part_summary(
+    *, ok_rows: int, error_rows: int, busy: dict[str, float], counts: dict[str, int] | None = None, parts: list[dict] | None = None,
+) -> dict[str, np.ndarray]:
     """The one row a commit task sends the driver per block: row counts, busy seconds, the workers' counts
-    (texts encoded, batches halved after out-of-memory errors, ...); no row data."""
+    (texts encoded, batches halved after out-of-memory errors, ...), the parts it wrote with their partial
+    statistics and error counts (``RunOutput.commit``); no row data."""
     return {"ok_rows": np.array([ok_rows]), "error_rows": np.array([error_rows]), "busy": np.array([json.dumps(busy)], dtype=object),
-            "counts": np.array([json.dumps(counts or {})], dtype=object)}
+            "counts": np.array([json.dumps(counts or {})], dtype=object), "parts": np.array([json.dumps(parts or [])], dtype=object)}
 
 
 @dataclass
@@ -104,6 +108,7 @@ class RunTotals:
     error_rows: int = 0
     busy_seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)  # the workers' counts (texts_encoded, texts_reused)
+    parts: CommittedParts = field(default_factory=CommittedParts)  # the parts written, for the end of the run
 
     def add(self, summary: dict[str, np.ndarray]) -> int:
         ok, errors = int(summary["ok_rows"].sum()), int(summary["error_rows"].sum())
@@ -115,6 +120,8 @@ class RunTotals:
         for text in summary.get("counts", ()):
             for name, count in json.loads(text).items():
                 self.counts[name] = combine_counts(name, self.counts.get(name, 0), count)
+        for text in summary.get("parts", ()):
+            self.parts.add(json.loads(text))
         return ok + errors
 
 
@@ -197,19 +204,20 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
     # 3. counts, statistics and the run record, from what the output holds (earlier runs included)
     counts = plan.final_counts(totals)
     progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
+    summary = plan.output.summarize(totals.parts if totals else None)
     over, suggests = plan.latent_stats_text()
     shape = plan.model.shape
-    report = latent_stats_report(plan.output.latent_stats(), latent_channels=shape.latent_channels, scaling_factor=shape.scaling_factor,
+    report = latent_stats_report(summary.stats, latent_channels=shape.latent_channels, scaling_factor=shape.scaling_factor,
                                  shift_factor=shape.shift_factor, over=over, suggests=suggests)
     plan.output.write_json("latent_stats.json", report)
     for warning in report["warnings"] if plan.log_stats_warnings else []:
         logger.warning("%s", warning)
     wall = time.time() - started
     produced = totals.ok_rows if totals else 0
-    causes = plan.output.error_causes()  # from the listing: transient rows have parts of their own
+    causes = summary.error_causes()
     record.update(
         status=run_status(counts, causes), error_causes=causes,
-        finished_at=utc_now(), counts=counts, error_reasons=plan.error_reasons(), wall_seconds=round(wall, 3),
+        finished_at=utc_now(), counts=counts, error_reasons=plan.error_reasons(summary), wall_seconds=round(wall, 3),
         images_per_second=round(produced / wall, 4) if wall > 0 else None,
         stage_busy_seconds={name: round(seconds, 3) for name, seconds in (totals.busy_seconds if totals else {}).items()},
         oom_splits=oom_splits_per_stage(totals.counts if totals else {}),
@@ -222,8 +230,9 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         compile=compile_record(totals.counts if totals else {}),
     )
     if causes[TRANSIENT]:
-        record["transient_error_reasons"] = plan.output.transient_error_reasons()
+        record["transient_error_reasons"] = plan.output.transient_error_reasons(summary)
     lease.check(plan.output.uri)  # a run whose lease another run took does not write the record over the other's
+    plan.output.save_index(summary)
     plan.output.write_json("run.json", record)
     if counts["ok_rows"] + counts["error_rows"] != counts["input_rows"]:
         logger.warning("counts do not add up: %s", record["counts"])

@@ -9,8 +9,18 @@ the partial latent statistics of its rows in its footer metadata: the corpus
 statistics are an exact merge of those partials, across reruns and resumes.
 
 What the driver reads of an output is its listing (``PartSpan``: positions and row
-count from each part's name) and footers: its memory follows the number of parts,
-not of rows.
+count from each part's name) and its parts index: its memory follows the number of
+parts, not of rows.
+
+The parts index (``_parts_index.parquet`` in the output, ``PartsIndex``) spares the end
+of a run and a rerun reading a footer per part (300k parts at a few ms each are
+minutes): it holds groups of parts, each with its parts' names and versions and their
+merged statistics and error counts. The commit tasks send the driver their parts'
+partials (``RunOutput.commit``), which it groups as blocks finish (``CommittedParts``);
+at the end of the run ``summarize`` checks every group against the listing (a group
+whose part is gone or rewritten is dropped, its other parts read again), reads the
+footers of the parts no group covers (a killed run's, parts rewritten by tasks) in
+parallel, and the run saves the index for the next.
 
 Error rows whose cause is outside the row (``schemas.TRANSIENT``: storage that failed
 after its retries) are written in parts of their own, named ``transient-part-...``, so
@@ -22,16 +32,23 @@ a run that dies after the delete leaves them pending, for the next run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import posixpath
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines.runtime import io, lease
 from pipelines.runtime.schemas import ERROR_CAUSES, PERMANENT, TRANSIENT
 from pipelines.runtime.stats import ChannelStats, merge_all
+
+logger = logging.getLogger(__name__)
 
 STATS_METADATA_KEY = b"latentray.latent_stats"
 REASONS_METADATA_KEY = b"latentray.error_counts"  # an errors part's rows per reason (and per code)
@@ -41,6 +58,17 @@ PART_NAME = re.compile(r"part-(\d+)-(\d+)-(\d+)-[0-9a-f]+\.parquet$")
 # error reasons counted by name in run.json; rarer ones beyond this many are counted together
 MAX_DISTINCT_REASONS = 1000
 OTHER_REASONS = "(other reasons)"
+INDEX_NAME = "_parts_index.parquet"  # "_": readers of the output's tables skip it
+INDEX_GROUP_PARTS = 256  # parts per group of the index: a part gone or rewritten costs reading its group again
+INDEX_SCHEMA = pa.schema([
+    # a group: its folder, its parts' file names, a digest of their names and versions (``_fingerprint``),
+    # their merged statistics and error counts (JSON: ``ChannelStats.to_dict()``, ``Counts``)
+    ("folder", pa.string()), ("names", pa.list_(pa.string())), ("fingerprint", pa.string()),
+    ("stats", pa.string()), ("counts", pa.string()),
+])
+COUNTED_ERROR_COLUMNS = ("reason", "code", "cause")  # an errors part's footer counts its rows per value of these
+
+Counts = dict[str, dict[str, int]]  # rows per value of each counted column: {"reason": {"bad prompt": 3}, ...}
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,79 @@ class PartSpan:
         return self.uri.rsplit("/", 1)[-1].startswith(TRANSIENT_PART_PREFIX)
 
 
+def add_counts(total: Counts, counts: Counts) -> Counts:
+    """Add ``counts`` into ``total`` (in place), whatever columns they count; beyond ``MAX_DISTINCT_REASONS``
+    values of a column the rest are counted under ``OTHER_REASONS``."""
+    for column, values in counts.items():
+        merged = total.setdefault(column, {})
+        for value, number in values.items():
+            if value not in merged and len(merged) >= MAX_DISTINCT_REASONS:
+                value = OTHER_REASONS
+            merged[value] = merged.get(value, 0) + number
+    return total
+
+
+@dataclass
+class PartGroup:
+    """Parts of one folder summarised together (a row of the parts index): their names, their merged
+    statistics (results parts) and error counts (errors parts)."""
+
+    folder: str  # the results folder ("manifest", "latents") or "errors"
+    names: list[str] = field(default_factory=list)  # the parts' file names
+    stats: ChannelStats | None = None
+    counts: Counts = field(default_factory=dict)
+    fingerprint: str | None = None  # of the names and versions summarised; None until checked against a listing
+
+    def add(self, name: str, stats: ChannelStats | None, counts: Counts) -> None:
+        self.names.append(name)
+        if stats is not None:
+            self.stats = stats if self.stats is None else self.stats.merge(stats)
+        add_counts(self.counts, counts)
+
+    @property
+    def full(self) -> bool:
+        return len(self.names) >= INDEX_GROUP_PARTS
+
+
+@dataclass
+class CommittedParts:
+    """What this run's commit tasks reported of the parts they wrote (``RunOutput.commit``), grouped as it
+    arrives: the driver keeps each part's name and one merged partial per group, not one per part."""
+
+    groups: list[PartGroup] = field(default_factory=list)
+    _open: dict[str, PartGroup] = field(default_factory=dict)  # the group each folder's next part joins
+
+    def add(self, records: Iterable[dict]) -> None:
+        for record in records:
+            group = self._open.get(record["folder"])
+            if group is None or group.full:
+                group = self._open[record["folder"]] = PartGroup(record["folder"])
+                self.groups.append(group)
+            stats = ChannelStats.from_dict(record["stats"]) if record.get("stats") else None
+            group.add(record["name"], stats, record.get("counts") or {})
+
+
+@dataclass(frozen=True)
+class OutputSummary:
+    """What an output holds over all its parts (``RunOutput.summarize``), and the parts index that says so."""
+
+    stats: ChannelStats | None  # exact statistics of every committed latent
+    counts: Counts  # error rows per value of each counted column
+    groups: list[PartGroup]  # the parts index: every listed part in exactly one group
+    footers_read: int  # parts neither the index nor this run's commits covered
+    index_changed: bool
+
+    def error_reasons(self, column: str = "reason") -> dict[str, int]:
+        """Error rows per value of ``column`` (the message; encoding also has a reason ``code``)."""
+        return dict(self.counts.get(column, {}))
+
+    def error_causes(self) -> dict[str, int]:
+        """Error rows per cause (``schemas.ERROR_CAUSES``); rows without one (older parts) are permanent."""
+        rows = sum(self.counts.get("reason", {}).values())
+        transient = self.counts.get("cause", {}).get(TRANSIENT, 0)
+        return {PERMANENT: rows - transient, TRANSIENT: transient}
+
+
 @dataclass
 class RunOutput:
     uri: str
@@ -112,7 +213,7 @@ class RunOutput:
     def _prepare(self, identity: dict, overwrite: bool) -> dict | None:
         previous = io.read_json(io.join(self.uri, "run.json"))
         if overwrite:
-            for name in (self.results_folder, ERRORS_FOLDER, "images", "run.json", "latent_stats.json"):
+            for name in (self.results_folder, ERRORS_FOLDER, "images", "run.json", "latent_stats.json", INDEX_NAME):
                 io.remove_tree(io.join(self.uri, name))
             return None
         if previous is not None and previous.get("status") == "running":
@@ -131,16 +232,24 @@ class RunOutput:
         """(results parts, errors parts) committed so far, from the listing."""
         return tuple([PartSpan.of(uri) for uri in _part_uris(folder)] for folder in (self.results_uri, self.errors_uri))
 
-    def commit(self, results: pa.Table | None, errors: pa.Table | None, stats: ChannelStats | None) -> None:
-        """Commit rows: errors first, results last (a results part marks its rows done)."""
+    def commit(self, results: pa.Table | None, errors: pa.Table | None, stats: ChannelStats | None) -> list[dict]:
+        """Commit rows: errors first, results last (a results part marks its rows done).
+
+        Returns what the driver keeps of each part written (``CommittedParts``): its folder, name,
+        statistics or error counts; a few hundred bytes, no rows.
+        """
+        records = []
         if errors is not None and len(errors):
-            write_errors_part(errors, self.errors_uri)
+            for uri, counts in write_errors_part(errors, self.errors_uri):
+                records.append({"folder": ERRORS_FOLDER, "name": posixpath.basename(uri), "counts": counts})
         if results is not None and len(results):
             if stats is not None:
                 metadata = dict(results.schema.metadata or {})
                 metadata[STATS_METADATA_KEY] = json.dumps(stats.to_dict()).encode()
                 results = results.replace_schema_metadata(metadata)
-            io.write_parquet_part(results, self.results_uri)
+            uri = io.write_parquet_part(results, self.results_uri)
+            records.append({"folder": self.results_folder, "name": posixpath.basename(uri), "stats": stats.to_dict() if stats else None})
+        return records
 
     def reopen_transient_errors(self) -> int:
         """Delete the errors parts of transient rows, before a run resumes: their rows are pending again
@@ -150,19 +259,14 @@ class RunOutput:
             io.remove_tree(span.uri)
         return sum(span.rows for span in reopened)
 
-    def error_causes(self) -> dict[str, int]:
-        """Error rows per cause (``schemas.ERROR_CAUSES``), from the listing alone."""
-        errors = self.spans()[1]
-        transient = sum(span.rows for span in errors if span.transient)
-        return {PERMANENT: sum(span.rows for span in errors) - transient, TRANSIENT: transient}
-
-    def transient_error_reasons(self) -> dict[str, int]:
+    def transient_error_reasons(self, summary: OutputSummary) -> dict[str, int]:
         """Transient error rows per reason, from the footers of their parts (few: storage that failed)."""
-        counts: dict[str, int] = {}
-        for span in self.spans()[1]:
-            for reason, number in (_part_reasons(span.uri, "reason").items() if span.transient else ()):
-                counts[reason] = counts.get(reason, 0) + number
-        return counts
+        uris = [io.join(self.uri, ERRORS_FOLDER, name) for group in summary.groups if group.folder == ERRORS_FOLDER
+                for name in group.names if name.startswith(TRANSIENT_PART_PREFIX)]
+        counts: Counts = {}
+        for uri, metadata in zip(uris, io.parquet_metadata_of_many(uris)):
+            add_counts(counts, _footer_counts(uri, metadata))
+        return dict(counts.get("reason", {}))
 
     def counts(self) -> tuple[int, int]:
         """(result rows, error rows) committed in the output so far, from the parts' names."""
@@ -170,37 +274,94 @@ class RunOutput:
         return sum(span.rows for span in results), sum(span.rows for span in errors)
 
     def latent_stats(self) -> ChannelStats | None:
-        """Exact statistics over every committed latent, merged from the parts' footers."""
-        partials = []
-        for part in _part_uris(self.results_uri):
-            metadata = io.parquet_metadata(part)
-            if STATS_METADATA_KEY in metadata:
-                partials.append(ChannelStats.from_dict(json.loads(metadata[STATS_METADATA_KEY])))
-        return merge_all(partials)
+        """Exact statistics over every committed latent (``summarize``)."""
+        return self.summarize().stats
 
     def error_reasons(self, column: str = "reason") -> dict[str, int]:
-        """Error rows per value of ``column`` (the message; encoding also has a reason ``code``).
+        """Error rows per value of ``column`` (``summarize``); beyond ``MAX_DISTINCT_REASONS`` distinct
+        values the rest are counted under ``OTHER_REASONS``."""
+        return self.summarize().error_reasons(column)
 
-        Read part by part (bounded memory at any size); beyond ``MAX_DISTINCT_REASONS``
-        distinct values the rest are counted under ``OTHER_REASONS``.
+    def summarize(self, committed: CommittedParts | None = None) -> OutputSummary:
+        """Statistics and error counts over every part the output lists, exact, and the parts index for them.
+
+        Each listed part is counted once, from the first of: a group of the saved index whose parts
+        are all listed with the versions it summarised; a group of this run's commits (``committed``)
+        whose parts are all listed and in no such group; its footer, read in parallel with the others'.
         """
-        counts: dict[str, int] = {}
-        for uri in _part_uris(self.errors_uri):
-            for value, number in _part_reasons(uri, column).items():
-                if value not in counts and len(counts) >= MAX_DISTINCT_REASONS:
-                    value = OTHER_REASONS
-                counts[value] = counts.get(value, 0) + number
-        return counts
+        # 1. the listing, each part with its version; then the groups that still hold
+        listed = {folder: {posixpath.basename(uri): version for uri, version in io.list_part_versions(io.join(self.uri, folder)).items()}
+                  for folder in (self.results_folder, ERRORS_FOLDER)}
+        saved = self._read_index()
+        kept: list[PartGroup] = []
+        covered: set[tuple[str, str]] = set()
+        for group in saved + (committed.groups if committed else []):
+            fingerprint = _listed_fingerprint(group, listed.get(group.folder, {}), covered)
+            if fingerprint is None or group.fingerprint not in (None, fingerprint):
+                continue  # a part gone, rewritten or counted already: its other parts are read below
+            group.fingerprint = fingerprint
+            kept.append(group)
+            covered.update((group.folder, name) for name in group.names)
+
+        # 2. the parts no group covers (a killed run's, parts rewritten by tasks): their footers, in parallel
+        uncovered = [(folder, name) for folder, names in listed.items() for name in names if (folder, name) not in covered]
+        read = self._read_parts(uncovered, listed)
+
+        # 3. the totals
+        groups = kept + read
+        stats = merge_all([group.stats for group in groups if group.stats is not None])
+        counts: Counts = {}
+        for group in groups:
+            add_counts(counts, group.counts)
+        unchanged = len(kept) == len(saved) and all(a is b for a, b in zip(kept, saved)) and not read
+        return OutputSummary(stats=stats, counts=counts, groups=groups, footers_read=len(uncovered), index_changed=not unchanged)
+
+    def save_index(self, summary: OutputSummary) -> None:
+        """Write the parts index of ``summary`` (whole: a reader sees the previous index or this one)."""
+        if not summary.index_changed:
+            return
+        rows = [{"folder": group.folder, "names": group.names, "fingerprint": group.fingerprint,
+                 "stats": json.dumps(group.stats.to_dict()) if group.stats is not None else None, "counts": json.dumps(group.counts)}
+                for group in summary.groups]
+        io.write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), io.join(self.uri, INDEX_NAME))
+
+    def _read_index(self) -> list[PartGroup]:
+        """The saved parts index; none when there is none. An index that does not parse is ignored (every
+        footer is read again); one that could not be read stops the run (``io.StorageError``)."""
+        uri = io.join(self.uri, INDEX_NAME)
+        data = io.read_bytes_if_any(uri)
+        if data is None:
+            return []
+        try:
+            rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+            return [PartGroup(row["folder"], list(row["names"]), ChannelStats.from_dict(json.loads(row["stats"])) if row["stats"] else None,
+                              json.loads(row["counts"]), row["fingerprint"]) for row in rows]
+        except (pa.ArrowException, ValueError, KeyError, TypeError) as error:
+            logger.warning("ignoring the parts index %s (%s): every part's footer is read", uri, error)
+            return []
+
+    def _read_parts(self, parts: list[tuple[str, str]], listed: dict[str, dict[str, str]]) -> list[PartGroup]:
+        """Groups of ``parts`` (folder, name), from their footers read in parallel."""
+        uris = [io.join(self.uri, folder, name) for folder, name in parts]
+        groups: list[PartGroup] = []
+        for (folder, name), uri, metadata in zip(parts, uris, io.parquet_metadata_of_many(uris)):
+            if not groups or groups[-1].folder != folder or groups[-1].full:
+                groups.append(PartGroup(folder))
+            stats = ChannelStats.from_dict(json.loads(metadata[STATS_METADATA_KEY])) if STATS_METADATA_KEY in metadata else None
+            groups[-1].add(name, stats, _footer_counts(uri, metadata) if folder == ERRORS_FOLDER else {})
+        for group in groups:
+            group.fingerprint = _fingerprint(group.names, [listed[group.folder][name] for name in group.names])
+        return groups
 
     def write_json(self, name: str, value: dict) -> None:
         io.write_json(io.join(self.uri, name), value)
 
 
-def write_errors_part(table: pa.Table, errors_uri: str) -> list[str]:
+def write_errors_part(table: pa.Table, errors_uri: str) -> list[tuple[str, Counts]]:
     """``errors/`` parts of ``table``'s rows: one of its permanent rows, one of its transient rows (named
-    apart, ``TRANSIENT_PART_PREFIX``); each with its rows per reason (and per code) in its footer:
-    ``error_reasons`` then reads footers, not 10 million reasons. Rows without a cause (a table
-    written before causes were recorded) are permanent."""
+    apart, ``TRANSIENT_PART_PREFIX``); each with its rows per reason, code and cause in its footer (the
+    end of a run reads footers, or the parts index, not 10 million reasons). Returns each part's URI
+    and counts. Rows without a cause (a table written before causes were recorded) are permanent."""
     if "cause" not in table.column_names:
         return [_write_errors(table, errors_uri, prefix="")]
     unknown = set(pc.unique(table.column("cause")).to_pylist()) - set(ERROR_CAUSES) - {None}
@@ -214,20 +375,40 @@ def write_errors_part(table: pa.Table, errors_uri: str) -> list[str]:
     return written
 
 
-def _write_errors(table: pa.Table, errors_uri: str, prefix: str) -> str:
-    counts = {column: _value_counts(table.column(column)) for column in ("reason", "code") if column in table.column_names}
+def _write_errors(table: pa.Table, errors_uri: str, prefix: str) -> tuple[str, Counts]:
+    counts = error_counts(table)
     metadata = {**(table.schema.metadata or {}), REASONS_METADATA_KEY: json.dumps(counts).encode()}
-    return io.write_parquet_part(table.replace_schema_metadata(metadata), errors_uri, prefix)
+    return io.write_parquet_part(table.replace_schema_metadata(metadata), errors_uri, prefix), counts
+
+
+def error_counts(table: pa.Table) -> Counts:
+    """An errors table's rows per value of each counted column it has."""
+    return {column: _value_counts(table.column(column)) for column in COUNTED_ERROR_COLUMNS if column in table.column_names}
 
 
 def _value_counts(column: pa.ChunkedArray | pa.Array) -> dict:
     return {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(column)}
 
 
-def _part_reasons(uri: str, column: str) -> dict:
-    """An errors part's rows per value of ``column``: from its footer, or its column (parts written before footers had them)."""
-    counts = json.loads(io.parquet_metadata(uri).get(REASONS_METADATA_KEY, b"{}"))
-    return counts[column] if column in counts else _value_counts(io.read_parquet_file(uri, [column]).column(column))
+def _footer_counts(uri: str, metadata: dict[bytes, bytes]) -> Counts:
+    """An errors part's counts: from its footer, or its columns (parts written before footers had them)."""
+    if REASONS_METADATA_KEY in metadata:
+        return json.loads(metadata[REASONS_METADATA_KEY])
+    return error_counts(io.read_parquet_file(uri))
+
+
+def _fingerprint(names: list[str], versions: list[str]) -> str:
+    return hashlib.sha1("\n".join(f"{name}\0{version}" for name, version in zip(names, versions)).encode()).hexdigest()
+
+
+def _listed_fingerprint(group: PartGroup, listed: dict[str, str], covered: set[tuple[str, str]]) -> str | None:
+    """The fingerprint of ``group``'s parts as listed now; None when one is not listed, is covered by
+    another group, or is named twice (each part is counted once)."""
+    if len(set(group.names)) != len(group.names):
+        return None
+    if any(name not in listed or (group.folder, name) in covered for name in group.names):
+        return None
+    return _fingerprint(group.names, [listed[name] for name in group.names])
 
 
 def _part_uris(folder: str) -> list[str]:
