@@ -7,7 +7,9 @@ Exit codes: 0 complete; 1 the counts do not add up; 2 a problem with the whole j
 input or options, an output another run is writing, no Ray); 3 the output (or input)
 could not be listed, read or written after the file system's retries, or the run ended
 incomplete with rows whose errors were transient (storage that failed for them): nothing
-committed was lost, rerun the same command (it retries exactly those rows).
+committed was lost, rerun the same command (it retries exactly those rows). A run
+stopped by SIGTERM (``ray job stop``, an Airflow task's timeout, ``kill``) gives its
+output's lease back as it ends and exits 143: the next run need not wait for it to expire.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from typing import TYPE_CHECKING, TextIO
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, TextIO
 
 from jobs import reaper
 from jobs.options import encode_config, generate_config
@@ -77,7 +82,8 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
     # raylet's messages ("a worker died ...") to the driver's sys.stdout while the job runs
     summary_stream, sys.stdout = sys.stdout, sys.stderr
     try:
-        return _plan_and_run(verb, plan_job, run_job, config_from_args, args, summary_keys, summary_stream)
+        with sigterm_ends_the_run():
+            return _plan_and_run(verb, plan_job, run_job, config_from_args, args, summary_keys, summary_stream)
     except Exception as error:
         storage = storage_error_in(error)
         if storage is None:
@@ -86,6 +92,26 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
     finally:
         sys.stdout = summary_stream
         lease.release_all()  # a plan that failed after taking the output's lease (a run gives it back itself)
+
+
+@contextmanager
+def sigterm_ends_the_run() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread, so the run's ``finally`` blocks run: the
+    output's lease is given back at once. Python's default for SIGTERM ends the process where it
+    stands, and the next run into the output (a resubmitted Ray job) was refused until the lease expired."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        print("latentray: stopped (SIGTERM); what was committed stays, rerun the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _plan_and_run(
