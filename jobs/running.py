@@ -97,21 +97,28 @@ def run_planned_job(verb: str, plan_job, run_job, config_from_args, args: argpar
 @contextmanager
 def sigterm_ends_the_run() -> Iterator[None]:
     """SIGTERM raises ``SystemExit(143)`` in the main thread, so the run's ``finally`` blocks run: the
-    output's lease is given back at once. Python's default for SIGTERM ends the process where it
-    stands, and the next run into the output (a resubmitted Ray job) was refused until the lease expired."""
+    output's lease is given back at once. Python's default ends the process where it stands, and the
+    next run into the output (a resubmitted Ray job) was refused until the lease expired.
+    ``ray.init`` installs Ray's own handler (it aborts the process): ``_handle_sigterm`` again after it."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
         yield
         return
-
-    def stop(signum: int, frame) -> None:
-        print("latentray: stopped (SIGTERM); what was committed stays, rerun the same command to resume", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.getsignal(signal.SIGTERM)
+    _handle_sigterm()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _handle_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
+
+
+def _stop(signum: int, frame) -> None:
+    print("latentray: stopped (SIGTERM); what was committed stays, rerun the same command to resume", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def _plan_and_run(
@@ -136,6 +143,7 @@ def _plan_and_run(
         return status
     if where == EMBEDDED:
         _started_embedded_ray.append(True)
+    _handle_sigterm()  # ray.init replaced ours
     print(f"latentray: {verb} {plan.input_rows} rows on {where} -> {plan.config.output}", file=sys.stderr)
     try:
         record = run_job(plan)

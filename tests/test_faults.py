@@ -256,6 +256,30 @@ def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp
         assert np.array_equal(image, clean_images[row_id]), row_id
 
 
+def test_a_run_stopped_by_sigterm_gives_its_lease_back_at_once_and_leaves_no_process(prompts, tmp_path):
+    """``ray job stop``, an Airflow timeout or ``kill`` send SIGTERM: the run ends with exit 143 and gives its
+    output's lease back, so the next run need not wait for it to expire; its local Ray goes with it."""
+    from pipelines.runtime import io, lease
+
+    output = str(tmp_path / "stopped")
+    job = start_job(job_command(prompts, output), LATENTRAY_LEASE_SECONDS="600")
+    try:
+        wait_for(lambda: images_written(output) > 0, job, timeout=120, what="a first image")
+        os.kill(job.pid, signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+        deadline = time.monotonic() + 20
+        while processes_of_session(job.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = processes_of_session(job.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 143, err[-3000:]
+    assert "latentray: stopped (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+    assert io.read_json(io.join(output, lease.LEASE_NAME)) is None  # given back, not left to expire in 600 s
+    assert not left, f"processes of the stopped run still running 20 s after it ended: {left}"
+
+
 # -- encode: the driver killed, then the rerun with its model actor killed ----------------------------
 
 ENCODE_ROWS = 800  # ~30 s of encoding at 256 px, well above the ~10 s of start-up
