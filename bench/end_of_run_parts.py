@@ -38,6 +38,7 @@ FOOTER_SAMPLE = 300
 
 @dataclass(kw_only=True)
 class PartsRun:
+    store: str  # "s3": the local moto server; "local": a local folder
     parts: int  # manifest parts
     errors_parts: int
     create_seconds: float
@@ -102,8 +103,9 @@ def write_parts(output, parts: int) -> tuple[list[list[dict]], float]:
         ok = {column: values[~failed] for column, values in rows.items()}
         errors = None
         if failed.any():
-            errors = pa.table({"id": list(rows["id"][failed]), "row": rows["row"][failed], "stage": ["write"] * int(failed.sum()),
-                               "reason": ["image write failed: 503 Slow Down"] * int(failed.sum())}, schema=ERRORS_SCHEMA)
+            errors = pa.table({"id": list(rows["id"][failed]), "row": rows["row"][failed], "stage": ["validate"] * int(failed.sum()),
+                               "reason": ["prompt is null"] * int(failed.sum()), "cause": ["permanent"] * int(failed.sum())},
+                              schema=ERRORS_SCHEMA)
         stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
         return output.commit(manifest_table(ok, "FlowMatchEulerDiscreteScheduler", False), errors, stats)
 
@@ -117,7 +119,7 @@ def generate_arguments(prompts: str, output: str) -> list[str]:
     return ["--model", "tiny", "--prompts", prompts, "--output", output, "--steps", "1", "--height", "16", "--width", "16"]
 
 
-def run_case(parts: int, work: str) -> PartsRun:
+def run_case(parts: int, work: str, store: str) -> PartsRun:
     from jobs.generate import build_parser
     from jobs.options import generate_config
     from pipelines.generation.generate import plan_generation
@@ -128,12 +130,12 @@ def run_case(parts: int, work: str) -> PartsRun:
     prompts = os.path.join(work, f"prompts-{parts}.parquet")
     pq.write_table(pa.table({"prompt": pa.array(np.full(parts * BLOCK_ROWS, "a red circle", dtype=object), pa.string())}), prompts,
                    row_group_size=1_000_000)
-    output_uri = f"s3://parts-bench/out-{parts}"
+    output_uri = f"s3://parts-bench/out-{parts}" if store == "s3" else os.path.join(work, f"out-{parts}")
     arguments = generate_arguments(prompts, output_uri)
     plan = plan_generation(generate_config(build_parser().parse_args(arguments)))
 
     # 2. the parts, as the run's commit tasks write them; their summaries reach the totals
-    print(f"parts: writing {parts:,} manifest parts to the local S3 server ...", file=sys.stderr, flush=True)
+    print(f"parts: writing {parts:,} manifest parts to {output_uri} ...", file=sys.stderr, flush=True)
     reports, create_seconds = write_parts(plan.output, parts)
     totals = job.RunTotals()
     for report in reports:
@@ -170,29 +172,31 @@ def run_case(parts: int, work: str) -> PartsRun:
         io.parquet_metadata(uri)
     footer_milliseconds = (time.perf_counter() - started) / len(sample) * 1000
     os.remove(prompts)
-    return PartsRun(parts=len(manifest), errors_parts=len(errors), create_seconds=create_seconds, listing_seconds=listing_seconds,
+    return PartsRun(store=store, parts=len(manifest), errors_parts=len(errors), create_seconds=create_seconds, listing_seconds=listing_seconds,
                     end_of_run_seconds=end_of_run_seconds, end_of_run_footers_read=footers_read, rerun_seconds=rerun_seconds,
                     rerun_exit_code=rerun.returncode, footer_milliseconds=footer_milliseconds)
 
 
-def run_parts_benchmark(counts: list[int], work_dir: str | None) -> list[PartsRun]:
-    server = start_moto()
+def run_parts_benchmark(counts: list[int], work_dir: str | None, store: str = "s3") -> list[PartsRun]:
+    """The cases on the local S3 server (``store="s3"``) or in a local folder (``"local"``)."""
+    server = start_moto() if store == "s3" else None
     try:
         with tempfile.TemporaryDirectory(prefix="latentray-parts-", dir=work_dir) as work:
-            return [run_case(parts, work) for parts in counts]
+            return [run_case(parts, work, store) for parts in counts]
     finally:
-        server.terminate()
-        server.wait()
+        if server is not None:
+            server.terminate()
+            server.wait()
 
 
 def print_parts_report(runs: list[PartsRun]) -> list[dict]:
     import common
 
-    print(f"\nend of run at many parts: local moto S3 server (own process), {os.cpu_count()} CPUs\n")
+    print(f"\nend of run at many parts: {os.cpu_count()} CPUs\n")
     print(common.format_columns(
-        ("manifest parts", "errors parts", "create (s)", "parts/s", "listing (s)", "end of run (s)", "rerun process (s)",
+        ("store", "manifest parts", "errors parts", "create (s)", "parts/s", "listing (s)", "end of run (s)", "rerun process (s)",
          "footer (ms)", "one by one (s)"),
-        [(f"{run.parts:,}", f"{run.errors_parts:,}", f"{run.create_seconds:.0f}", f"{run.parts / run.create_seconds:.0f}",
+        [(run.store, f"{run.parts:,}", f"{run.errors_parts:,}", f"{run.create_seconds:.0f}", f"{run.parts / run.create_seconds:.0f}",
           f"{run.listing_seconds:.1f}", f"{run.end_of_run_seconds:.1f}", f"{run.rerun_seconds:.1f}", f"{run.footer_milliseconds:.1f}",
           f"{run.one_by_one_seconds:.0f}") for run in runs],
     ))

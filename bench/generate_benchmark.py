@@ -374,6 +374,8 @@ def run_benchmark(settings: BenchmarkSettings, json_path: str | None) -> dict:
 class ProcessTiming:
     side: str
     seconds: dict[int, float]  # job size -> whole-process wall seconds
+    # latentray only, job size -> where the fastest run's time went (``start_up_breakdown``)
+    breakdown: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def per_image(self) -> float:
         (small, small_seconds), (large, large_seconds) = sorted(self.seconds.items())
@@ -393,6 +395,17 @@ def time_process(command: list[str]) -> float:
     if finished.returncode != 0:
         raise SystemExit(f"benchmark: {' '.join(command[:4])} ... failed:\n{finished.stderr[-3000:]}")
     return seconds
+
+
+def start_up_breakdown(process_seconds: float, output: str) -> dict[str, float]:
+    """Where a latentray process's time went, from its run.json: before the run (interpreter, imports, plan,
+    Ray start), in the run outside model compute (actors starting and loading the model, commits, waits),
+    and the stages' compute (summed over stages: in one fused actor they run one after the other)."""
+    with open(os.path.join(output, "run.json")) as record_file:
+        record = json.load(record_file)
+    compute = sum(record["stage_busy_seconds"].values())
+    return {"before_the_run": process_seconds - record["wall_seconds"], "run_outside_compute": record["wall_seconds"] - compute,
+            "stage_compute": compute}
 
 
 def run_whole_process_benchmark(settings: BenchmarkSettings, sizes: tuple[int, int], repeats: int, json_path: str | None) -> dict:
@@ -424,7 +437,10 @@ def run_whole_process_benchmark(settings: BenchmarkSettings, sizes: tuple[int, i
                 for side, command in commands.items():
                     print(f"timing {size} images: {side} (run {repeat + 1} of {repeats}) ...", file=sys.stderr, flush=True)
                     seconds = time_process(command)
-                    timings[side].seconds[size] = min(seconds, timings[side].seconds.get(size, seconds))
+                    if seconds <= timings[side].seconds.get(size, seconds):
+                        timings[side].seconds[size] = seconds
+                        if side == "latentray":
+                            timings[side].breakdown[size] = start_up_breakdown(seconds, command[command.index("--output") + 1])
     diffusers, latentray = timings["diffusers"], timings["latentray"]
     header = ("side", *[f"{size} images (s)" for size in sizes], "steady state s/image", "images/s", "start-up (s)")
     rows = [(
@@ -440,11 +456,14 @@ def run_whole_process_benchmark(settings: BenchmarkSettings, sizes: tuple[int, i
           f"({latentray.start_up() - diffusers.start_up():+.1f} s)")
     print("- each figure is a whole process as a user runs it: interpreter start, imports, model loading, Ray start "
           "and actors (latentray), generation, PNG writing; steady state = (T(large) - T(small)) / (large - small).")
+    for size, parts in sorted(latentray.breakdown.items()):
+        print(f"- latentray, {size} images: " + ", ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in parts.items()))
     report = {
         "settings": {**asdict(settings), "guidance": guidance, "sizes": list(sizes), "repeats": repeats},
         "machine": machine_dictionary(), "load_average": os.getloadavg(),
         "seconds": {timing.side: timing.seconds for timing in (diffusers, latentray)},
         "steady_state_ratio": ratio, "start_up_seconds": {timing.side: timing.start_up() for timing in (diffusers, latentray)},
+        "latentray_breakdown_seconds": latentray.breakdown,
     }
     write_json(report, json_path)
     return report

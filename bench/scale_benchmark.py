@@ -3,6 +3,7 @@
     python bench/scale_benchmark.py                                   # generate at 100k, 1M, 10M rows; encode at 100k and 1M
     python bench/scale_benchmark.py --rows 100000 1000000 --encode-rows 100000 --json scale.json
     python bench/scale_benchmark.py --rows --encode-rows --parts 10000 50000    # only the end of run at many parts
+    python bench/scale_benchmark.py --rows --encode-rows --parts 300000 --parts-store local    # the same in a local folder
 
 Rows need little model work, so the figures show what latentray itself costs per row: one
 row in ``--real-every`` is a real prompt (the tiny model draws it at 16x16 in 1 step) and
@@ -200,13 +201,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="one row in N is real work (a prompt, a PNG); the others go to errors/")
     parser.add_argument("--parts", type=common.positive_integer, nargs="*", default=[],
                         help="also time the end of a run and a finished rerun at N manifest parts on the local S3 server")
+    parser.add_argument("--parts-store", choices=("s3", "local"), default="s3",
+                        help="--parts: the local S3 server (moto), or a local folder under --work-dir (its listing takes "
+                             "seconds where moto's grows with the square of the objects: what is left is the driver's own work)")
     parser.add_argument("--work-dir", help="where inputs and outputs go (default: the system's temp folder)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     options = parser.parse_args(argv)
     runs = run_benchmark(options)
     report = print_report(runs, options) if runs else {}
     if options.parts:
-        report["parts"] = print_parts_report(run_parts_benchmark(options.parts, options.work_dir))
+        report["parts"] = print_parts_report(run_parts_benchmark(options.parts, options.work_dir, options.parts_store))
     common.write_json(report, options.json)
     return 0
 
