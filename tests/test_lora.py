@@ -196,3 +196,24 @@ def test_processor_applies_run_default_loras_to_rows_without_their_own(lora_run,
     assert list(results["default"]["lora_sha256"]) == list(manifest.loc["a", "lora_sha256"])
     assert list(results["none"]["lora"]) == [] and results["none"]["error"] is None
     assert "cannot read it" in results["missing"]["error"] and results["missing"]["image"] is None
+
+
+def test_a_rerun_after_a_lora_file_changed_is_refused_and_an_unchanged_one_has_nothing_to_do(lora_run, loras, tmp_path):
+    """A row's LoRA is its file's content: an output whose rows used other bytes under the same URI is not resumed."""
+    import shutil
+
+    from pipelines.generation.generate import plan_generation
+
+    output, record = lora_run
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    config = GenerateConfig(**{**record["config"], "output": str(copy)})
+    assert plan_generation(config).finished  # unchanged files: every row accounted for, no model loads
+    # the bytes of c as an earlier run saw them differ from the file now
+    run = json.loads((copy / "run.json").read_text())
+    for entry in run["loras"]:
+        if entry["uri"] == loras["c"]:
+            entry["sha256"] = "0" * 64
+    (copy / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"lora: .*c\.safetensors' changed since 1 rows .* --overwrite"):
+        plan_generation(config)

@@ -88,7 +88,7 @@ def build_generation_processor(config: GenerationOptions | None = None, **option
     model = describe_model(chosen.model)
     chosen = chosen.with_model_defaults(model)
     if chosen.uses_loras:  # a dataset's 'lora' column is checked when its rows reach the workers
-        check_lora_support(model.family)
+        check_lora_support(model.family, chosen.placement)
     # 2. stage settings name stages of the placement (their resources need the cluster: applied later)
     placement = resolve_placement(chosen.placement, cluster=None)
     overrides, _ = vae_micro_batch(chosen.stages, "vae_decoder", SHARES[placement])

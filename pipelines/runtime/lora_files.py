@@ -20,3 +20,25 @@ class LoraFiles:
         # 1. the node's copy (a local file is its own); 2. its digest, kept by path, size and mtime
         path = io.localize_file(uri, cache_root())
         return LoraFile(path=path, sha256=io.file_sha256(path, cache_root()))
+
+
+def check_loras_unchanged(used: list[dict], output_uri: str) -> None:
+    """A rerun into an output whose rows used a LoRA file that has changed since is refused (exit 2).
+
+    A row's LoRA is its file's content (the manifest's ``lora_sha256``), not its URI: rows from the
+    old bytes would stand beside rows from the new ones, under one URI. ``used``: the files the
+    output's rows were made with (run.json's ``loras``), hashed again here; one that is gone now is
+    left to its rows, which fail alone.
+    """
+    files = LoraFiles()
+    for entry in used:
+        try:
+            current = files(entry["uri"]).sha256
+        except Exception:
+            continue
+        if current != entry["sha256"]:
+            raise ValueError(
+                f"lora: {entry['uri']!r} changed since {entry['rows']} rows of {output_uri!r} were generated with it "
+                f"(sha256 {entry['sha256'][:12]}... then, {current[:12]}... now); rerun with --overwrite to regenerate "
+                "every row, or give the new file its own URI and another --output"
+            )

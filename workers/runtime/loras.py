@@ -45,10 +45,14 @@ class Adapter:
     components: frozenset[str]  # the pipeline's modules it has layers in (unet, text_encoder, ...)
 
 
-def check_lora_support(family: Any) -> None:
-    """A family whose diffusers pipeline cannot load LoRA weights refuses LoRA columns and --lora (exit 2)."""
+def check_lora_support(family: Any, placement: str) -> None:
+    """A family whose diffusers pipeline cannot load LoRA weights refuses LoRA columns and --lora (exit 2),
+    and so does split placement: its actors hold part of the pipeline, and diffusers' loaders need all of it."""
     import diffusers
 
+    if placement == "split":
+        raise ValueError("placement: per-row LoRA runs in fused placement (--placement fused or auto); split actors "
+                         "each hold part of the pipeline, which diffusers' LoRA loaders do not take")
     pipeline_class = getattr(diffusers, family.pipeline_class)
     if not hasattr(pipeline_class, "load_lora_weights"):
         raise ValueError(f"lora: {family.name} models ({family.pipeline_class}) cannot load LoRA weights in diffusers")
