@@ -217,3 +217,46 @@ def test_a_rerun_after_a_lora_file_changed_is_refused_and_an_unchanged_one_has_n
     (copy / "run.json").write_text(json.dumps(run))
     with pytest.raises(ValueError, match=r"lora: .*c\.safetensors' changed since 1 rows .* --overwrite"):
         plan_generation(config)
+
+
+# the pipeline classes' save_lora_weights name the denoiser's layers after it
+FAMILY_PRESETS = ["tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-flux2"]
+
+
+def save_denoiser_lora(preset: str, path: str, seed: int) -> str:
+    """A LoRA on the attention projections of a preset's U-Net or transformer, random non-zero weights."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from workers.runtime.presets import materialize_preset
+
+    pipe = DiffusionPipeline.from_pretrained(materialize_preset(preset), local_files_only=True)
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    torch.manual_seed(seed)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]), getattr(pipe, name))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, name)))
+    type(pipe).save_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), **{f"{name}_lora_layers": layers})
+    return path
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)  # a job per family: 5-13 s each
+def test_every_family_applies_a_lora_as_its_diffusers_pipeline(ray_session, tmp_path, preset):
+    from helpers import diffusers_reference
+    from workers.runtime.presets import materialize_preset
+
+    lora = save_denoiser_lora(preset, str(tmp_path / "lora.safetensors"), 7)
+    rows = [{"id": "lora", "prompt": "a red circle", "seed": 5, "lora": [lora], "lora_scale": [0.8]},
+            {"id": "base", "prompt": "a red circle", "seed": 5, "lora": [], "lora_scale": None}]
+    prompts = write_prompts(tmp_path / "prompts.parquet", rows)
+    record = run_generation(GenerateConfig(prompts=prompts, output=str(tmp_path / "out"), model=preset, steps=2, guidance=4.0,
+                                           height=SIZE, width=SIZE))
+    assert record["counts"]["ok_rows"] == 2, record["error_reasons"]
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest").set_index("id")
+    settings = {"negative_prompt": "", "num_inference_steps": 2, "guidance_scale": 4.0, "height": SIZE, "width": SIZE}
+    images = {row_id: read_image(tmp_path / "out" / manifest.loc[row_id, "image_path"]) for row_id in ("lora", "base")}
+    for row_id, loras in (("lora", [(lora, 0.8)]), ("base", None)):
+        row = next(row for row in rows if row["id"] == row_id)
+        assert_images_match(images[row_id], diffusers_reference(materialize_preset(preset), [{**row, **settings}], loras=loras)[0])
+    assert np.abs(images["lora"].astype(int) - images["base"]).max() > 0  # the LoRA changed the image
