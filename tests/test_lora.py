@@ -165,12 +165,30 @@ def test_manifest_records_each_rows_files_digests_and_weights_and_run_json_the_s
     assert used[loras["a"]]["scales"] == [0.5, 0.7, 1.0]
 
 
-def test_lora_scale_without_lora_stops_the_cli_before_any_model_loads(tmp_path, capsys):
+@pytest.mark.parametrize("options, message", [
+    (["--lora-scale", "0.5"], "lora_scale: given without lora"),
+    (["--lora", "/a.safetensors", "--lora", "/b.safetensors", "--lora-scale", "0.5"], "lora_scale: 1 values for 2 lora files"),
+    (["--lora", "/a.safetensors", "--placement", "split"], "placement: per-row LoRA runs in fused placement"),
+])
+def test_whole_job_lora_problems_stop_the_cli_before_any_model_loads(tmp_path, capsys, options, message):
     prompts = write_prompts(tmp_path / "prompts.parquet", [{"prompt": "a cat"}])
-    status = cli.main(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", "tiny", "--lora-scale", "0.5"])
+    status = cli.main(["generate", "--prompts", prompts, "--output", str(tmp_path / "out"), "--model", "tiny", *options])
     assert status == 2
-    assert "lora_scale: given without lora" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_ray_job_carries_the_lora_options_and_refuses_a_relative_file(tmp_path):
+    from jobs.submit import job_request_from_arguments
+
+    prompts = write_prompts(tmp_path / "prompts.parquet", [{"prompt": "a cat"}])
+    arguments = ["--prompts", prompts, "--output", str(tmp_path / "out"), "--model", "tiny"]
+    request = job_request_from_arguments("generate", [*arguments, "--lora", "s3://bucket/a.safetensors", "--lora-scale", "0.5"])
+    assert "--lora s3://bucket/a.safetensors --lora-scale 0.5" in request.entrypoint
+    other = job_request_from_arguments("generate", [*arguments, "--lora", "s3://bucket/a.safetensors", "--lora-scale", "0.6"])
+    assert other.fingerprint != request.fingerprint  # another weight is another job
+    with pytest.raises(ValueError, match="lora: 'a.safetensors' is a relative path"):
+        job_request_from_arguments("generate", [*arguments, "--lora", "a.safetensors"])
 
 
 def test_processor_applies_run_default_loras_to_rows_without_their_own(lora_run, loras, ray_session):
