@@ -191,29 +191,37 @@ def test_a_ray_job_carries_the_lora_options_and_refuses_a_relative_file(tmp_path
         job_request_from_arguments("generate", [*arguments, "--lora", "a.safetensors"])
 
 
-def test_processor_applies_run_default_loras_to_rows_without_their_own(lora_run, loras, ray_session):
-    """--lora / --lora-scale as the processor's options: a null 'lora' takes them, [] is the base model."""
+def test_processor_applies_run_default_loras_to_rows_without_their_own(lora_run, loras, ray_session, model_cache):
+    """--lora / --lora-scale as the processor's options: a null 'lora' takes them, [] is the base model; a file
+    on object storage (moto's S3) is copied once into the node's cache and applies as the local one."""
     import io as bytes_io
 
+    import boto3
     import ray.data
     from PIL import Image
 
     from pipelines import build_generation_processor
 
+    boto3.client("s3").create_bucket(Bucket="latentray-lora")
+    boto3.client("s3").upload_file(loras["a"], "latentray-lora", "loras/a.safetensors")
     output, _ = lora_run
     manifest = pd.read_parquet(output / "manifest").set_index("id")
     processor = build_generation_processor(model="tiny", steps=STEPS, height=SIZE, width=SIZE, lora=[loras["a"]], lora_scale=[0.7])
     rows = [{"id": "default", "prompt": "a red cat", "seed": 1, "lora": None},
             {"id": "none", "prompt": "a red cat", "seed": 1, "lora": []},
-            {"id": "missing", "prompt": "a red cat", "seed": 1, "lora": [loras["missing"]]}]
+            {"id": "missing", "prompt": "a red cat", "seed": 1, "lora": [loras["missing"]]},
+            {"id": "s3", "prompt": "a red cat", "seed": 5, "lora": ["s3://latentray-lora/loras/a.safetensors"]},
+            {"id": "s3-again", "prompt": "a blue dog", "seed": 5, "lora": ["s3://latentray-lora/loras/a.safetensors"]}]
     results = {row["id"]: row for row in processor(ray.data.from_items(rows, override_num_blocks=1)).take_all()}
-    for row_id, job_row in (("default", "a"), ("none", "base-after-a")):
+    for row_id, job_row in (("default", "a"), ("none", "base-after-a"), ("s3", "a-again")):
         image = np.asarray(Image.open(bytes_io.BytesIO(results[row_id]["image"])).convert("RGB"))
         assert_images_match(image, read_image(output / manifest.loc[job_row, "image_path"]))
     assert list(results["default"]["lora"]) == [loras["a"]] and list(results["default"]["lora_scale"]) == [0.7]
     assert list(results["default"]["lora_sha256"]) == list(manifest.loc["a", "lora_sha256"])
     assert list(results["none"]["lora"]) == [] and results["none"]["error"] is None
     assert "cannot read it" in results["missing"]["error"] and results["missing"]["image"] is None
+    assert list(results["s3"]["lora_sha256"]) == list(results["default"]["lora_sha256"]) and results["s3-again"]["error"] is None
+    assert [path.name for path in (model_cache / "files").rglob("*.safetensors")] == ["a.safetensors"]  # one copy on the node
 
 
 def test_a_rerun_after_a_lora_file_changed_is_refused_and_an_unchanged_one_has_nothing_to_do(lora_run, loras, tmp_path):
@@ -259,7 +267,8 @@ def save_denoiser_lora(preset: str, path: str, seed: int) -> str:
     return path
 
 
-@pytest.mark.parametrize("preset", FAMILY_PRESETS)  # a job per family: 5-13 s each
+@pytest.mark.slow  # a job per family: 6-13 s each alone, ~20 s on a loaded machine
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
 def test_every_family_applies_a_lora_as_its_diffusers_pipeline(ray_session, tmp_path, preset):
     from helpers import diffusers_reference
     from workers.runtime.presets import materialize_preset

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 LORA_CODE = "invalid_lora"  # the failure code of rows whose LoRA cannot be applied
+# what is active is unknown (an adapter was loaded or deleted since): the next ``activate`` sets it again
+STALE = ("stale",)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class LoraAdapters:
         self._files: dict[str, LoraFile] = {}  # URI -> its copy and digest, for the actor's life
         self._failed: dict[str, str] = {}  # URI -> why it cannot be applied
         self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # sha256 -> adapter, least recently used first
-        self._active: tuple | None = None  # (names, weights) set last; None: every adapter off
+        self._active: tuple | None = None  # (names, weights) set last; None: every adapter off (or none loaded yet)
 
     def adapters(self, uris: list[str]) -> list[Adapter]:
         """The adapters of ``uris``, loaded (evicting the least recently used beyond the limit), or a LoraError."""
@@ -130,7 +132,7 @@ class LoraAdapters:
     def _evict(self, keep: list[Adapter]) -> None:
         name = next(sha for sha, adapter in self._loaded.items() if adapter not in keep)
         self.pipe.delete_adapters([self._loaded.pop(name).name])
-        self._active = "changed"  # whatever was active may have lost an adapter: set it again next time
+        self._active = STALE  # whatever was active may have lost an adapter
 
     def _load(self, uri: str, file: LoraFile) -> Adapter:
         from safetensors.torch import load_file
@@ -161,7 +163,7 @@ class LoraAdapters:
             self._forget(name)
             raise LoraError(f"lora {uri!r}: its keys do not fit the model: {sum(components.values())} of its {weights} "
                             f"weights found a layer of this {type(self.pipe).__name__}")
-        self._active = "changed"  # loading may leave the new adapter active
+        self._active = STALE  # loading may leave the new adapter active
         return Adapter(name=name, sha256=file.sha256, components=frozenset(components))
 
     def _layer_counts(self, name: str) -> dict[str, int]:
@@ -176,7 +178,7 @@ class LoraAdapters:
         present = {adapter for adapters in self.pipe.get_list_adapters().values() for adapter in adapters}
         if name in present:
             self.pipe.delete_adapters([name])
-        self._active = "changed"
+        self._active = STALE
 
 
 def first_line(error: BaseException) -> str:
