@@ -636,3 +636,15 @@ def file_sha256(path: str, cache_dir: str | None = None) -> str:
     if cache_dir:
         _write_digest_cache(cache_dir, path, {"file": [status.st_size, status.st_mtime_ns, digest]})
     return digest
+
+
+def link_file(path: str, link: str) -> str:
+    """``link``, a symbolic link to the local file ``path`` (made once; replaced atomically when it points elsewhere)."""
+    if os.path.islink(link) and os.readlink(link) == os.path.abspath(path):
+        return link
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    staging = f"{link}.{os.getpid()}.link"
+    _remove_quietly(staging)
+    os.symlink(os.path.abspath(path), staging)
+    os.replace(staging, link)
+    return link

@@ -7,6 +7,7 @@ copy and the sha256 of its bytes (what names the adapter and what the manifest r
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pipelines.runtime import io
@@ -19,7 +20,11 @@ class LoraFiles:
     def __call__(self, uri: str) -> LoraFile:
         # 1. the node's copy (a local file is its own); 2. its digest, kept by path, size and mtime
         path = io.localize_file(uri, cache_root())
-        return LoraFile(path=path, sha256=io.file_sha256(path, cache_root()))
+        digest = io.file_sha256(path, cache_root())
+        # 3. under a *.safetensors name: diffusers reads other names with pickle (workers.runtime.loras)
+        if not path.endswith(".safetensors"):
+            path = io.link_file(path, os.path.join(cache_root(), "files", "by-sha256", f"{digest}.safetensors"))
+        return LoraFile(path=path, sha256=digest)
 
 
 def check_loras_unchanged(used: list[dict], output_uri: str) -> None:

@@ -135,24 +135,30 @@ class LoraAdapters:
         self._active = STALE  # whatever was active may have lost an adapter
 
     def _load(self, uri: str, file: LoraFile) -> Adapter:
-        from safetensors.torch import load_file
+        import os
+
+        from safetensors import safe_open
 
         # a split actor holds part of the pipeline, and diffusers' loaders need every module a file may touch
         missing = [name for name in getattr(self.pipe, "_lora_loadable_modules", ()) if getattr(self.pipe, name, None) is None]
         if missing:
             raise LoraError(f"lora {uri!r}: per-row LoRA runs in fused placement (this actor has no {', '.join(missing)})")
-
-        # 1. safetensors only: a pickled file is never unpickled
+        # 1. safetensors only: its header is read here, and diffusers reads a *.safetensors name with
+        # pickle refused, so a pickled file is never unpickled
         try:
-            state_dict = load_file(file.path)
+            if not file.path.endswith(".safetensors"):
+                raise ValueError(f"the local copy {file.path!r} is not named *.safetensors")
+            with safe_open(file.path, "pt") as handle:
+                weights = sum(1 for key in handle.keys() if key.endswith(".weight"))
         except Exception as error:
-            raise LoraError(f"lora {uri!r}: not a safetensors file ({type(error).__name__}: {error}); "
+            raise LoraError(f"lora {uri!r}: not a safetensors file ({type(error).__name__}: {first_line(error)}); "
                             "pickled weights are refused: loading them can run code") from error
-        # 2. into the pipeline's modules, under a name from its content
+        # 2. into the pipeline's modules, under a name from its content; from the file, not a state dict,
+        # so that diffusers reads the adapter's metadata (lora_alpha) from its header as it does for a user
         name = f"lora_{file.sha256[:16]}"
-        weights = sum(1 for key in state_dict if key.endswith(".weight"))
         try:
-            self.pipe.load_lora_weights(state_dict, adapter_name=name)
+            self.pipe.load_lora_weights(os.path.dirname(file.path), weight_name=os.path.basename(file.path), adapter_name=name,
+                                        use_safetensors=True, local_files_only=True)
         except Exception as error:
             self._forget(name)
             raise LoraError(f"lora {uri!r}: its keys do not fit the model: {type(error).__name__}: {first_line(error)}") from error
