@@ -20,7 +20,7 @@ from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults,
 from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
-from pipelines.runtime.lora_files import LoraFiles, check_loras_unchanged
+from pipelines.runtime.lora_files import LoraFiles, check_loras_unchanged, loras_used, previous_loras
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import OutputSummary, RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
@@ -213,30 +213,6 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         resume=ResumePlan(pending=[PendingFragment(fragment, ()) for fragment in fragments], committed_rows=0) if by_id else resume,
         by_id=by_id, loras=loras,
     )
-
-
-def previous_loras(output: RunOutput) -> list[dict]:
-    """The LoRA files earlier runs used: run.json's list, or the manifest's when a killed run left none."""
-    previous = io.read_json(io.join(output.uri, "run.json"))
-    if previous is None:
-        return []
-    return previous["loras"] if previous.get("loras") is not None else loras_used(output)
-
-
-def loras_used(output: RunOutput) -> list[dict]:
-    """The LoRA files the output's rows were generated with (earlier runs' included): each URI and
-    content once, with its rows and the weights they used, from the manifest's LoRA columns."""
-    used: dict[tuple[str, str], dict] = {}
-    for part in io.list_parts(output.results_uri):
-        if "lora_sha256" not in io.parquet_schema(part).names:  # a part of a run without LoRA
-            continue
-        table = io.read_parquet_file(part, ["lora", "lora_sha256", "lora_scale"])
-        for uris, digests, scales in zip(*(table.column(name).to_pylist() for name in table.column_names)):
-            for uri, digest, scale in zip(uris, digests, scales):
-                entry = used.setdefault((uri, digest), {"uri": uri, "sha256": digest, "rows": 0, "scales": set()})
-                entry["rows"] += 1
-                entry["scales"].add(scale)
-    return [{**entry, "scales": sorted(entry["scales"])} for _, entry in sorted(used.items())]
 
 
 def run_generation(config: GenerateConfig | GenerationPlan) -> dict:

@@ -1,4 +1,5 @@
-"""Where a row's LoRA files come from: any fsspec URI, copied once per node into the model cache.
+"""Where a row's LoRA files come from (any fsspec URI, copied once per node into the model cache), and
+what an output records of them (``run.json`` ``loras``, from the manifest's LoRA columns).
 
 Workers receive a ``LoraFiles``: called on the actor's node with a URI, it yields the local
 copy and the sha256 of its bytes (what names the adapter and what the manifest records), as
@@ -11,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from pipelines.runtime import io
+from pipelines.runtime.outputs import RunOutput
 from workers.runtime.loras import LoraFile
 from workers.runtime.presets import cache_root
 
@@ -47,3 +49,27 @@ def check_loras_unchanged(used: list[dict], output_uri: str) -> None:
                 f"(sha256 {entry['sha256'][:12]}... then, {current[:12]}... now); rerun with --overwrite to regenerate "
                 "every row, or give the new file its own URI and another --output"
             )
+
+
+def previous_loras(output: RunOutput) -> list[dict]:
+    """The LoRA files earlier runs used: run.json's list, or the manifest's when a killed run left none."""
+    previous = io.read_json(io.join(output.uri, "run.json"))
+    if previous is None:
+        return []
+    return previous["loras"] if previous.get("loras") is not None else loras_used(output)
+
+
+def loras_used(output: RunOutput) -> list[dict]:
+    """The LoRA files the output's rows were generated with (earlier runs' included): each URI and
+    content once, with its rows and the weights they used, from the manifest's LoRA columns."""
+    used: dict[tuple[str, str], dict] = {}
+    for part in io.list_parts(output.results_uri):
+        if "lora_sha256" not in io.parquet_schema(part).names:  # a part of a run without LoRA
+            continue
+        table = io.read_parquet_file(part, ["lora", "lora_sha256", "lora_scale"])
+        for uris, digests, scales in zip(*(table.column(name).to_pylist() for name in table.column_names)):
+            for uri, digest, scale in zip(uris, digests, scales):
+                entry = used.setdefault((uri, digest), {"uri": uri, "sha256": digest, "rows": 0, "scales": set()})
+                entry["rows"] += 1
+                entry["scales"].add(scale)
+    return [{**entry, "scales": sorted(entry["scales"])} for _, entry in sorted(used.items())]

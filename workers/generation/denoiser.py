@@ -132,4 +132,3 @@ class DenoiserWorker(ModelWorker):
 
         # 4. latents leave unpacked, [C, H/f, W/f], scaled as the denoiser sees them
         return self.family.unpack_latents(self.pipe, latents, height, width).float().cpu().numpy()
-
