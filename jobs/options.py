@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.runtime.config import (
-    CROPS, DEFAULT_MAX_IMAGE_PIXELS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
+    CROPS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_LORAS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
 )
 from workers.runtime.presets import PRESETS
 from workers.runtime.schedulers import SCHEDULERS
@@ -70,6 +70,13 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
                         help="diffusers' attention backend for the denoiser (FLUX.1, FLUX.2, Z-Image, Qwen-Image): e.g. "
                              "_native_cudnn, _native_flash, flash (flash-attn installed), sage (sageattention installed); "
                              "backends that download kernels (*_hub) are refused (default: diffusers' native)")
+    parser.add_argument("--lora", action="append", default=[], metavar="URI",
+                        help="LoRA .safetensors file (any fsspec URI) for rows whose 'lora' column is null (or absent); "
+                             "repeatable: several files apply together")
+    parser.add_argument("--lora-scale", action="append", type=float, default=[], metavar="WEIGHT",
+                        help="weight of each --lora, in their order (default: 1 each)")
+    parser.add_argument("--max-loras-per-actor", type=int, default=DEFAULT_MAX_LORAS, metavar="N",
+                        help=f"LoRA adapters an actor keeps loaded; beyond, the least recently used is dropped (default: {DEFAULT_MAX_LORAS})")
     add_stage_options(parser)
     add_ray_options(parser)
 
@@ -143,4 +150,5 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         save_latents=args.save_latents, placement=args.placement, overwrite=args.overwrite,
         max_image_size=args.max_image_size, dtype=args.dtype, stages=stage_overrides(args.stage), **text_cache_fields(args),
         compile=args.compile, attention_backend=args.attention_backend,
+        lora=args.lora, lora_scale=args.lora_scale, max_loras_per_actor=args.max_loras_per_actor,
     )

@@ -117,6 +117,8 @@ def job_request(kind_name: str, args: argparse.Namespace, input_state: str | Non
     input_uri = getattr(args, kind.input_option)
     for name in (kind.input_option, "output"):
         check_cluster_path(name, getattr(args, name))
+    for uri in getattr(args, "lora", None) or []:  # LoRA files are read on the cluster's nodes too
+        check_cluster_path("lora", uri)
     # 2. what the job produces, and from which state of its input (one listing, no file read)
     identity = {"kind": kind.name, "input": input_uri, "output": config.output, "model": config.model, **config.output_identity()}
     configuration = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -34,10 +34,12 @@ def export_variant(preset: str, directory, **pipeline_config) -> str:
 
 
 def diffusers_reference(
-    model_dir: str, rows: list[dict], scheduler: str | None = None, load_options: dict | None = None, **call_options,
+    model_dir: str, rows: list[dict], scheduler: str | None = None, load_options: dict | None = None,
+    loras: list[tuple[str, float]] | None = None, **call_options,
 ) -> list[np.ndarray]:
     """What the model family's own diffusers pipeline draws for each row, one row at a time.
 
+    ``loras``: (file, weight) pairs applied to every row, as diffusers' ``load_lora_weights`` and ``set_adapters``.
     A row's "" negative prompt is diffusers' ``negative_prompt=None``; ``call_options``
     (and SDXL's per-row micro-conditioning) go to the pipeline's ``__call__`` as they are
     (Qwen-Image: its own default true_cfg_scale of 4 unless they say otherwise).
@@ -52,6 +54,10 @@ def diffusers_reference(
 
     pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, **(load_options or {}))
     pipe.set_progress_bar_config(disable=True)
+    for index, (path, _) in enumerate(loras or []):  # LoRA files: load_lora_weights, then set_adapters with their weights
+        pipe.load_lora_weights(path, adapter_name=f"lora{index}")
+    if loras:
+        pipe.set_adapters([f"lora{index}" for index in range(len(loras))], adapter_weights=[scale for _, scale in loras])
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
     # Qwen-Image reads guidance_scale only with a guidance embedding (its CFG is true_cfg_scale)

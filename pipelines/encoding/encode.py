@@ -148,6 +148,9 @@ class EncodingPlan:
     def record_fields(self) -> dict:
         return {"run": self.run}
 
+    def final_fields(self) -> dict:
+        return {}
+
     def final_counts(self, totals: RunTotals | None) -> dict:
         # one copy per row: rows this run wrote again supersede their older copies
         return settle(self.output, self.fragments, self.id_column, self.run)

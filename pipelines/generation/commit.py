@@ -19,10 +19,12 @@ from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.schemas import ERRORS_SCHEMA, manifest_schema
 from pipelines.runtime.stats import stats_of_rows
 from workers.runtime.columns import pop_counts
+from workers.runtime.loras import json_lists
 
 
 def commit_generated(
     batch: dict[str, np.ndarray], *, output: RunOutput, image_format: str, quality: int, scheduler: str, save_latents: bool,
+    loras: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a block of generated rows -> images, one manifest part, one errors part -> a summary row."""
     busy, counts = pop_busy_seconds(batch), pop_counts(batch)
@@ -34,7 +36,7 @@ def commit_generated(
     ok = {column: values[~failed] for column, values in batch.items()}
     results, stats = None, None
     if len(ok["id"]):
-        results = manifest_table(ok, scheduler, save_latents)
+        results = manifest_table(ok, scheduler, save_latents, loras)
         stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
     parts = output.commit(results, errors_table(batch, failed), stats)
     return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, counts=counts, parts=parts)
@@ -50,7 +52,7 @@ def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table |
     }, schema=ERRORS_SCHEMA)
 
 
-def manifest_table(rows: dict[str, np.ndarray], scheduler: str, save_latents: bool) -> pa.Table:
+def manifest_table(rows: dict[str, np.ndarray], scheduler: str, save_latents: bool, loras: bool = False) -> pa.Table:
     count = len(rows["id"])
     columns = {
         "id": [str(v) for v in rows["id"]], "row": rows["row"].astype(np.int64), "prompt": list(rows["prompt"]),
@@ -63,5 +65,8 @@ def manifest_table(rows: dict[str, np.ndarray], scheduler: str, save_latents: bo
     if save_latents:
         columns["latent"] = [np.asarray(latent, np.float32).ravel() for latent in rows["latents"]]
         columns["latent_shape"] = [list(np.shape(latent)) for latent in rows["latents"]]
-    schema = manifest_schema(save_latents)
+    if loras:  # each row's files, their content and weights, in the row's order
+        for column in ("lora", "lora_sha256", "lora_scale"):
+            columns[column] = json_lists(rows[column])
+    schema = manifest_schema(save_latents, loras)
     return pa.Table.from_arrays([pa.array(columns[field.name], field.type) for field in schema], schema=schema)

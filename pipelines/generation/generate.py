@@ -16,10 +16,11 @@ import ray
 import ray.data
 
 from pipelines.generation.commit import commit_generated
-from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts
+from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts, uses_loras
 from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
+from pipelines.runtime.lora_files import LoraFiles, check_loras_unchanged, loras_used, previous_loras
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.outputs import OutputSummary, RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
@@ -35,6 +36,7 @@ from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
+from workers.runtime.loras import check_lora_support
 from workers.runtime.schedulers import scheduler_label
 from workers.runtime.speed import DEFAULT_COMPILE_BACKEND, check_attention_device
 
@@ -79,6 +81,8 @@ def build_model_stages(config: GenerationOptions, model: ModelDescription, place
             kwargs["attention_backend"] = config.attention_backend
         if worker in (VaeDecoderWorker, FusedGenerationWorker):
             kwargs["vae_batch_size"] = vae_batch
+        if worker in (TextEncoderWorker, DenoiserWorker, FusedGenerationWorker):
+            kwargs.update(lora_files=LoraFiles(), max_loras=config.max_loras_per_actor)
         stages.append(Stage(name=name, worker=worker, options=options[name], family=model.family, constructor_kwargs=kwargs))
     resolve_stages(stages, model.family, config.dtype)
     for stage in stages:
@@ -107,6 +111,7 @@ class GenerationPlan:
     # an input with ids that the listing does not show unchanged and wholly done: rows matched by id (``before_run``)
     by_id: bool = False
     ids: IdLookup | None = None
+    loras: bool = False  # rows carry LoRA files: the manifest records them, run.json the set used
 
     @property
     def input_rows(self) -> int:
@@ -151,6 +156,9 @@ class GenerationPlan:
     def record_fields(self) -> dict:
         return {"input_files": self.input_files}
 
+    def final_fields(self) -> dict:
+        return {"loras": loras_used(self.output)} if self.loras else {}
+
     def final_counts(self, totals: RunTotals | None) -> dict:
         ok_rows, error_rows = self.output.counts()
         return {"input_rows": self.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
@@ -173,12 +181,19 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     check_prompt_schema(schema, config.prompts)
     model = describe_model(config.model)
     config = config.with_model_defaults(model)
+    loras = uses_loras(schema.names, prompt_defaults(config, model))
+    if loras:
+        check_lora_support(model.family, config.placement)
     output = RunOutput(config.output, "manifest")
     identity = {
         **config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint,
         "family": model.family.name,
     }
+    if loras:  # the manifest has LoRA columns: an output without them takes no such rows (one schema per output)
+        identity["lora_columns"] = True
     carry_precision(identity, output.uri, config.overwrite)
+    if loras and not config.overwrite:  # a row's LoRA is its file's content: a changed file is refused
+        check_loras_unchanged(previous_loras(output), output.uri)
     previous = output.prepare(identity, config.overwrite)
     # 2. what earlier runs committed, from the output's listing. An input with ids may be rewritten,
     # reordered or grown in place: its rows are matched by id, by tasks, once Ray is connected
@@ -196,7 +211,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         config=config, model=model, output=output, identity=identity, fragments=fragments, input_files=input_files,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
         resume=ResumePlan(pending=[PendingFragment(fragment, ()) for fragment in fragments], committed_rows=0) if by_id else resume,
-        by_id=by_id,
+        by_id=by_id, loras=loras,
     )
 
 
@@ -210,6 +225,7 @@ def prompt_defaults(config: GenerationOptions, model: ModelDescription) -> Promp
         negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
         height=config.height or model.shape.default_height, width=config.width or model.shape.default_width,
         seed=config.seed, max_image_size=config.max_image_size, size_multiple=model.shape.size_multiple,
+        lora=tuple(config.lora), lora_scale=tuple(config.lora_scale), max_loras=config.max_loras_per_actor,
     )
 
 
@@ -219,7 +235,7 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
     return generated_rows(plan, stages, block_rows).map_batches(
         commit_generated, batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"output": plan.output, "image_format": config.image_format, "quality": config.image_quality,
-                   "scheduler": plan.scheduler_label, "save_latents": config.save_latents},
+                   "scheduler": plan.scheduler_label, "save_latents": config.save_latents, "loras": plan.loras},
     )
 
 

@@ -24,7 +24,8 @@ from pipelines.runtime.config import GenerationOptions, options_from
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.placement import TASK_CPUS, check_stage_names, vae_micro_batch
 from pipelines.runtime.row_ids import position_id
-from pipelines.runtime.schemas import LATENT_FIELDS, MANIFEST_FIELDS
+from pipelines.runtime.schemas import LATENT_FIELDS, LORA_FIELDS, MANIFEST_FIELDS
+from workers.runtime.loras import check_lora_support, json_lists
 from workers.runtime.columns import BUSY_COLUMN_PREFIX, COUNT_COLUMN_PREFIX, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
 
 if TYPE_CHECKING:  # ray and PIL load when a processor is applied, not when ``pipelines`` is imported
@@ -86,6 +87,8 @@ def build_generation_processor(config: GenerationOptions | None = None, **option
     chosen = options_from(GenerationOptions, config, options)
     model = describe_model(chosen.model)
     chosen = chosen.with_model_defaults(model)
+    if chosen.uses_loras:  # a dataset's 'lora' column is checked when its rows reach the workers
+        check_lora_support(model.family, chosen.placement)
     # 2. stage settings name stages of the placement (their resources need the cluster: applied later)
     placement = resolve_placement(chosen.placement, cluster=None)
     overrides, _ = vae_micro_batch(chosen.stages, "vae_decoder", SHARES[placement])
@@ -108,6 +111,10 @@ def finish_generated_rows(batch: dict[str, np.ndarray], *, image_format: str, qu
         "latent_std": [None if fail else values for values, fail in zip(batch["latent_std"].astype(np.float32), failed)],
     }
     types = dict(GENERATED_COLUMNS)
+    if "lora" in batch:  # LoRA files, their content and weights, typed as the manifest's (a block may have none)
+        for field in LORA_FIELDS:
+            added[field.name] = json_lists(batch.pop(field.name))
+            types[field.name] = field.type
     if save_latents:  # flattened float32 and its shape, as the manifest stores them
         added["latent"] = [None if fail else np.asarray(latent, np.float32).ravel() for latent, fail in zip(batch["latents"], failed)]
         added["latent_shape"] = [None if fail else list(np.shape(latent)) for latent, fail in zip(batch["latents"], failed)]

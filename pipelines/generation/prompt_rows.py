@@ -8,6 +8,7 @@ so that the job's commit writes it to ``errors/`` and the processor returns it w
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
-from pipelines.runtime.schemas import PAIR_COLUMNS, check_prompt_schema
+from pipelines.runtime.schemas import LORA_COLUMNS, PAIR_COLUMNS, check_prompt_schema
 from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
 
 
@@ -43,6 +44,9 @@ class PromptDefaults:
     seed: int
     max_image_size: int
     size_multiple: int  # the VAE's downsampling factor
+    lora: tuple[str, ...] = ()  # the files and weights of rows whose 'lora' is null
+    lora_scale: tuple[float, ...] = ()  # empty: 1 per file
+    max_loras: int = 8  # files a row may name (what one actor keeps loaded)
 
     def placeholder(self) -> dict:
         """The settings a bad row carries to the model stages, which skip it: valid values, never used."""
@@ -95,10 +99,49 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
             return None, f"{column} must be two integers >= 0, got {list(value)}"
         else:
             pairs[column] = [int(number) for number in value]
+    loras, reason = resolve_loras(row, defaults)
+    if reason:
+        return None, reason
     return {
         "negative_prompt": str(setting("negative_prompt", defaults.negative_prompt)),
-        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs,
+        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs, **loras,
     }, None
+
+
+def uses_loras(columns, defaults: PromptDefaults) -> bool:
+    """Whether rows carry LoRA columns: the table has one, or the run names default files."""
+    return bool(defaults.lora) or any(column in columns for column in LORA_COLUMNS)
+
+
+def resolve_loras(row: dict, defaults: PromptDefaults) -> tuple[dict, str | None]:
+    """({"lora": [URI, ...], "lora_scale": [weight, ...]}, None), or ({}, reason). A null 'lora' is the
+    run's --lora (with --lora-scale); '' or [] is none. One number weighs every file, as diffusers' set_adapters."""
+    value, scale = row.get("lora"), row.get("lora_scale")
+    scale_missing = scale is None or (not hasattr(scale, "__len__") and _missing(scale))
+    if value is None:
+        uris = list(defaults.lora)
+        scale = list(defaults.lora_scale) if scale_missing and defaults.lora_scale else scale
+    else:
+        uris = ([value] if value else []) if isinstance(value, str) else list(value)
+    if any(not isinstance(uri, str) or not uri.strip() for uri in uris):
+        return {}, f"lora must hold non-empty URIs, got {uris}"
+    if len(set(uris)) != len(uris):
+        return {}, f"lora names a file twice: {uris}"
+    if len(uris) > defaults.max_loras:
+        return {}, f"lora names {len(uris)} files, above --max-loras-per-actor {defaults.max_loras}"
+    if scale is None or (not hasattr(scale, "__len__") and _missing(scale)):
+        scales = [1.0] * len(uris)
+    elif not uris:
+        return {}, f"lora_scale is {scale!r} but the row has no lora"
+    elif hasattr(scale, "__len__"):
+        scales = list(scale)
+        if len(scales) != len(uris):
+            return {}, f"lora_scale has {len(scales)} values for {len(uris)} lora files"
+    else:
+        scales = [scale] * len(uris)
+    if any(number is None or not math.isfinite(float(number)) for number in scales):
+        return {}, f"lora_scale must be finite numbers, got {list(scales)}"
+    return {"lora": uris, "lora_scale": [float(number) for number in scales]}, None
 
 
 def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: RepeatedIds | None = None) -> pa.Table:
@@ -116,7 +159,8 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
     first_rows = repeated.first_of(table.column("row").to_numpy()) if repeated is not None else np.full(table.num_rows, -1)
 
     # 2. each row's settings, or why it has none
-    read = [column for column in ("prompt", *SETTING_TYPES, *PAIR_COLUMNS) if column in table.column_names]
+    read = [column for column in ("prompt", *SETTING_TYPES, *PAIR_COLUMNS, *LORA_COLUMNS) if column in table.column_names]
+    loras = uses_loras(table.column_names, defaults)
     settings, reasons = [], []
     for row, row_id, first_row in zip(table.select(read).to_pylist(), ids, first_rows):
         resolved, reason = resolve_row({**row, "id": row_id}, defaults)
@@ -124,13 +168,18 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
             resolved, reason = None, "id is null"
         elif first_row >= 0:
             resolved, reason = None, f"id {row_id!r} repeats the id of input row {first_row}"
-        settings.append(resolved or {**defaults.placeholder(), **{column: None for column in PAIR_COLUMNS if column in row}})
+        settings.append(resolved or {**defaults.placeholder(), **{column: None for column in PAIR_COLUMNS if column in row},
+                                     "lora": [], "lora_scale": []})
         reasons.append(reason or "")
 
     # 3. the settings and failures as columns beside the input's own (a job's ids as strings)
     columns = {column: pa.array([row[column] for row in settings], kind) for column, kind in SETTING_TYPES.items()}
     columns.update({column: pa.array([row[column] for row in settings], pa.list_(pa.int64()))
                     for column in PAIR_COLUMNS if column in table.column_names})
+    if loras:  # each row's files and weights, resolved ([] for none; a failed row's are never used), as JSON
+        # lists: Ray Data's numpy batches cannot hand lists of strings back to Arrow
+        for column in LORA_COLUMNS:
+            columns[column] = pa.array([json.dumps(row.get(column, [])) for row in settings], pa.string())
     if repeated is not None:
         columns["id"] = pa.array([row_id if row_id is not None else position_id(row) for row_id, row in zip(ids, table.column("row").to_pylist())], pa.string())
     failed = [bool(reason) for reason in reasons]

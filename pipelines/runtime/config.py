@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 PLACEMENTS = ("auto", "fused", "split")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_MAX_LORAS = 8  # LoRA adapters an actor keeps loaded (the least recently used goes first)
 
 
 @dataclass(kw_only=True)
@@ -98,6 +99,11 @@ class GenerationOptions:
     # opt-in speed for the denoiser (``workers.runtime.speed``); like batch sizes, not part of the output's identity
     compile: bool = False  # regional torch.compile of its repeated blocks
     attention_backend: str | None = None  # diffusers' attention backend (flash, sage, _native_cudnn, ...); None: diffusers' default
+    # per-row LoRA: the files (URIs) and weights of rows whose 'lora' is null; each actor keeps at
+    # most max_loras_per_actor adapters loaded (like batch sizes, not part of the output's identity)
+    lora: list[str] = field(default_factory=list)
+    lora_scale: list[float] = field(default_factory=list)  # empty: 1 per file; else one per file
+    max_loras_per_actor: int = DEFAULT_MAX_LORAS
 
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
@@ -131,6 +137,11 @@ class GenerationOptions:
         if self.attention_backend is not None and (not isinstance(self.attention_backend, str) or not self.attention_backend.strip()):
             raise ValueError(f"attention_backend: must be a backend name, got {self.attention_backend!r}")
         self.stages = stage_options_of(self.stages)
+        self.lora, self.lora_scale = check_lora_fields(self.lora, self.lora_scale, self.max_loras_per_actor)
+
+    @property
+    def uses_loras(self) -> bool:
+        return bool(self.lora)
 
     def with_model_defaults(self, model) -> "GenerationOptions":
         """These options with what they leave to the model filled in, and the family's checks passed.
@@ -187,7 +198,35 @@ class GenerateConfig(GenerationOptions):
     )
 
     def output_identity(self) -> dict:
-        return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        identity = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        if self.lora:  # only then: outputs of runs without LoRA keep the identity they had
+            identity.update(lora=self.lora, lora_scale=self.lora_scale)
+        return identity
+
+
+def check_lora_fields(lora, lora_scale, max_loras: int) -> tuple[list[str], list[float]]:
+    """``lora`` and ``lora_scale`` as lists (a single value is accepted), or a ValueError naming the field."""
+    import math
+
+    lora = [lora] if isinstance(lora, str) else list(lora or [])
+    lora_scale = [lora_scale] if isinstance(lora_scale, (int, float)) else list(lora_scale or [])
+    if not isinstance(max_loras, int) or max_loras < 1:
+        raise ValueError(f"max_loras_per_actor: must be >= 1, got {max_loras!r}")
+    for uri in lora:
+        if not isinstance(uri, str) or not uri.strip():
+            raise ValueError(f"lora: each must be a non-empty path or URI, got {uri!r}")
+    if len(set(lora)) != len(lora):
+        raise ValueError(f"lora: a file is named twice: {lora}")
+    if len(lora) > max_loras:
+        raise ValueError(f"lora: {len(lora)} files, above max_loras_per_actor {max_loras}")
+    if lora_scale and not lora:
+        raise ValueError("lora_scale: given without lora (--lora-scale needs --lora)")
+    if lora_scale and len(lora_scale) != len(lora):
+        raise ValueError(f"lora_scale: {len(lora_scale)} values for {len(lora)} lora files; give one per file")
+    for scale in lora_scale:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"lora_scale: must be finite numbers, got {scale!r}")
+    return lora, [float(scale) for scale in lora_scale]
 
 
 def stage_options_of(stages: dict) -> dict[str, StageOptions]:

@@ -593,3 +593,58 @@ def _download_tree(uri: str, target: str) -> None:
         os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- single files (LoRA weights) -------------------------------------------------------------------
+
+
+def localize_file(uri: str, cache_root: str) -> str:
+    """A local copy of a file, made once per node and keyed by URI and version (size, ETag or mtime), as
+    ``localize_tree`` does for directories: actors of a node wait on one download. A local file is itself."""
+    fs, path = filesystem(uri)
+    if is_local(uri):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        return path
+    with storage_errors("read", uri):
+        version = _file_version(uri, fs.info(path))
+    key = hashlib.sha256(json.dumps(version, sort_keys=True).encode()).hexdigest()[:24]
+    target = os.path.join(cache_root, "files", key, posixpath.basename(path))
+    if os.path.isfile(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(f"{os.path.dirname(target)}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(target):
+            staging = f"{target}.{os.getpid()}.download"
+            try:
+                with storage_errors("read", uri):
+                    fs.get(path, staging)
+                os.replace(staging, target)  # renamed into place: a reader never sees half a file
+            finally:
+                _remove_quietly(staging)
+    return target
+
+
+def file_sha256(path: str, cache_dir: str | None = None) -> str:
+    """sha256 of a local file's bytes; with ``cache_dir``, kept by path, size and mtime (a file is read once)."""
+    status = os.stat(path)
+    known = _read_digest_cache(cache_dir, path) if cache_dir else {}
+    if known.get("file", [None, None])[:2] == [status.st_size, status.st_mtime_ns]:
+        return known["file"][2]
+    digest = _file_digest(path)
+    if cache_dir:
+        _write_digest_cache(cache_dir, path, {"file": [status.st_size, status.st_mtime_ns, digest]})
+    return digest
+
+
+def link_file(path: str, link: str) -> str:
+    """``link``, a symbolic link to the local file ``path`` (made once; replaced atomically when it points elsewhere)."""
+    if os.path.islink(link) and os.readlink(link) == os.path.abspath(path):
+        return link
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    staging = f"{link}.{os.getpid()}.link"
+    _remove_quietly(staging)
+    os.symlink(os.path.abspath(path), staging)
+    os.replace(staging, link)
+    return link

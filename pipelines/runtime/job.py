@@ -62,6 +62,7 @@ class PlannedJob(Protocol):
     def row_work(self) -> tuple[int, int]: ...  # (pixels per row, model passes per row)
     def dataset(self, stages: list[Stage], block_rows: int) -> ray.data.Dataset: ...
     def record_fields(self) -> dict: ...  # what run.json holds beside the common fields
+    def final_fields(self) -> dict: ...  # and what it holds once the run is over (of the whole output)
     def final_counts(self, totals: "RunTotals | None") -> dict: ...  # input_rows, ok_rows, error_rows, ...
     def error_reasons(self, summary: OutputSummary) -> dict[str, int]: ...  # of what the output holds
     def latent_stats_text(self) -> tuple[str, str]: ...  # (what the statistics are over, how warnings open)
@@ -229,6 +230,7 @@ def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressRe
         # --compile: graphs compiled, recompiles (graphs compiled after a shape's warm-up), warm-up seconds
         compile=compile_record(totals.counts if totals else {}),
     )
+    record.update(plan.final_fields())
     if causes[TRANSIENT]:
         record["transient_error_reasons"] = plan.output.transient_error_reasons(summary)
     lease.check(plan.output.uri)  # a run whose lease another run took does not write the record over the other's

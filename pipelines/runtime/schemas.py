@@ -20,7 +20,11 @@ PROMPT_OPTIONAL_COLUMNS = {
     "original_size": "SDXL: [height, width] the image is conditioned as coming from (default: its size)",
     "crop_top_left": "SDXL: [top, left] crop it is conditioned on (default: [0, 0])",
     "target_size": "SDXL: [height, width] it is conditioned to look like (default: its size)",
+    # per-row LoRA (``workers.runtime.loras``): rows are denoised with these adapters applied
+    "lora": "URI of a LoRA .safetensors file (any fsspec location), or a list of them; default: the run's --lora",
+    "lora_scale": "weight of each LoRA: a number (every file) or a list matching 'lora'; default: the run's --lora-scale, else 1",
 }
+LORA_COLUMNS = ("lora", "lora_scale")
 PAIR_COLUMNS = ("original_size", "crop_top_left", "target_size")
 _STRING_COLUMNS = {"prompt", "negative_prompt"}
 _INTEGER_COLUMNS = {"seed", "num_inference_steps", "height", "width"}
@@ -29,6 +33,15 @@ _NUMBER_COLUMNS = {"guidance_scale"}
 
 def _is_string(data_type: pa.DataType) -> bool:
     return pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or pa.types.is_string_view(data_type)
+
+
+def _is_number(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
+
+
+def _is_list_of(data_type: pa.DataType, is_value) -> bool:
+    lists = pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type)
+    return lists and (is_value(data_type.value_type) or pa.types.is_null(data_type.value_type))
 
 
 def check_prompt_schema(schema: pa.Schema, where: str) -> None:
@@ -47,6 +60,10 @@ def check_prompt_schema(schema: pa.Schema, where: str) -> None:
             (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) and pa.types.is_integer(kind.value_type) or pa.types.is_null(kind)
         ):
             raise ValueError(f"{where}: column {field.name!r} must hold lists of two integers, not {kind}")
+        if field.name == "lora" and not (_is_string(kind) or pa.types.is_null(kind) or _is_list_of(kind, _is_string)):
+            raise ValueError(f"{where}: column 'lora' must hold URI strings or lists of them, not {kind}")
+        if field.name == "lora_scale" and not (_is_number(kind) or pa.types.is_null(kind) or _is_list_of(kind, _is_number)):
+            raise ValueError(f"{where}: column 'lora_scale' must hold numbers or lists of numbers, not {kind}")
         if field.name == "id" and not (_is_string(kind) or pa.types.is_integer(kind)):
             raise ValueError(f"{where}: column 'id' must hold strings or integers, not {kind}")
 
@@ -77,8 +94,17 @@ MANIFEST_FIELDS = [
 LATENT_FIELDS = [pa.field("latent", pa.list_(pa.float32())), pa.field("latent_shape", pa.list_(pa.int32()))]
 
 
-def manifest_schema(save_latents: bool) -> pa.Schema:
-    return pa.schema(MANIFEST_FIELDS + (LATENT_FIELDS if save_latents else []))
+# Runs that use LoRAs (a 'lora' or 'lora_scale' column, or --lora): each row's files, their content
+# and weights, in the row's order (empty lists for a row without LoRA)
+LORA_FIELDS = [
+    pa.field("lora", pa.list_(pa.string())),  # URIs as the row (or --lora) gave them
+    pa.field("lora_sha256", pa.list_(pa.string())),  # sha256 of each file's bytes, as the actor loaded it
+    pa.field("lora_scale", pa.list_(pa.float64())),
+]
+
+
+def manifest_schema(save_latents: bool, loras: bool = False) -> pa.Schema:
+    return pa.schema(MANIFEST_FIELDS + (LORA_FIELDS if loras else []) + (LATENT_FIELDS if save_latents else []))
 
 
 # Why a row is in errors/: its own fault, or something outside it. A rerun leaves the first kind

@@ -9,14 +9,17 @@ image equals what the family's pipeline draws for it alone, whatever rows share 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from workers.runtime.base import Batch, ModelWorker, embedding_columns, group_rows
-from workers.runtime.columns import stack_column, with_placeholders
+from workers.runtime.columns import mark_failed, stack_column, with_placeholders
 from workers.families import ModelFamily
 from workers.runtime.schedulers import make_scheduler
 from workers.runtime.devices import inference_mode, on_compute_thread
 from workers.runtime.memory import out_of_memory_reason
+from workers.runtime.loras import LORA_CODE, LoraAdapters, LoraError, LoraFetch, row_loras
 from workers.runtime.speed import WARMUP_STEPS, DenoiserSpeed
 
 
@@ -39,9 +42,12 @@ class DenoiserWorker(ModelWorker):
 
     @on_compute_thread
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None,
-                 compile_backend: str | None = None, attention_backend: str | None = None, **options):
+                 compile_backend: str | None = None, attention_backend: str | None = None,
+                 lora_files: LoraFetch | None = None, max_loras: int = 8, loras: LoraAdapters | None = None, **options):
         super().__init__(model, **options)
         self.pipe = self.load_pipeline(self.family.denoiser_components)
+        # per-row LoRA adapters; a fused actor's stages share one set (one pipeline)
+        self.loras = loras or LoraAdapters(self.pipe, lora_files, max_loras)
         # --compile, --attention-backend (``workers.runtime.speed``): off unless asked
         self.speed = DenoiserSpeed(getattr(self.pipe, self.family.denoiser_component),
                                    compile_backend=compile_backend, attention_backend=attention_backend)
@@ -52,18 +58,21 @@ class DenoiserWorker(ModelWorker):
     @on_compute_thread
     def __call__(self, batch: Batch) -> Batch:
         with self.busy(batch):
-            # 1. rows share a denoising call only with rows of the same size, steps, guidance and conditioning
+            # 1. rows share a denoising call only with rows of the same size, steps, guidance, conditioning
+            # and LoRA files and weights (last in the key)
             keys = [
                 (int(batch["height"][row]), int(batch["width"][row]), int(batch["num_inference_steps"][row]),
-                 float(batch["guidance_scale"][row]), *self.family.group_key(batch, row))
+                 float(batch["guidance_scale"][row]), *self.family.group_key(batch, row), row_loras(batch, row))
                 for row in range(len(batch["seed"]))
             ]
             latents: list[np.ndarray | None] = [None] * len(keys)
+            digests: list[list[str]] = [[] for _ in keys]
 
-            # 2. denoise each group (rows the text stage failed are skipped), halved when out of GPU memory
-            for (height, width, steps, guidance, *_), rows in group_rows(keys).items():
+            # 2. denoise each group with its adapters (rows the text stage failed are skipped), halved when out of GPU memory
+            for (height, width, steps, guidance, *_, loras), rows in group_rows(keys).items():
+                rows = self._apply_loras(batch, self.rows_to_compute(batch, rows), loras, digests)
                 outputs = self.compute_rows(
-                    batch, self.rows_to_compute(batch, rows),
+                    batch, rows,
                     lambda part: self._denoise_warm(batch, part, height, width, steps, guidance),
                     lambda row: out_of_memory_reason(height, width),
                 )
@@ -74,8 +83,24 @@ class DenoiserWorker(ModelWorker):
             for column in embedding_columns(self.family):
                 batch.pop(column)
             batch["latents"] = stack_column(with_placeholders(latents))
+            if "lora" in batch:  # what each row's files held, for the manifest
+                batch["lora_sha256"] = np.array([json.dumps(row) for row in digests], dtype=object)
             batch.update(self.speed.pop_counts(len(keys)))
         return batch
+
+    def _apply_loras(self, batch: Batch, rows: list[int], loras: tuple, digests: list[list[str]]) -> list[int]:
+        """Activate a group's adapters (none: the base model); its rows, or none when a file cannot be applied."""
+        if not rows:
+            return rows
+        try:
+            adapters = self.loras.adapters([uri for uri, _ in loras])
+        except LoraError as error:
+            mark_failed(batch, {row: (LORA_CODE, str(error)) for row in rows}, self.STAGE)
+            return []
+        self.loras.activate(adapters, [scale for _, scale in loras])
+        for row in rows:
+            digests[row] = [adapter.sha256 for adapter in adapters]
+        return rows
 
     def _denoise_warm(self, batch: Batch, rows: list[int], height: int, width: int, steps: int, guidance: float) -> np.ndarray:
         """``_denoise``, after a short warm-up call the first time a compiled denoiser sees this input shape,

@@ -14,6 +14,7 @@ from workers.generation.vae_decoder import VaeDecoderWorker
 from workers.runtime.base import Batch
 from workers.runtime.models import ModelDirectory
 from workers.runtime.devices import on_compute_thread
+from workers.runtime.loras import LoraFetch
 from workers.runtime.text_cache import JobTextCache
 
 
@@ -35,16 +36,19 @@ class FusedGenerationWorker:
     def __init__(self, model, *, scheduler: str | None = None, true_cfg_scale: float | None = None,
                  max_sequence_length: int | None = None, dtype: str = "auto", device: str | None = None,
                  vae_batch_size: int | None = None, text_cache: JobTextCache | None = None,
-                 compile_backend: str | None = None, attention_backend: str | None = None, **options):
+                 compile_backend: str | None = None, attention_backend: str | None = None,
+                 lora_files: LoraFetch | None = None, max_loras: int = 8, **options):
         directory = model if isinstance(model, ModelDirectory) else ModelDirectory(model)
         family = directory.family
         directory.preload((*family.text_components, *family.denoiser_components, family.vae_component), dtype, device, options.get("gpu_share"))
         self.text_encoder = TextEncoderWorker(
             directory, max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device,
-            text_cache=text_cache, **options,
+            text_cache=text_cache, lora_files=lora_files, max_loras=max_loras, **options,
         )
+        # one pipeline, so one set of LoRA adapters: the denoiser applies what the text stage loaded
         self.denoiser = DenoiserWorker(directory, scheduler=scheduler, true_cfg_scale=true_cfg_scale, dtype=dtype, device=device,
-                                       compile_backend=compile_backend, attention_backend=attention_backend, **options)
+                                       compile_backend=compile_backend, attention_backend=attention_backend,
+                                       loras=self.text_encoder.loras, **options)
         self.vae_decoder = VaeDecoderWorker(directory, vae_batch_size=vae_batch_size, dtype=dtype, device=device, **options)
 
     @on_compute_thread
