@@ -45,6 +45,14 @@ def start_job(command: list[str], **environment: str) -> subprocess.Popen:
                             env={**os.environ, **environment})
 
 
+def run_clean(command: list[str]) -> float:
+    """Run the job to its end, as a reference for the faulted run; its wall seconds."""
+    started = time.monotonic()
+    clean = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    return time.monotonic() - started
+
+
 def process_titles() -> dict[int, str]:
     titles = {}
     for entry in os.listdir("/proc"):
@@ -117,10 +125,7 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
 
     # 1. a clean run of the same input
     clean_output = str(tmp_path / "clean")
-    started = time.monotonic()
-    clean = subprocess.run(job_command(prompts, clean_output), cwd=PROJECT, capture_output=True, text=True, timeout=600)
-    clean_seconds = time.monotonic() - started
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean_seconds = run_clean(job_command(prompts, clean_output))
 
     # 2. the same run, holding the output's lease: a second run into that output is refused with exit 2, naming it
     output = str(tmp_path / "killed")
@@ -208,11 +213,7 @@ def test_driver_killed_mid_run_then_rerun_generates_exactly_the_missing_rows(tmp
     })
     # 1. a clean run, for its wall time and its images
     clean_output = str(tmp_path / "clean")
-    started = time.monotonic()
-    clean = subprocess.run(job_command(prompts, clean_output, *TWO_ACTORS, steps=DRIVER_KILL_STEPS), cwd=PROJECT,
-                           capture_output=True, text=True, timeout=600)
-    clean_seconds = time.monotonic() - started
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean_seconds = run_clean(job_command(prompts, clean_output, *TWO_ACTORS, steps=DRIVER_KILL_STEPS))
 
     # 2. the same run, its driver SIGKILLed once a quarter of the rows are committed (its lease long, so still valid
     # after): the kill follows progress, not the clock, so that a loaded machine cannot move it past the end of the run
@@ -316,10 +317,7 @@ def test_encode_driver_killed_then_rerun_with_its_actor_killed_encodes_exactly_t
         for index in range(ENCODE_ROWS)])
     # 1. a clean run, for its wall time and its latents
     clean_output = str(tmp_path / "clean")
-    started = time.monotonic()
-    clean = subprocess.run(encode_command(images, clean_output), cwd=PROJECT, capture_output=True, text=True, timeout=600)
-    clean_seconds = time.monotonic() - started
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean_seconds = run_clean(encode_command(images, clean_output))
 
     # 2. the same run, its driver SIGKILLed (with its Ray) once a quarter of the rows are committed: the kill
     # follows progress, not the clock, so that a loaded machine cannot move it past the end of the run
