@@ -35,6 +35,15 @@ seconds and what the cache itself cost inside the actors (lookups, fetches, puts
 
     python bench/generate_benchmark.py --text-heavy --prompts 64 --distinct 8 --size 64 --steps 4
 
+With ``--loras N`` it measures what per-row LoRA costs: the same ``latentray generate``
+command (embedded Ray, fused placement) on the same rows, once without a ``lora`` column and
+once with rows cycling through N LoRA files (rank ``LORA_RANK`` on the denoiser's attention
+projections, random weights, made with peft into a temporary folder), each as a whole
+process at two job sizes, taking turns. It prints the steady-state ratio (the issue's goal:
+within 10%) and the start-up of each apart (loading N adapters is a start-up cost):
+
+    python bench/generate_benchmark.py --loras 4 --model small --sizes 16 64
+
 This is a benchmark, not a test: it asserts nothing about speed.
 """
 
@@ -469,6 +478,83 @@ def run_whole_process_benchmark(settings: BenchmarkSettings, sizes: tuple[int, i
     return report
 
 
+# -- per-row LoRA: rows cycling through N adapters against the same rows without ------------------------
+
+LORA_RANK = 16
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def save_random_lora(model_directory: str, path: str, seed: int) -> str:
+    """A LoRA on the denoiser's attention projections with random non-zero weights, saved as diffusers saves one."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    pipe = DiffusionPipeline.from_pretrained(model_directory, local_files_only=True)
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    torch.manual_seed(seed)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
+    inject_adapter_in_model(config, getattr(pipe, name))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(getattr(pipe, name)))
+    type(pipe).save_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), **{f"{name}_lora_layers": layers})
+    return path
+
+
+def run_lora_benchmark(settings: BenchmarkSettings, sizes: tuple[int, int], repeats: int, lora_count: int, json_path: str | None) -> dict:
+    model_directory = materialize_preset(settings.model) if settings.model in PRESETS else settings.model
+    model = describe_model(settings.model)
+    guidance = settings.guidance if settings.guidance is not None else model.shape.default_guidance
+    sides = ("without LoRA", f"{lora_count} LoRAs")
+    timings = {side: ProcessTiming(side=side, seconds={}) for side in sides}
+    with tempfile.TemporaryDirectory(prefix="latentray-lora-benchmark-") as work_directory:
+        # 1. the adapters, and per job size one table without and one with a lora column (row i: file i mod N)
+        files = [save_random_lora(model_directory, os.path.join(work_directory, f"lora-{index}.safetensors"), seed=index)
+                 for index in range(lora_count)]
+        for size in sizes:
+            plain_path = os.path.join(work_directory, f"prompts-{size}.parquet")
+            write_prompt_table(make_prompt_rows(size, settings.seed), plain_path)
+            table = pq.read_table(plain_path)
+            lora_path = os.path.join(work_directory, f"prompts-{size}-loras.parquet")
+            pq.write_table(table.append_column("lora", pa.array([files[row % lora_count] for row in range(size)])), lora_path)
+            commands = {side: [
+                sys.executable, "-m", "jobs.cli", "generate", "--model", settings.model, "--prompts", prompts_path,
+                "--output", os.path.join(work_directory, f"{index}-{size}"), "--guidance", str(guidance),
+                "--height", str(settings.size), "--width", str(settings.size), "--placement", "fused", "--overwrite",
+                "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
+            ] for index, (side, prompts_path) in enumerate(zip(sides, (plain_path, lora_path)))}
+            # 2. the sides take turns and the fastest of the repeats counts
+            for repeat in range(repeats):
+                for side, command in commands.items():
+                    print(f"timing {size} images: {side} (run {repeat + 1} of {repeats}) ...", file=sys.stderr, flush=True)
+                    seconds = time_process(command)
+                    if seconds <= timings[side].seconds.get(size, seconds):
+                        timings[side].seconds[size] = seconds
+                        timings[side].breakdown[size] = start_up_breakdown(seconds, command[command.index("--output") + 1])
+    # 3. the figures
+    plain, with_loras = (timings[side] for side in sides)
+    header = ("side", *[f"{size} images (s)" for size in sizes], "steady state s/image", "start-up (s)")
+    rows = [(timing.side, *[f"{timing.seconds[size]:.1f}" for size in sizes], f"{timing.per_image():.3f}", f"{timing.start_up():.1f}")
+            for timing in (plain, with_loras)]
+    print(f"\nper-row LoRA: model {settings.model} ({model.family.name}), {settings.size}x{settings.size}, {settings.steps} steps, "
+          f"batch size {settings.batch_size}, rows cycling through {lora_count} LoRAs of rank {LORA_RANK}, {os.cpu_count()} CPUs\n")
+    print(format_columns(header, rows))
+    ratio = plain.per_image() / with_loras.per_image()
+    print(f"\nsteady-state throughput, with LoRAs / without: {ratio:.2f}x ({(1 / ratio - 1):+.0%} time per image); "
+          f"start-up: {with_loras.start_up() - plain.start_up():+.1f} s with LoRAs")
+    for side in sides:
+        for size, parts in sorted(timings[side].breakdown.items()):
+            print(f"- {side}, {size} images: " + ", ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in parts.items()))
+    report = {
+        "settings": {**asdict(settings), "guidance": guidance, "sizes": list(sizes), "repeats": repeats, "loras": lora_count,
+                     "lora_rank": LORA_RANK},
+        "machine": machine_dictionary(), "load_average": os.getloadavg(),
+        "seconds": {side: timings[side].seconds for side in sides}, "steady_state_ratio": ratio,
+        "start_up_seconds": {side: timings[side].start_up() for side in sides},
+    }
+    write_json(report, json_path)
+    return report
+
+
 # -- text-heavy: each distinct text encoded once per job ----------------------------------------------
 
 # small-zimage's Qwen3 is 128 wide and 4 layers deep: next to its transformer it costs little.
@@ -621,8 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--whole-process", action="store_true",
                         help="time a plain diffusers process and the latentray command as whole processes at two job sizes")
     parser.add_argument("--sizes", type=positive_integer, nargs=2, default=(16, 64), metavar=("SMALL", "LARGE"),
-                        help="job sizes (prompts) of --whole-process")
-    parser.add_argument("--repeats", type=positive_integer, default=2, help="--whole-process, --text-heavy: runs per variant; the fastest counts")
+                        help="job sizes (prompts) of --whole-process and --loras")
+    parser.add_argument("--repeats", type=positive_integer, default=2,
+                        help="--whole-process, --text-heavy, --loras: runs per variant; the fastest counts")
     parser.add_argument("--text-heavy", action="store_true",
                         help="time latentray with the job text cache off and on, on a model whose text encoder dominates "
                              "(--model is not used), rows of --distinct prompts with a seed each")
@@ -630,6 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--placement", choices=("fused", "split"), default="fused", help="--text-heavy: latentray's placement")
     parser.add_argument("--text-actors", type=positive_integer, default=2,
                         help="--text-heavy: text-stage actors (fused actors, or the split text encoder's pool)")
+    parser.add_argument("--loras", type=positive_integer, metavar="N",
+                        help="time the latentray command with rows cycling through N LoRA files against the same rows without")
     return parser
 
 
@@ -640,7 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         model=options.model, prompts=options.prompts, steps=options.steps, batch_size=options.batch_size,
         size=options.size, guidance=options.guidance, seed=options.seed, memory_interval=options.memory_interval,
     )
-    if options.text_heavy:
+    if options.loras:
+        run_lora_benchmark(settings, tuple(sorted(options.sizes)), options.repeats, options.loras, options.json)
+    elif options.text_heavy:
         run_text_heavy_benchmark(settings, options.distinct, options.placement, options.text_actors, options.repeats, options.json)
     elif options.whole_process:
         run_whole_process_benchmark(settings, tuple(sorted(options.sizes)), options.repeats, options.json)

@@ -10,19 +10,26 @@ The reaper is a small process (standard library only, started by the driver besi
 embedded Ray): it notes the driver's descendants twice a second and blocks on a pipe
 only the driver holds. The pipe closes when the driver ends, however it ends; the reaper
 then SIGKILLs every process it noted that is still alive (matched by start time, never
-a reused pid) and exits.
+a reused pid), and every process of the driver's Ray session it did not note: a worker
+that the raylet started in the last half second, orphaned before the next scan, still
+names the session's folder on its command line. Then it exits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
+import time
 
 SCAN_SECONDS = 0.5
+FINAL_SCANS = 3  # after the driver ends: a process being started at that moment shows up in one of these
+# a Ray session's folder as its processes name it on their command line (--session-dir=..., socket paths)
+SESSION_FOLDER = re.compile(rb"/session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+")
 
 
 def start() -> None:
@@ -83,21 +90,44 @@ def descendants(root: int, table: dict[int, tuple[int, str]] | None = None) -> d
     return found
 
 
+def session_folders(pid: int) -> set[bytes]:
+    """The Ray session folders that a process names on its command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return set(SESSION_FOLDER.findall(cmdline.read()))
+    except OSError:
+        return set()
+
+
 def reap(driver_pid: int, pipe: int) -> None:
+    # 1. while the driver lives: note its descendants and the Ray session folders they name
     noted: dict[int, str] = {}
+    sessions: set[bytes] = set()
     while True:
-        noted.update(descendants(driver_pid))
-        noted.pop(os.getpid(), None)
+        found = descendants(driver_pid)
+        found.pop(os.getpid(), None)
+        for pid in found.keys() - noted.keys():
+            sessions |= session_folders(pid)
+        noted.update(found)
         readable, _, _ = select.select([pipe], [], [], SCAN_SECONDS)
         if readable and not os.read(pipe, 1):  # end of file: the driver is gone
             break
-    alive = processes()
-    for pid, started in noted.items():
-        if pid in alive and alive[pid][1] == started:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    # 2. the driver is gone: kill what was noted, and whatever else belongs to its Ray session
+    for _ in range(FINAL_SCANS):
+        alive = processes()
+        for pid, (parent, started) in alive.items():
+            # an unnoted one only if orphaned (its raylet gone): never, say, a user's `tail` of the session's logs
+            orphan_of_session = (parent in noted or parent == 1) and sessions & session_folders(pid)
+            if pid != os.getpid() and (noted.get(pid) == started or orphan_of_session):
+                _kill(pid)
+        time.sleep(0.2)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

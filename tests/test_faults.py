@@ -59,7 +59,7 @@ def process_titles() -> dict[int, str]:
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    titles[int(entry)] = cmdline.read().split(b"\0")[0].decode(errors="replace")
+                    titles[int(entry)] = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()[:300]
             except OSError:
                 continue
     return titles
@@ -180,7 +180,7 @@ def test_model_actor_killed_twice_the_run_completes_each_row_once_images_equal(p
 # -- the driver killed, then the job rerun ---------------------------------------------------------
 
 DRIVER_KILL_ROWS = 96  # one-batch blocks: the 2 blocks in flight at the kill are a small share of the rows
-DRIVER_KILL_STEPS = 100  # model work (~20 s) well above the ~13 s of start-up: 60% of the run falls mid-generation
+DRIVER_KILL_STEPS = 40  # ~8 s of model work per run: the kill follows progress, so start-up may dominate
 TWO_ACTORS = ("--stage", "fused.concurrency=2")
 
 
@@ -285,7 +285,7 @@ def test_a_run_stopped_by_sigterm_gives_its_lease_back_at_once_and_leaves_no_pro
 
 # -- encode: the driver killed, then the rerun with its model actor killed ----------------------------
 
-ENCODE_ROWS = 800  # ~30 s of encoding at 256 px, well above the ~10 s of start-up
+ENCODE_ROWS = 400  # ~15 s of encoding at 256 px: enough parts that a quarter commits mid-run
 ENCODE_ACTOR_TITLE = "ray::MapWorker(MapBatches(FusedEncodingWorker))"
 
 

@@ -22,7 +22,25 @@ def embedded_cpus() -> int:
 def start_local_ray(num_cpus: int | None = None) -> None:
     """A new local instance, whatever files earlier clusters left behind (``address="local"``): bound to
     the loopback interface and without the dashboard (a laptop run needs neither, and it saves ~500 MB)."""
+    _use_loopback()
     ray.init(
         address="local", num_cpus=num_cpus or embedded_cpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
         logging_level=logging.WARNING, configure_logging=True,
     )
+
+
+# Ray's switch for a single-machine Ray (its default on macOS and Windows): the node's address is the loopback one
+SINGLE_MACHINE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _use_loopback() -> None:
+    """Ray replaces ``_node_ip_address="127.0.0.1"`` with the machine's network address, so that other
+    machines could join; an embedded Ray has none to wait for. On its network address the driver's
+    connections to its own raylet and workers leave loopback: exposed to the network, and in sandboxes
+    whose network drops a connection silently, a request that waits ~15 minutes for TCP to give up (a
+    ``ray.get`` that hung for 924 s on such a machine). Ray's single-machine switch keeps every address on
+    loopback: read by this process's Ray at call time, and by the processes it starts from the environment."""
+    from ray._private import ray_constants
+
+    os.environ[SINGLE_MACHINE_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
