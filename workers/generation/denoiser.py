@@ -82,9 +82,10 @@ class DenoiserWorker(ModelWorker):
                 for row, latent in outputs.items():
                     latents[row] = latent
 
-            # 3. embeddings are large and no later stage needs them
+            # 3. embeddings and source crops are large and no later stage needs them
             for column in embedding_columns(self.family):
                 batch.pop(column)
+            batch.pop("init_pixels", None)
             batch["latents"] = stack_column(with_placeholders(latents))
             if "lora" in batch:  # what each row's files held, for the manifest
                 batch["lora_sha256"] = np.array([json.dumps(row) for row in digests], dtype=object)

@@ -52,6 +52,7 @@ class Img2Img:
         if self._pipe is None:
             import diffusers
 
+            check_init_image_support(self.family, "fused")  # the processor's rows: their columns are known only here
             self._pipe = getattr(diffusers, self.family.img2img_pipeline_class).from_pipe(pipe)
             self._pipe.set_progress_bar_config(disable=True)
         self._pipe.scheduler = pipe.scheduler  # the denoiser makes a fresh one per call
