@@ -16,7 +16,7 @@ import ray
 import ray.data
 
 from pipelines.generation.commit import commit_generated
-from pipelines.generation.init_images import SourceSettings, reopen_changed_sources, uses_init_images
+from pipelines.generation.init_images import SourceSettings, uses_init_images
 from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts, uses_loras
 from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig, GenerationOptions
@@ -197,14 +197,12 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     }
     if loras:  # the manifest has LoRA columns: an output without them takes no such rows (one schema per output)
         identity["lora_columns"] = True
-    if init_images:  # likewise for the source image columns
-        identity["init_image_columns"] = True
+    if init_images:  # likewise for the source image columns; the run's strength is then one of its defaults
+        identity.update(init_image_columns=True, strength=config.strength)
     carry_precision(identity, output.uri, config.overwrite)
     if loras and not config.overwrite:  # a row's LoRA is its file's content: a changed file is refused
         check_loras_unchanged(previous_loras(output), output.uri)
     previous = output.prepare(identity, config.overwrite)
-    if init_images and previous is not None:  # a row's source is its content and strength: changed rows are to do again
-        reopen_changed_sources(output.results_uri, fragments, schema.names, prompt_defaults(config, model, fragments).init_images)
     # 2. what earlier runs committed, from the output's listing. An input with ids may be rewritten,
     # reordered or grown in place: its rows are matched by id, by tasks, once Ray is connected
     # (``before_run``), unless the listing alone shows an unchanged input wholly done. An input

@@ -9,8 +9,10 @@ orientation, every mode to RGB), resized to cover the row's size and centre-crop
 travels to the denoiser as raw bytes (``init_pixels``); the manifest records the source, its
 sha256 and the strength.
 
-A row's identity includes its source's content and its strength: a rerun regenerates the rows
-whose source bytes or strength changed since they were committed (``reopen_changed_sources``).
+A row's identity stays its id (or input position), as for every generated row: a rerun resumes
+without reading the sources of the rows it already holds (that would cost as much as the job's
+own reading), so a source changed under its path after its row was generated leaves that row as
+it is; its recorded sha256 shows it. A new id, or ``--overwrite``, generates it again.
 """
 
 from __future__ import annotations
@@ -115,60 +117,6 @@ def resolve_source(row: dict, height: int, width: int, settings: SourceSettings)
         return {}, str(error)
     return {"init_image": source.reference, "init_image_sha256": source.sha256, "strength": float(strength),
             "init_pixels": pixels.tobytes()}, None
-
-
-# -- reruns: a changed source is another row -------------------------------------------------------
-
-
-def reopen_changed_sources(results_uri: str, fragments: list[io.ParquetFragment], columns: list[str], settings: SourceSettings) -> int:
-    """Before a rerun: take out of the manifest the image-to-image rows whose source bytes or strength
-    differ from what the input gives them now, so that the run regenerates exactly those. Return how many.
-
-    A row is matched by its id (by its input position without an ``id`` column); a path or URI is
-    read and hashed again (once per distinct value), bytes in the input are hashed where they are.
-    A source that cannot be read now is left to its row (the committed image stays).
-    """
-    key_column = "id" if "id" in columns else "row"
-    current = _current_sources(fragments, [column for column in ("id", *INIT_IMAGE_COLUMNS) if column in columns], key_column, settings)
-    reopened = 0
-    for part in io.list_parts(results_uri):
-        if "init_image_sha256" not in io.parquet_schema(part).names:  # a part of a run without init images
-            continue
-        table = io.read_parquet_file(part)
-        committed = zip(table.column(key_column).cast(pa.string()).to_pylist(), table.column("init_image_sha256").to_pylist(),
-                        table.column("strength").to_pylist())
-        changed = [current.get(key) not in (None, (digest or "", strength)) for key, digest, strength in committed]
-        if any(changed):  # the part again without those rows (named from its rows, as every part)
-            io.remove_tree(part)
-            kept = table.filter(pa.array([not change for change in changed]))
-            if len(kept):
-                io.write_parquet_part(kept, results_uri)
-            reopened += sum(changed)
-    return reopened
-
-
-def _current_sources(fragments: list[io.ParquetFragment], columns: list[str], key_column: str,
-                     settings: SourceSettings) -> dict[str, tuple[str, float | None] | None]:
-    """(sha256, strength) of each input row's source now, by ``key_column``; None where it cannot be read."""
-    digests: dict[str, str | None] = {}
-    current: dict[str, tuple[str, float | None] | None] = {}
-    for fragment in fragments:
-        for table in io.read_fragment(fragment, columns, 1 << 16):
-            for record in table.to_pylist():
-                value, strength = record["init_image"], record.get("strength")
-                if value is None:
-                    current[str(record[key_column])] = ("", None)
-                    continue
-                if not isinstance(value, str):
-                    digest = hashlib.sha256(value).hexdigest()
-                elif (digest := digests.get(value, "")) == "":
-                    try:
-                        digest = digests[value] = read_source(value, record["row"], settings).sha256
-                    except ValueError:
-                        digest = digests[value] = None
-                strength = settings.strength if strength is None or math.isnan(strength) else float(strength)
-                current[str(record[key_column])] = None if digest is None else (digest, strength)
-    return current
 
 
 def manifest_sources(rows: dict[str, np.ndarray]) -> dict[str, list]:

@@ -105,8 +105,8 @@ class GenerationOptions:
     lora: list[str] = field(default_factory=list)
     lora_scale: list[float] = field(default_factory=list)  # empty: 1 per file; else one per file
     max_loras_per_actor: int = DEFAULT_MAX_LORAS
-    # image-to-image: the strength of rows with an 'init_image' and a null 'strength' (diffusers' default). Not part of
-    # the output's identity: a row's strength is, and a rerun regenerates the rows whose strength changed
+    # image-to-image: the strength of rows with an 'init_image' and a null 'strength' (diffusers' default); part of
+    # the output's identity where the input has an 'init_image' column (``plan_generation``)
     strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
