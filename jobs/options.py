@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.runtime.config import (
-    CROPS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_LORAS, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
+    CROPS, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_LORAS, DEFAULT_STRENGTH, LATENT_DTYPES, SAMPLE_MODES, EncodeConfig, GenerateConfig, StageOptions, parse_stage_option,
 )
 from workers.runtime.presets import PRESETS
 from workers.runtime.schedulers import SCHEDULERS
@@ -77,6 +77,9 @@ def add_generate_options(parser: argparse.ArgumentParser, *, prompts_required: b
                         help="weight of each --lora, in their order (default: 1 each)")
     parser.add_argument("--max-loras-per-actor", type=int, default=DEFAULT_MAX_LORAS, metavar="N",
                         help=f"LoRA adapters an actor keeps loaded; beyond, the least recently used is dropped (default: {DEFAULT_MAX_LORAS})")
+    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, metavar="S",
+                        help="image-to-image: how far rows move from their 'init_image', 0 to 1, where their 'strength' "
+                             f"is null (default: {DEFAULT_STRENGTH}, as diffusers)")
     add_stage_options(parser)
     add_ray_options(parser)
 
@@ -150,5 +153,5 @@ def generate_config(args: argparse.Namespace) -> GenerateConfig:
         save_latents=args.save_latents, placement=args.placement, overwrite=args.overwrite,
         max_image_size=args.max_image_size, dtype=args.dtype, stages=stage_overrides(args.stage), **text_cache_fields(args),
         compile=args.compile, attention_backend=args.attention_backend,
-        lora=args.lora, lora_scale=args.lora_scale, max_loras_per_actor=args.max_loras_per_actor,
+        lora=args.lora, lora_scale=args.lora_scale, max_loras_per_actor=args.max_loras_per_actor, strength=args.strength,
     )

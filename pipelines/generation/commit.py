@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.generation.images import write_generated_images
+from pipelines.generation.init_images import manifest_sources
 from pipelines.runtime.job import part_summary, pop_busy_seconds
 from pipelines.runtime.outputs import RunOutput
 from pipelines.runtime.schemas import ERRORS_SCHEMA, manifest_schema
@@ -24,7 +25,7 @@ from workers.runtime.loras import json_lists
 
 def commit_generated(
     batch: dict[str, np.ndarray], *, output: RunOutput, image_format: str, quality: int, scheduler: str, save_latents: bool,
-    loras: bool = False,
+    loras: bool = False, init_images: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a block of generated rows -> images, one manifest part, one errors part -> a summary row."""
     busy, counts = pop_busy_seconds(batch), pop_counts(batch)
@@ -36,7 +37,7 @@ def commit_generated(
     ok = {column: values[~failed] for column, values in batch.items()}
     results, stats = None, None
     if len(ok["id"]):
-        results = manifest_table(ok, scheduler, save_latents, loras)
+        results = manifest_table(ok, scheduler, save_latents, loras, init_images)
         stats = stats_of_rows(ok["latent_count"], ok["latent_mean"], ok["latent_std"], ok["latent_min"], ok["latent_max"])
     parts = output.commit(results, errors_table(batch, failed), stats)
     return part_summary(ok_rows=len(ok["id"]), error_rows=int(failed.sum()), busy=busy, counts=counts, parts=parts)
@@ -52,7 +53,8 @@ def errors_table(batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table |
     }, schema=ERRORS_SCHEMA)
 
 
-def manifest_table(rows: dict[str, np.ndarray], scheduler: str, save_latents: bool, loras: bool = False) -> pa.Table:
+def manifest_table(rows: dict[str, np.ndarray], scheduler: str, save_latents: bool, loras: bool = False,
+                   init_images: bool = False) -> pa.Table:
     count = len(rows["id"])
     columns = {
         "id": [str(v) for v in rows["id"]], "row": rows["row"].astype(np.int64), "prompt": list(rows["prompt"]),
@@ -68,5 +70,7 @@ def manifest_table(rows: dict[str, np.ndarray], scheduler: str, save_latents: bo
     if loras:  # each row's files, their content and weights, in the row's order
         for column in ("lora", "lora_sha256", "lora_scale"):
             columns[column] = json_lists(rows[column])
-    schema = manifest_schema(save_latents, loras)
+    if init_images:  # each row's source, its content and strength (null: a text-to-image row)
+        columns.update(manifest_sources(rows))
+    schema = manifest_schema(save_latents, loras, init_images)
     return pa.Table.from_arrays([pa.array(columns[field.name], field.type) for field in schema], schema=schema)

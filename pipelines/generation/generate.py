@@ -16,6 +16,7 @@ import ray
 import ray.data
 
 from pipelines.generation.commit import commit_generated
+from pipelines.generation.init_images import SourceSettings, uses_init_images
 from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts, uses_loras
 from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig, GenerationOptions
@@ -36,6 +37,7 @@ from workers.generation.denoiser import DenoiserWorker
 from workers.generation.fused import FusedGenerationWorker
 from workers.generation.text_encoder import TextEncoderWorker
 from workers.generation.vae_decoder import VaeDecoderWorker
+from workers.runtime.init_images import check_init_image_support
 from workers.runtime.loras import check_lora_support
 from workers.runtime.schedulers import scheduler_label
 from workers.runtime.speed import DEFAULT_COMPILE_BACKEND, check_attention_device
@@ -112,6 +114,7 @@ class GenerationPlan:
     by_id: bool = False
     ids: IdLookup | None = None
     loras: bool = False  # rows carry LoRA files: the manifest records them, run.json the set used
+    init_images: bool = False  # rows may start from a source image: the manifest records it, its sha256 and strength
 
     @property
     def input_rows(self) -> int:
@@ -184,6 +187,9 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     loras = uses_loras(schema.names, prompt_defaults(config, model))
     if loras:
         check_lora_support(model.family, config.placement)
+    init_images = uses_init_images(schema.names)
+    if init_images:
+        check_init_image_support(model.family, config.placement)
     output = RunOutput(config.output, "manifest")
     identity = {
         **config.output_identity(), "model": model.location.uri, "model_fingerprint": model.location.fingerprint,
@@ -191,6 +197,8 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     }
     if loras:  # the manifest has LoRA columns: an output without them takes no such rows (one schema per output)
         identity["lora_columns"] = True
+    if init_images:  # likewise for the source image columns; the run's strength is then one of its defaults
+        identity.update(init_image_columns=True, strength=config.strength)
     carry_precision(identity, output.uri, config.overwrite)
     if loras and not config.overwrite:  # a row's LoRA is its file's content: a changed file is refused
         check_loras_unchanged(previous_loras(output), output.uri)
@@ -211,7 +219,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         config=config, model=model, output=output, identity=identity, fragments=fragments, input_files=input_files,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
         resume=ResumePlan(pending=[PendingFragment(fragment, ()) for fragment in fragments], committed_rows=0) if by_id else resume,
-        by_id=by_id, loras=loras,
+        by_id=by_id, loras=loras, init_images=init_images,
     )
 
 
@@ -220,12 +228,15 @@ def run_generation(config: GenerateConfig | GenerationPlan) -> dict:
     return run_job(config if isinstance(config, GenerationPlan) else plan_generation(config))
 
 
-def prompt_defaults(config: GenerationOptions, model: ModelDescription) -> PromptDefaults:
+def prompt_defaults(config: GenerationOptions, model: ModelDescription, fragments: list[io.ParquetFragment] = ()) -> PromptDefaults:
+    """The run's defaults for its rows; ``fragments``: the job's input, against whose files rows' relative paths resolve."""
     return PromptDefaults(
         negative_prompt=config.negative_prompt, steps=config.steps, guidance=config.guidance,
         height=config.height or model.shape.default_height, width=config.width or model.shape.default_width,
         seed=config.seed, max_image_size=config.max_image_size, size_multiple=model.shape.size_multiple,
         lora=tuple(config.lora), lora_scale=tuple(config.lora_scale), max_loras=config.max_loras_per_actor,
+        init_images=SourceSettings(strength=config.strength,
+                                   file_starts=tuple(sorted((start, uri) for uri, start in io.file_starts(list(fragments)).items()))),
     )
 
 
@@ -235,7 +246,8 @@ def _build_dataset(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
     return generated_rows(plan, stages, block_rows).map_batches(
         commit_generated, batch_size=None, num_cpus=TASK_CPUS,
         fn_kwargs={"output": plan.output, "image_format": config.image_format, "quality": config.image_quality,
-                   "scheduler": plan.scheduler_label, "save_latents": config.save_latents, "loras": plan.loras},
+                   "scheduler": plan.scheduler_label, "save_latents": config.save_latents, "loras": plan.loras,
+                   "init_images": plan.init_images},
     )
 
 
@@ -257,7 +269,8 @@ def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
         dataset = dataset.map_batches(
             read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
         )
-    return generation_rows(dataset, stages, defaults=prompt_defaults(plan.config, plan.model), block_rows=block_rows, repeated=repeated)
+    defaults = prompt_defaults(plan.config, plan.model, plan.fragments)
+    return generation_rows(dataset, stages, defaults=defaults, block_rows=block_rows, repeated=repeated)
 
 
 def generation_rows(

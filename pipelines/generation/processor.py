@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.generation.images import encode_generated
+from pipelines.generation.init_images import manifest_sources
 from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS
 from pipelines.runtime.config import GenerationOptions, options_from
 from pipelines.runtime.model_source import ModelDescription, describe_model
 from pipelines.runtime.placement import TASK_CPUS, check_stage_names, vae_micro_batch
 from pipelines.runtime.row_ids import position_id
-from pipelines.runtime.schemas import LATENT_FIELDS, LORA_FIELDS, MANIFEST_FIELDS
+from pipelines.runtime.schemas import INIT_IMAGE_MANIFEST_FIELDS, LATENT_FIELDS, LORA_FIELDS, MANIFEST_FIELDS
 from workers.runtime.loras import check_lora_support, json_lists
 from workers.runtime.columns import BUSY_COLUMN_PREFIX, COUNT_COLUMN_PREFIX, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
 
@@ -114,6 +115,11 @@ def finish_generated_rows(batch: dict[str, np.ndarray], *, image_format: str, qu
     if "lora" in batch:  # LoRA files, their content and weights, typed as the manifest's (a block may have none)
         for field in LORA_FIELDS:
             added[field.name] = json_lists(batch.pop(field.name))
+            types[field.name] = field.type
+    if "init_image" in batch:  # each row's source, its content and strength, typed as the manifest's
+        added.update(manifest_sources(batch))
+        for field in INIT_IMAGE_MANIFEST_FIELDS:
+            batch.pop(field.name)
             types[field.name] = field.type
     if save_latents:  # flattened float32 and its shape, as the manifest stores them
         added["latent"] = [None if fail else np.asarray(latent, np.float32).ravel() for latent, fail in zip(batch["latents"], failed)]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from pipelines.generation.init_images import INIT_IMAGE_COLUMNS, INIT_IMAGE_FIELDS, NO_SOURCE, SourceSettings, resolve_source, uses_init_images
 from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
 from pipelines.runtime.schemas import LORA_COLUMNS, PAIR_COLUMNS, check_prompt_schema
@@ -47,6 +48,7 @@ class PromptDefaults:
     lora: tuple[str, ...] = ()  # the files and weights of rows whose 'lora' is null
     lora_scale: tuple[float, ...] = ()  # empty: 1 per file
     max_loras: int = 8  # files a row may name (what one actor keeps loaded)
+    init_images: SourceSettings = field(default_factory=SourceSettings)  # rows' source images: default strength, limits
 
     def placeholder(self) -> dict:
         """The settings a bad row carries to the model stages, which skip it: valid values, never used."""
@@ -102,9 +104,13 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
     loras, reason = resolve_loras(row, defaults)
     if reason:
         return None, reason
+    # last: reading and decoding a source image is the costliest check
+    source, reason = resolve_source(row, size["height"], size["width"], defaults.init_images) if "init_image" in row else ({}, None)
+    if reason:
+        return None, reason
     return {
         "negative_prompt": str(setting("negative_prompt", defaults.negative_prompt)),
-        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs, **loras,
+        "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs, **loras, **source,
     }, None
 
 
@@ -159,8 +165,9 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
     first_rows = repeated.first_of(table.column("row").to_numpy()) if repeated is not None else np.full(table.num_rows, -1)
 
     # 2. each row's settings, or why it has none
-    read = [column for column in ("prompt", *SETTING_TYPES, *PAIR_COLUMNS, *LORA_COLUMNS) if column in table.column_names]
-    loras = uses_loras(table.column_names, defaults)
+    read = [column for column in ("prompt", "row", *SETTING_TYPES, *PAIR_COLUMNS, *LORA_COLUMNS, *INIT_IMAGE_COLUMNS)
+            if column in table.column_names]
+    loras, init_images = uses_loras(table.column_names, defaults), uses_init_images(table.column_names)
     settings, reasons = [], []
     for row, row_id, first_row in zip(table.select(read).to_pylist(), ids, first_rows):
         resolved, reason = resolve_row({**row, "id": row_id}, defaults)
@@ -169,7 +176,7 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
         elif first_row >= 0:
             resolved, reason = None, f"id {row_id!r} repeats the id of input row {first_row}"
         settings.append(resolved or {**defaults.placeholder(), **{column: None for column in PAIR_COLUMNS if column in row},
-                                     "lora": [], "lora_scale": []})
+                                     "lora": [], "lora_scale": [], **NO_SOURCE})
         reasons.append(reason or "")
 
     # 3. the settings and failures as columns beside the input's own (a job's ids as strings)
@@ -180,6 +187,8 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
         # lists: Ray Data's numpy batches cannot hand lists of strings back to Arrow
         for column in LORA_COLUMNS:
             columns[column] = pa.array([json.dumps(row.get(column, [])) for row in settings], pa.string())
+    if init_images:  # each row's source, its sha256 and strength, and its crop as raw bytes ("" and null: none)
+        columns.update({column: pa.array([row[column] for row in settings], kind) for column, kind in INIT_IMAGE_FIELDS.items()})
     if repeated is not None:
         columns["id"] = pa.array([row_id if row_id is not None else position_id(row) for row_id, row in zip(ids, table.column("row").to_pylist())], pa.string())
     failed = [bool(reason) for reason in reasons]

@@ -8,6 +8,7 @@ PLACEMENTS = ("auto", "fused", "split")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_MAX_LORAS = 8  # LoRA adapters an actor keeps loaded (the least recently used goes first)
+DEFAULT_STRENGTH = 0.8  # image-to-image strength, diffusers' Img2Img pipelines' default
 
 
 @dataclass(kw_only=True)
@@ -104,6 +105,9 @@ class GenerationOptions:
     lora: list[str] = field(default_factory=list)
     lora_scale: list[float] = field(default_factory=list)  # empty: 1 per file; else one per file
     max_loras_per_actor: int = DEFAULT_MAX_LORAS
+    # image-to-image: the strength of rows with an 'init_image' and a null 'strength' (diffusers' default); part of
+    # the output's identity where the input has an 'init_image' column (``plan_generation``)
+    strength: float = DEFAULT_STRENGTH
 
     def __post_init__(self) -> None:
         from workers.runtime.schedulers import check_scheduler_name
@@ -138,6 +142,8 @@ class GenerationOptions:
             raise ValueError(f"attention_backend: must be a backend name, got {self.attention_backend!r}")
         self.stages = stage_options_of(self.stages)
         self.lora, self.lora_scale = check_lora_fields(self.lora, self.lora_scale, self.max_loras_per_actor)
+        if not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:  # NaN fails both comparisons
+            raise ValueError(f"strength: must be between 0 and 1, got {self.strength!r}")
 
     @property
     def uses_loras(self) -> bool:

@@ -23,6 +23,9 @@ PROMPT_OPTIONAL_COLUMNS = {
     # per-row LoRA (``workers.runtime.loras``): rows are denoised with these adapters applied
     "lora": "URI of a LoRA .safetensors file (any fsspec location), or a list of them; default: the run's --lora",
     "lora_scale": "weight of each LoRA: a number (every file) or a list matching 'lora'; default: the run's --lora-scale, else 1",
+    # image-to-image (``pipelines.generation.init_images``): rows start from a source image
+    "init_image": "source image: bytes, or a path or URI (relative: to the prompt table's folder); null: text-to-image",
+    "strength": "how far from the source image, 0 to 1 (diffusers' strength); default: the run's --strength (0.8)",
 }
 LORA_COLUMNS = ("lora", "lora_scale")
 PAIR_COLUMNS = ("original_size", "crop_top_left", "target_size")
@@ -33,6 +36,10 @@ _NUMBER_COLUMNS = {"guidance_scale"}
 
 def _is_string(data_type: pa.DataType) -> bool:
     return pa.types.is_string(data_type) or pa.types.is_large_string(data_type) or pa.types.is_string_view(data_type)
+
+
+def _is_binary(data_type: pa.DataType) -> bool:
+    return pa.types.is_binary(data_type) or pa.types.is_large_binary(data_type) or pa.types.is_binary_view(data_type)
 
 
 def _is_number(data_type: pa.DataType) -> bool:
@@ -64,6 +71,10 @@ def check_prompt_schema(schema: pa.Schema, where: str) -> None:
             raise ValueError(f"{where}: column 'lora' must hold URI strings or lists of them, not {kind}")
         if field.name == "lora_scale" and not (_is_number(kind) or pa.types.is_null(kind) or _is_list_of(kind, _is_number)):
             raise ValueError(f"{where}: column 'lora_scale' must hold numbers or lists of numbers, not {kind}")
+        if field.name == "init_image" and not (_is_string(kind) or _is_binary(kind) or pa.types.is_null(kind)):
+            raise ValueError(f"{where}: column 'init_image' must hold image bytes or path strings, not {kind}")
+        if field.name == "strength" and not (_is_number(kind) or pa.types.is_null(kind)):
+            raise ValueError(f"{where}: column 'strength' must hold numbers, not {kind}")
         if field.name == "id" and not (_is_string(kind) or pa.types.is_integer(kind)):
             raise ValueError(f"{where}: column 'id' must hold strings or integers, not {kind}")
 
@@ -103,8 +114,16 @@ LORA_FIELDS = [
 ]
 
 
-def manifest_schema(save_latents: bool, loras: bool = False) -> pa.Schema:
-    return pa.schema(MANIFEST_FIELDS + (LORA_FIELDS if loras else []) + (LATENT_FIELDS if save_latents else []))
+INIT_IMAGE_MANIFEST_FIELDS = [
+    pa.field("init_image", pa.string()),  # the source: its URI, or "input row N" for bytes; null: a text-to-image row
+    pa.field("init_image_sha256", pa.string()),  # sha256 of the source's bytes, as the row was generated from them
+    pa.field("strength", pa.float64()),
+]
+
+
+def manifest_schema(save_latents: bool, loras: bool = False, init_images: bool = False) -> pa.Schema:
+    return pa.schema(MANIFEST_FIELDS + (LORA_FIELDS if loras else []) + (INIT_IMAGE_MANIFEST_FIELDS if init_images else [])
+                     + (LATENT_FIELDS if save_latents else []))
 
 
 # Why a row is in errors/: its own fault, or something outside it. A rerun leaves the first kind

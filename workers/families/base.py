@@ -52,6 +52,8 @@ class ModelFamily:
 
     name: ClassVar[str]
     pipeline_class: ClassVar[str]  # `model_index.json` ``_class_name``
+    # diffusers' image-to-image pipeline of the family (rows with an ``init_image``); None: such rows are refused
+    img2img_pipeline_class: ClassVar[str | None] = None
     text_components: ClassVar[tuple[str, ...]]  # tokenizers and text encoders (the text stage)
     optional_components: ClassVar[tuple[str, ...]] = ()  # may be missing from a directory (SD3's T5)
     # components whose config (not weights) the text stage reads

@@ -13,6 +13,7 @@ from workers.families.base import FLOW_SCHEDULERS, ModelFamily, ModelShape, to_n
 class Flux(ModelFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
+    img2img_pipeline_class = "FluxImg2ImgPipeline"
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     denoiser_component = "transformer"
     attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn

@@ -14,6 +14,7 @@ from workers.families.base import FLOW_SCHEDULERS, ModelFamily, ModelShape, to_n
 class QwenImage(ModelFamily):
     name = "qwenimage"
     pipeline_class = "QwenImagePipeline"
+    img2img_pipeline_class = "QwenImageImg2ImgPipeline"
     text_components = ("tokenizer", "text_encoder")
     denoiser_component = "transformer"
     attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn

@@ -12,6 +12,7 @@ from workers.families.base import ModelFamily, to_numpy
 class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
+    img2img_pipeline_class = "StableDiffusionImg2ImgPipeline"
     text_components = ("tokenizer", "text_encoder")
     # latentray's default since its first release (diffusers' is 50): kept so SD runs stay unchanged
     default_steps = 30

@@ -13,6 +13,7 @@ from workers.families.base import FLOW_SCHEDULERS, ModelFamily, to_numpy
 class StableDiffusion3(ModelFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    img2img_pipeline_class = "StableDiffusion3Img2ImgPipeline"
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
     # diffusers runs SD3 without T5 (zeros in its place): a directory may leave it out
     optional_components = ("tokenizer_3", "text_encoder_3")

@@ -20,6 +20,7 @@ CALL_ARGUMENTS = {"original_size": "original_size", "crop_top_left": "crops_coor
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    img2img_pipeline_class = "StableDiffusionXLImg2ImgPipeline"
     text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     embedding_columns = ("prompt_embeds", "pooled_prompt_embeds")
     default_steps = 50

@@ -14,6 +14,7 @@ from workers.families.tokenizers import chat_token_count
 class ZImage(ModelFamily):
     name = "zimage"
     pipeline_class = "ZImagePipeline"
+    img2img_pipeline_class = "ZImageImg2ImgPipeline"
     text_components = ("tokenizer", "text_encoder")
     denoiser_component = "transformer"
     attention_dispatch = True  # its attention processors call diffusers' dispatch_attention_fn
