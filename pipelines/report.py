@@ -44,6 +44,7 @@ class Sample:
     row_id: str
     caption: str
     image: Image.Image
+    source: Image.Image | None = None  # an image-to-image row's source, shown beside its result
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,41 @@ def first_rows(folder: str, columns: list[str], count: int) -> pa.Table:
     return found.take(pc.sort_indices(found, sort_keys=[("id", "ascending")])).select(columns)
 
 
-def generated_samples(output: str, count: int) -> list[Sample]:
-    table = first_rows(io.join(output, "manifest"), ["id", "prompt", "image_path"], count)
-    return [Sample(row_id, prompt, Image.open(bytes_io.BytesIO(io.read_bytes(io.join(output, path)))).convert("RGB"))
-            for row_id, prompt, path in zip(*(table.column(name).to_pylist() for name in ("id", "prompt", "image_path")))]
+def generated_samples(output: str, count: int, record: dict | None = None) -> list[Sample]:
+    folder = io.join(output, "manifest")
+    with_sources = "init_image" in schema_names(folder)
+    table = first_rows(folder, ["id", "prompt", "image_path", *(["init_image"] if with_sources else [])], count)
+    sources = (source_images(table.column("init_image").to_pylist(), (record or {}).get("config", {}).get("prompts"))
+               if with_sources else [None] * len(table))
+    return [Sample(row_id, prompt, Image.open(bytes_io.BytesIO(io.read_bytes(io.join(output, path)))).convert("RGB"), source)
+            for row_id, prompt, path, source in zip(*(table.column(name).to_pylist() for name in ("id", "prompt", "image_path")), sources)]
+
+
+def source_images(references: list[str | None], prompts: str | None) -> list[Image.Image | None]:
+    """Image-to-image rows' sources as the manifest names them: a URI read again, ``input row N`` from the
+    prompt table's row N (None for a text-to-image row, or a source that cannot be read now)."""
+    input_rows = [int(reference.rsplit(" ", 1)[1]) for reference in references if reference and reference.startswith("input row ")]
+    from_input = _input_sources(prompts, input_rows) if input_rows and prompts else {}
+    found = []
+    for reference in references:
+        try:
+            data = from_input.get(reference) if reference and reference.startswith("input row ") else reference and io.read_bytes(reference)
+            found.append(Image.open(bytes_io.BytesIO(data)).convert("RGB") if data else None)
+        except Exception:  # the report shows the result without its source
+            found.append(None)
+    return found
+
+
+def _input_sources(prompts: str, rows: list[int]) -> dict[str, bytes]:
+    """``input row N`` -> the bytes in that row's ``init_image``, read from the row group that holds it."""
+    _, fragments = io.parquet_fragments(prompts)
+    starts, found = io.file_starts(fragments), {}
+    for row in rows:
+        fragment = next((f for f in fragments if f.first_row <= row < f.first_row + f.num_rows), None)
+        if fragment is not None:
+            table, index = io.read_parquet_rows(fragment.uri, np.array([row - starts[fragment.uri]]), ["init_image"])
+            found[f"input row {row}"] = table.column("init_image")[int(index[0])].as_py()
+    return found
 
 
 def decoded_samples(output: str, record: dict, count: int) -> list[Sample]:
@@ -253,9 +285,9 @@ def stage_rows(record: dict) -> list[dict]:
 # -- pictures -------------------------------------------------------------------------------------
 
 
-def thumbnail(image: Image.Image) -> Image.Image:
-    """Fit into CELL x CELL; small images are enlarged without smoothing so their pixels stay visible."""
-    scale = CELL / max(image.size)
+def thumbnail(image: Image.Image, cell: int = CELL) -> Image.Image:
+    """Fit into cell x cell; small images are enlarged without smoothing so their pixels stay visible."""
+    scale = cell / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
 
@@ -273,8 +305,12 @@ def contact_sheet(samples: list[Sample]) -> Image.Image:
         draw.text((8, CELL // 2), "no images", fill="black")
     for index, sample in enumerate(samples):
         left, top = (index % COLUMNS) * CELL, (index // COLUMNS) * (CELL + LABEL_HEIGHT)
-        small = thumbnail(sample.image)
-        sheet.paste(small, (left + (CELL - small.width) // 2, top + (CELL - small.height) // 2))
+        # an image-to-image row: its source in the cell's left half, its result in the right one
+        pictures = [sample.image] if sample.source is None else [sample.source, sample.image]
+        width = CELL // len(pictures)
+        for place, picture in enumerate(pictures):
+            small = thumbnail(picture, width)
+            sheet.paste(small, (left + place * width + (width - small.width) // 2, top + (CELL - small.height) // 2))
         draw.text((left + 4, top + CELL + 3), sample.row_id[:20], fill="black")
     return sheet
 
@@ -313,7 +349,7 @@ def write_report(output: str, samples: int = 16) -> WrittenReport:
     kind, folder = run_kind(output)
     notes: list[str] = []
     try:
-        shown = generated_samples(output, samples) if kind == "generate" else decoded_samples(output, record, samples)
+        shown = generated_samples(output, samples, record) if kind == "generate" else decoded_samples(output, record, samples)
     except Exception as error:  # a report without pictures still shows counts and errors
         shown = []
         notes.append(f"samples could not be shown: {type(error).__name__}: {error}")
@@ -330,7 +366,7 @@ STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 75em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 .samples { display: grid; grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)); gap: 0.8em; }
-figure { margin: 0; } figure img { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }
+figure { margin: 0; } figure img.source { width: 64px; height: 64px; } figure img { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }
 figcaption { font-size: 0.8em; overflow-wrap: anywhere; } .histograms { display: flex; flex-wrap: wrap; gap: 1em; }
 .note { color: #8a4b00; }
 """
@@ -347,7 +383,9 @@ def render_page(output: str, kind: str, record: dict, samples: list[Sample], his
         *[f'<p class="note">{html.escape(note)}</p>' for note in notes],
         f"<h2>{'Sample images' if kind == 'generate' else 'Decoded sample latents'} ({len(samples)})</h2>",
         '<div class="samples">' + "".join(
-            f'<figure><img src="{data_uri(thumbnail(s.image))}" alt="{html.escape(s.row_id)}">'
+            "<figure>" + (f'<img src="{data_uri(thumbnail(s.source))}" alt="source of {html.escape(s.row_id)}" class="source">'
+                          if s.source is not None else "") +
+            f'<img src="{data_uri(thumbnail(s.image))}" alt="{html.escape(s.row_id)}">'
             f"<figcaption><b>{html.escape(s.row_id)}</b> {html.escape(s.caption[:120])}</figcaption></figure>" for s in samples
         ) + "</div>",
         "<h2>Latent channels</h2>",

@@ -120,6 +120,18 @@ def test_manifest_records_each_rows_source_its_sha256_and_strength(img2img_run, 
     assert pd.isna(manifest.loc["text", "init_image"]) and pd.isna(manifest.loc["text", "strength"])
 
 
+def test_the_report_shows_each_source_beside_its_result(img2img_run, sources):
+    from pipelines.report import generated_samples, write_report
+
+    output, record = img2img_run
+    samples = {sample.row_id: sample for sample in generated_samples(str(output), 16, record)}
+    assert np.array_equal(np.asarray(samples["a"].source), np.asarray(Image.open(sources["a"]).convert("RGB")))
+    assert samples["wide"].source.size == (48, 40) and samples["text"].source is None
+    written = write_report(str(output))
+    page = open(written.html).read()
+    assert 'alt="source of a"' in page and 'alt="source of text"' not in page
+
+
 def test_a_rerun_resumes_by_id_and_another_strength_is_another_output(ray_session, tmp_path):
     rows = [{"id": "a", "prompt": "a red cat", "seed": 1, "init_image": save_source(tmp_path / "a.png", 1), "strength": None},
             {"id": "text", "prompt": "a red cat", "seed": 3, "init_image": None, "strength": None}]
