@@ -132,6 +132,29 @@ def test_the_report_shows_each_source_beside_its_result(img2img_run, sources):
     assert 'alt="source of a"' in page and 'alt="source of text"' not in page
 
 
+def test_a_lora_row_with_a_source_image_equals_diffusers_img2img_with_the_lora(ray_session, tiny_model_dir, tmp_path):
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from test_lora import save_lora
+
+    lora = save_lora(tiny_model_dir, str(tmp_path / "style.safetensors"), seed=7)
+    source = save_source(tmp_path / "source.png", 11)
+    row = {"id": "both", "prompt": "a red cat", "seed": 5, "init_image": source, "strength": 0.6, "lora": lora, "lora_scale": 0.8}
+    config = GenerateConfig(prompts=write_prompts(tmp_path / "prompts.parquet", [row]), output=str(tmp_path / "out"), model="tiny",
+                            steps=STEPS, guidance=GUIDANCE, height=SIZE, width=SIZE)
+    assert run_generation(config)["counts"]["ok_rows"] == 1
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest")
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.8])
+    expected = pipe(row["prompt"], image=Image.open(source), strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                    generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+    assert_images_match(read_image(tmp_path / "out" / manifest["image_path"][0]), (expected * 255).round().astype(np.uint8))
+
+
 def test_a_rerun_resumes_by_id_and_another_strength_is_another_output(ray_session, tmp_path):
     rows = [{"id": "a", "prompt": "a red cat", "seed": 1, "init_image": save_source(tmp_path / "a.png", 1), "strength": None},
             {"id": "text", "prompt": "a red cat", "seed": 3, "init_image": None, "strength": None}]
