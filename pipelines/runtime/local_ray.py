@@ -25,8 +25,15 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     _use_loopback()
     ray.init(
         address="local", num_cpus=num_cpus or embedded_cpus(), include_dashboard=False, _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING, configure_logging=True,
+        logging_level=logging.WARNING, configure_logging=True, _system_config=SYSTEM_CONFIG,
     )
+
+
+# Ray allows as many worker-lease requests in flight per kind of task as the cluster has nodes: one, on an
+# embedded Ray. A request its raylet never answers (seen in CI: the driver's request in flight, the raylet's
+# queues empty, every worker idle) then blocks every later task of that kind, and the ledger's ``ray.get``
+# waited forever. Ray's earlier default of 10 lets the other requests go on.
+SYSTEM_CONFIG = {"max_pending_lease_requests_per_scheduling_category": 10}
 
 
 # Ray's switch for a single-machine Ray (its default on macOS and Windows): the node's address is the loopback one
