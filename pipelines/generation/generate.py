@@ -17,7 +17,7 @@ import ray.data
 
 from pipelines.generation.commit import commit_generated
 from pipelines.generation.init_images import SourceSettings, uses_init_images
-from pipelines.generation.prompt_rows import PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts, uses_loras
+from pipelines.generation.prompt_rows import LORA_GROUPING_BLOCKS, PROMPT_ROW_COLUMNS, PromptDefaults, normalize_prompts, uses_loras
 from pipelines.runtime import io
 from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
@@ -257,17 +257,19 @@ def generated_rows(plan: GenerationPlan, stages: list[Stage], block_rows: int) -
     repeated = find_repeated_ids(plan.fragments, "id") if "id" in plan.columns else RepeatedIds.none()
     # batches form identically on every run, so reruns produce byte-identical images
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # a LoRA job's rows are read several blocks at a time, to be grouped by adapter set (``normalize_prompts``)
+    read_rows = block_rows * (LORA_GROUPING_BLOCKS if plan.loras else 1)
     # 2. the row groups left to do; each task drops the rows committed there already (by id, or by position)
     if plan.ids is not None:
         dataset = ray.data.from_arrow_refs(plan.ids.items).map_batches(
             read_rows_not_done, batch_format="pyarrow", batch_size=1, num_cpus=TASK_CPUS,
-            fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+            fn_kwargs={"columns": plan.columns, "rows_per_block": read_rows},
         )
     else:
         items = [pending.to_item() for pending in plan.resume.pending]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         dataset = dataset.map_batches(
-            read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": block_rows},
+            read_pending_rows, batch_size=1, num_cpus=TASK_CPUS, fn_kwargs={"columns": plan.columns, "rows_per_block": read_rows},
         )
     defaults = prompt_defaults(plan.config, plan.model, plan.fragments)
     return generation_rows(dataset, stages, defaults=defaults, block_rows=block_rows, repeated=repeated)
