@@ -58,6 +58,11 @@ def test_a_shard_claims_misses_counts_hits_and_duplicates_and_bounds_its_embeddi
     # a claim older than claim_seconds passes on too (its actor died, or is that slow)
     stale = TextCacheShard(budget_bytes=size, claim_seconds=0.0)
     assert stale.lookup(["x"]) == [None] and stale.lookup(["x"]) == [None]
+    # an actor's claim passes back to that actor asking again (Ray restarted it and resubmitted its batch), never to another
+    claimed = TextCacheShard(budget_bytes=size)
+    assert claimed.lookup(["y"], "actor-1") == [None]
+    assert claimed.lookup(["y"], "actor-2") == [PENDING] and claimed.lookup(["y"]) == [PENDING]
+    assert claimed.lookup(["y"], "actor-1") == [None]
 
 
 class InProcessCache:

@@ -17,7 +17,9 @@ before the embedding is registered is told it is pending and waits for it (polli
 than encoding it again. Rows of few prompts and many seeds reach every actor in its first
 batch: without claims, actors that start together would all encode the same texts. A claim
 older than ``CLAIM_SECONDS`` (its actor died, or is that slow) passes to the next actor that
-asks; a text then encoded twice is counted as a duplicate (``stats()``).
+asks; a text then encoded twice is counted as a duplicate (``stats()``). A claim also passes at
+once to its own actor asking again: a restarted actor (Ray Data restarts a killed one and
+resubmits its batch) would otherwise wait ``CLAIM_SECONDS`` for the texts its dead process claimed.
 
 numpy and ray only (no torch): the driver imports this module.
 """
@@ -112,27 +114,34 @@ class TextCacheShard:
     def __init__(self, budget_bytes: int, claim_seconds: float = CLAIM_SECONDS):
         self.entries: LruBytes[str, Any] = LruBytes(budget_bytes)
         self.claim_seconds = claim_seconds
-        self.claims: dict[str, float] = {}  # key -> when an actor claimed it; at most the texts being encoded now
+        # key -> (when, which actor) it was claimed; at most the texts being encoded now
+        self.claims: dict[str, tuple[float, str | None]] = {}
         self.lookups = self.hits = self.waits = self.registered = self.duplicates = self.refused = 0
 
-    def lookup(self, keys: list[str]) -> list[Any]:
+    def lookup(self, keys: list[str], asker: str | None = None) -> list[Any]:
         """Per key: its ObjectRef (in a list, so that Ray hands the reference, not the object); ``PENDING``
-        when another actor is encoding it; None when the asker is to encode it (now claimed for it)."""
+        when another actor is encoding it; None when the asker is to encode it (now claimed for it).
+        ``asker``: the asking actor's id (None for a task): its own claims pass back to it."""
         import time
 
         now = time.monotonic()
         answers = []
         for key in keys:
             ref = self.entries.get(key)
-            if ref is None and now - self.claims.get(key, -self.claim_seconds) < self.claim_seconds:
+            if ref is None and self._claimed_by_another(key, asker, now):
                 ref = PENDING
             elif ref is None:
-                self.claims[key] = now
+                self.claims[key] = (now, asker)
             answers.append(ref)
         self.lookups += len(keys)
         self.hits += sum(answer is not None and answer != PENDING for answer in answers)
         self.waits += sum(answer == PENDING for answer in answers)
         return answers
+
+    def _claimed_by_another(self, key: str, asker: str | None, now: float) -> bool:
+        """A live claim by someone else: not expired, and not the asker's own (nor its dead process's, if restarted)."""
+        claimed_at, claimant = self.claims.get(key, (-self.claim_seconds, None))
+        return now - claimed_at < self.claim_seconds and (asker is None or claimant != asker)
 
     def forget(self, keys: list[str]) -> None:
         """Drop claims an actor gives up (its encoding failed) and entries whose object was lost: the next asker encodes them."""
@@ -210,7 +219,8 @@ class JobTextCache:
 
         # 1. one batched lookup per shard, all in flight at once
         by_shard = self._by_shard(texts)
-        lookups = {index: self.shards[index].lookup.remote([self.key(text) for text in group]) for index, group in by_shard.items()}
+        asker = ray.get_runtime_context().get_actor_id()  # None in a task
+        lookups = {index: self.shards[index].lookup.remote([self.key(text) for text in group], asker) for index, group in by_shard.items()}
         answers = {text: answer for index, group in by_shard.items() for text, answer in zip(group, ray.get(lookups[index]))}
         refs = {text: answer[0] for text, answer in answers.items() if answer is not None and answer != PENDING}
         # 2. the objects; one lost with its node or owner is a miss, encoded again
