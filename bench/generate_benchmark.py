@@ -406,6 +406,20 @@ def time_process(command: list[str]) -> float:
     return seconds
 
 
+def time_taking_turns(commands: dict[str, list[str]], timings: dict[str, "ProcessTiming"], size: int, repeats: int,
+                      latentray_sides: set[str]) -> None:
+    """Time each side's command ``repeats`` times, the sides taking turns; the fastest counts (a shared machine
+    slows runs, never speeds them). A latentray side also keeps where its fastest run's time went."""
+    for repeat in range(repeats):
+        for side, command in commands.items():
+            print(f"timing {size} images: {side} (run {repeat + 1} of {repeats}) ...", file=sys.stderr, flush=True)
+            seconds = time_process(command)
+            if seconds <= timings[side].seconds.get(size, seconds):
+                timings[side].seconds[size] = seconds
+                if side in latentray_sides:
+                    timings[side].breakdown[size] = start_up_breakdown(seconds, command[command.index("--output") + 1])
+
+
 def start_up_breakdown(process_seconds: float, output: str) -> dict[str, float]:
     """Where a latentray process's time went, from its run.json: before the run (interpreter, imports, plan,
     Ray start), in the run outside model compute (actors starting and loading the model, commits, waits),
@@ -441,15 +455,7 @@ def run_whole_process_benchmark(settings: BenchmarkSettings, sizes: tuple[int, i
                     *common_options,
                 ],
             }
-            # the sides take turns and the fastest of the repeats counts: a shared machine slows runs, never speeds them
-            for repeat in range(repeats):
-                for side, command in commands.items():
-                    print(f"timing {size} images: {side} (run {repeat + 1} of {repeats}) ...", file=sys.stderr, flush=True)
-                    seconds = time_process(command)
-                    if seconds <= timings[side].seconds.get(size, seconds):
-                        timings[side].seconds[size] = seconds
-                        if side == "latentray":
-                            timings[side].breakdown[size] = start_up_breakdown(seconds, command[command.index("--output") + 1])
+            time_taking_turns(commands, timings, size, repeats, latentray_sides={"latentray"})
     diffusers, latentray = timings["diffusers"], timings["latentray"]
     header = ("side", *[f"{size} images (s)" for size in sizes], "steady state s/image", "images/s", "start-up (s)")
     rows = [(
@@ -522,14 +528,8 @@ def run_lora_benchmark(settings: BenchmarkSettings, sizes: tuple[int, int], repe
                 "--height", str(settings.size), "--width", str(settings.size), "--placement", "fused", "--overwrite",
                 "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
             ] for index, (side, prompts_path) in enumerate(zip(sides, (plain_path, lora_path)))}
-            # 2. the sides take turns and the fastest of the repeats counts
-            for repeat in range(repeats):
-                for side, command in commands.items():
-                    print(f"timing {size} images: {side} (run {repeat + 1} of {repeats}) ...", file=sys.stderr, flush=True)
-                    seconds = time_process(command)
-                    if seconds <= timings[side].seconds.get(size, seconds):
-                        timings[side].seconds[size] = seconds
-                        timings[side].breakdown[size] = start_up_breakdown(seconds, command[command.index("--output") + 1])
+            # 2. the sides take turns
+            time_taking_turns(commands, timings, size, repeats, latentray_sides=set(sides))
     # 3. the figures
     plain, with_loras = (timings[side] for side in sides)
     header = ("side", *[f"{size} images (s)" for size in sizes], "steady state s/image", "start-up (s)")
