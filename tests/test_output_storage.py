@@ -78,3 +78,31 @@ def test_a_storage_error_is_found_behind_the_errors_ray_raises():
     found = storage_error_in(RuntimeError(text))
     assert (found.action, found.uri, found.reason) == (error.action, error.uri, error.reason)
     assert storage_error_in(ValueError("bad input")) is None
+
+
+def test_a_folder_of_many_pages_on_s3_is_listed_whole_in_parallel(s3_endpoint, monkeypatch):
+    """A large folder is listed by prefixes of its parts' first positions, at once: the same names and
+    versions as one plain listing, odd names included (pages of 10 names stand for S3's 1,000)."""
+    import numpy as np
+
+    monkeypatch.setattr(io, "S3_PAGE_KEYS", 10)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="many-parts")
+    rng = np.random.default_rng(0)
+    firsts = sorted(rng.choice(10**7, 120, replace=False).tolist()) + [5] * 12  # 12 parts at one position: a page and more
+    names = [io.part_name(np.array([first, first + 31]), [f"id-{first}-{copy}", "x"]) for copy, first in enumerate(firsts)]
+    names += ["transient-" + name for name in names[:15]]
+    odd = ["part-0.parquet", "part-.parquet", "part-x.parquet", "part-0000001:9.parquet", "notes.parquet", "sub/part-000000000007-z.parquet",
+           "_parts_index.parquet", ".hidden.parquet", "part-000000000009-readme.txt"]
+    for name in names + odd:
+        client.put_object(Bucket="many-parts", Key=f"out/manifest/{name}", Body=name.encode())
+    client.put_object(Bucket="many-parts", Key="out/manifest-other/part-000000000001-1-1-ab.parquet", Body=b"beside")
+
+    folder = "s3://many-parts/out/manifest"
+    fs = s3fs.S3FileSystem()
+    plain = {fs.unstrip_protocol(path): info["ETag"].strip('"') for path, info in fs.find(folder, detail=True).items()
+             if path.endswith(".parquet") and not os.path.basename(path).startswith(("_", "."))}
+    listed = io.list_part_versions(folder)
+    assert listed == plain
+    assert len(listed) == len(names) + 6  # every part and the 6 odd Parquet names; not the index, hidden or text files
+    assert io.list_parts(folder) == sorted(plain)

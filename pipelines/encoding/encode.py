@@ -29,7 +29,7 @@ from pipelines.runtime.config import EncodeConfig, EncodingOptions, parse_bucket
 from pipelines.encoding.ledger import Lookup, look_up, read_rows_with_lookup, settle
 from pipelines.encoding.latent_output import LatentLayout, commit_latents
 from pipelines.runtime.model_source import ModelDescription, component_fingerprint, describe_model
-from pipelines.runtime.outputs import OutputSummary, RunOutput
+from pipelines.runtime.outputs import Listing, OutputSummary, RunOutput
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
@@ -90,6 +90,7 @@ class EncodingPlan:
     label = "encode"
     log_stats_warnings = True
     finished = False  # rows are skipped by cache key, in the prepare tasks
+    listing = None  # the ledger's tasks look the output up (``before_run``)
     config: EncodeConfig
     model: ModelDescription
     output: RunOutput
@@ -151,9 +152,9 @@ class EncodingPlan:
     def final_fields(self) -> dict:
         return {}
 
-    def final_counts(self, totals: RunTotals | None) -> dict:
-        # one copy per row: rows this run wrote again supersede their older copies
-        return settle(self.output, self.fragments, self.id_column, self.run)
+    def final_counts(self, totals: RunTotals | None, listing: Listing | None) -> tuple[dict, Listing]:
+        # one copy per row: rows this run wrote again supersede their older copies (removed: listed after)
+        return settle(self.output, self.fragments, self.id_column, self.run), self.output.listing()
 
     def error_reasons(self, summary: OutputSummary) -> dict[str, int]:
         return summary.error_reasons("code")

@@ -23,7 +23,7 @@ from pipelines.runtime.config import GenerateConfig, GenerationOptions
 from pipelines.runtime.job import RunTotals, run_job
 from pipelines.runtime.lora_files import LoraFiles, check_loras_unchanged, loras_used, previous_loras
 from pipelines.runtime.model_source import ModelDescription, describe_model
-from pipelines.runtime.outputs import OutputSummary, RunOutput
+from pipelines.runtime.outputs import Listing, OutputSummary, RunOutput
 from pipelines.runtime.placement import TASK_CPUS, ClusterShape, StageShare, stage_options, vae_micro_batch
 from pipelines.runtime.precision import carry_precision, resolve_stages, settle_precision, stage_precision
 from pipelines.runtime.repeated_ids import RepeatedIds, find_repeated_ids
@@ -110,6 +110,7 @@ class GenerationPlan:
     columns: list[str]
     input_files: list[dict]
     resume: ResumePlan
+    listing: Listing | None = None  # the output as planned (``PlannedJob``); transient errors reopened leave it
     # an input with ids that the listing does not show unchanged and wholly done: rows matched by id (``before_run``)
     by_id: bool = False
     ids: IdLookup | None = None
@@ -135,7 +136,7 @@ class GenerationPlan:
     def before_run(self) -> None:
         """By id: which input rows the output holds, found by tasks. By position: nothing (the output's listing says)."""
         if self.by_id:
-            results, errors = self.output.spans()
+            results, errors = self.output.spans(self.listing)
             self.ids = look_up_ids(self.fragments, results + errors, "id")
 
     def placement(self, cluster: ClusterShape) -> str:
@@ -162,10 +163,11 @@ class GenerationPlan:
     def final_fields(self) -> dict:
         return {"loras": loras_used(self.output)} if self.loras else {}
 
-    def final_counts(self, totals: RunTotals | None) -> dict:
-        ok_rows, error_rows = self.output.counts()
+    def final_counts(self, totals: RunTotals | None, listing: Listing | None) -> tuple[dict, Listing]:
+        listing = self.output.listing() if listing is None else listing
+        ok_rows, error_rows = self.output.counts(listing)
         return {"input_rows": self.input_rows, "ok_rows": ok_rows, "error_rows": error_rows,
-                "generated_this_run": totals.ok_rows if totals else 0, "accounted_before_this_run": self.rows_done_before}
+                "generated_this_run": totals.ok_rows if totals else 0, "accounted_before_this_run": self.rows_done_before}, listing
 
     def error_reasons(self, summary: OutputSummary) -> dict[str, int]:
         return summary.error_reasons()
@@ -211,7 +213,8 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
     input_files, recorded = input_versions(fragments), (previous or {}).get("input_files")
     if "id" not in schema.names:
         check_input_unchanged(recorded, input_files, fragments)
-    results, errors = output.spans()
+    listing = output.listing()
+    results, errors = output.spans(listing)
     errors = [span for span in errors if not span.transient]
     resume = plan_resume(fragments, results + errors)
     by_id = "id" in schema.names and bool(results or errors) and (input_change(recorded, input_files, fragments) is not None or not resume.finished)
@@ -219,7 +222,7 @@ def plan_generation(config: GenerateConfig) -> GenerationPlan:
         config=config, model=model, output=output, identity=identity, fragments=fragments, input_files=input_files,
         columns=["prompt", *[c for c in (*PROMPT_OPTIONAL_COLUMNS, *model.family.conditioning_columns) if c in schema.names]],
         resume=ResumePlan(pending=[PendingFragment(fragment, ()) for fragment in fragments], committed_rows=0) if by_id else resume,
-        by_id=by_id, loras=loras, init_images=init_images,
+        listing=listing, by_id=by_id, loras=loras, init_images=init_images,
     )
 
 

@@ -12,6 +12,7 @@ which stops a run with exit 3 (never read as "no parts yet").
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -232,7 +234,7 @@ def list_parts(folder_uri: str) -> list[str]:
     """
     with storage_errors("list", folder_uri):
         fs, path = filesystem(folder_uri)
-        return [fs.unstrip_protocol(p) for p in _find_parquet(fs, path)]
+        return [fs.unstrip_protocol(p) for p in _find_parts(fs, path)]
 
 
 def list_part_versions(folder_uri: str) -> dict[str, str]:
@@ -240,7 +242,104 @@ def list_part_versions(folder_uri: str) -> dict[str, str]:
     tells a part rewritten under the same name from the one an index summarised."""
     with storage_errors("list", folder_uri):
         fs, path = filesystem(folder_uri)
-        return {fs.unstrip_protocol(p): _part_version(info) for p, info in _find_parquet(fs, path).items()}
+        return {fs.unstrip_protocol(p): _part_version(info) for p, info in _find_parts(fs, path).items()}
+
+
+def _find_parts(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """``_find_parquet`` for an output folder; on S3, a folder of more than a page of names is listed
+    in parallel (``_s3_find``): one listing is a request per 1,000 names, one after the other."""
+    if "s3" in _protocols(fs) and hasattr(fs, "_call_s3"):
+        try:
+            found = fsspec.asyn.sync(fs.loop, _s3_find, fs, path)
+        except ABSENT:
+            return {}
+        return {p: found[p] for p in sorted(found) if _is_part(p)}
+    return _find_parquet(fs, path)
+
+
+# -- listings of large folders on S3 ----------------------------------------------------------------
+#
+# S3 answers a listing 1,000 names per request, each request after the previous one: 300,000 parts
+# are 300 requests in a row (and S3-compatible servers that sort the whole folder per request, as
+# moto does, take minutes). A part's name starts with its first input position, 12 digits
+# (``part_name``), so a folder splits into prefixes by those digits, listed at once, each as deep as
+# one page of names needs. Nothing is left out: names without "part-" come from one rolled-up
+# listing, and at each split the names with no digit next are listed by range (few: not parts).
+
+S3_PAGE_KEYS = 1000  # S3's most names per listing request
+S3_LISTINGS_AT_ONCE = 32
+POSITION_DIGITS = 12  # ``part_name``: the first position, zero-padded to 12 digits
+PART_MARK = "part-"
+
+
+async def _s3_find(fs: Any, path: str) -> dict[str, dict]:
+    """Every object under folder ``path`` of S3 file system ``fs``, with its ETag and size."""
+    bucket, key, _ = fs.split_path(path)
+    folder = key.rstrip("/") + "/" if key else ""
+    at_once = asyncio.Semaphore(S3_LISTINGS_AT_ONCE)
+    # 1. a folder of one page is listed by that page, whatever its names
+    found, _, more = await _s3_page(fs, bucket, folder, at_once)
+    if more is None:
+        return found
+    # 2. more: the names without "part-" whole, the others rolled up, one prefix per kind of part
+    found, kinds = await _s3_range(fs, bucket, folder, at_once, delimiter=PART_MARK)
+
+    # 3. each kind split by its parts' first positions, digit by digit, until what is left fits a page
+    async def walk(prefix: str, digits: int, start_after: str | None = None) -> None:
+        page, _, more = await _s3_page(fs, bucket, prefix, at_once, start_after=start_after)
+        found.update(page)
+        if more is None:
+            return
+        last = max(page)[len(bucket) + 1:]  # the page holds every name of the prefix up to this one
+        if digits == POSITION_DIGITS:  # one position holds a few parts: the rest listed whole
+            found.update((await _s3_range(fs, bucket, prefix, at_once, start_after=last))[0])
+            return
+        # the rest: names with no digit next (few: not parts) sort before prefix + "0" or after
+        # prefix + "9..." (":" follows "9"); the others by their next digit, from the page's last name on
+        listings = [_s3_range(fs, bucket, prefix, at_once, start_after=max(last, prefix + ":"))]
+        if last < prefix + "0":
+            listings.append(_s3_range(fs, bucket, prefix, at_once, start_after=last, stop=prefix + "0"))
+        for digit in "0123456789":
+            child = prefix + digit
+            if last.startswith(child):
+                listings.append(walk(child, digits + 1, start_after=last))
+            elif child > last:
+                listings.append(walk(child, digits + 1))
+        for result in await asyncio.gather(*listings):
+            if result is not None:
+                found.update(result[0])
+
+    await asyncio.gather(*(walk(kind, 0) for kind in kinds))
+    return found
+
+
+async def _s3_range(fs: Any, bucket: str, prefix: str, at_once: asyncio.Semaphore, *, delimiter: str | None = None,
+                    start_after: str | None = None, stop: str | None = None) -> tuple[dict[str, dict], list[str]]:
+    """The pages of one listing, from ``start_after`` to the first name at or after ``stop``:
+    (objects, rolled-up prefixes)."""
+    found, rolled_up, token = {}, [], None
+    while True:
+        page, prefixes, token = await _s3_page(fs, bucket, prefix, at_once, delimiter, start_after, token)
+        kept = {name: info for name, info in page.items() if stop is None or name < f"{bucket}/{stop}"}
+        found.update(kept)
+        rolled_up += prefixes
+        if token is None or len(kept) < len(page):
+            return found, rolled_up
+
+
+async def _s3_page(fs: Any, bucket: str, prefix: str, at_once: asyncio.Semaphore, delimiter: str | None = None,
+                   start_after: str | None = None, token: str | None = None) -> tuple[dict[str, dict], list[str], str | None]:
+    """One listing request: (objects, rolled-up prefixes, the next page's token or None)."""
+    arguments = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_KEYS, **fs.req_kw}
+    for name, value in (("Delimiter", delimiter), ("StartAfter", start_after), ("ContinuationToken", token)):
+        if value:
+            arguments[name] = value
+    async with at_once:
+        answer = await fs._call_s3("list_objects_v2", **arguments)  # s3fs's own retries apply
+    found = {f"{bucket}/{item['Key']}": {"name": f"{bucket}/{item['Key']}", "type": "file", "size": item["Size"],
+                                          "ETag": item.get("ETag")} for item in answer.get("Contents", [])}
+    prefixes = [item["Prefix"] for item in answer.get("CommonPrefixes", [])]
+    return found, prefixes, answer.get("NextContinuationToken") if answer.get("IsTruncated") else None
 
 
 def _part_version(info: dict) -> str:
@@ -263,7 +362,12 @@ def _find_parquet(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
         found = fs.find(path, detail=True, on_error="raise") if "file" in _protocols(fs) else fs.find(path, detail=True)
     except ABSENT:
         return {}
-    return {p: found[p] for p in sorted(found) if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_"))}
+    return {p: found[p] for p in sorted(found) if _is_part(p)}
+
+
+def _is_part(path: str) -> bool:
+    # "_" and "." name what readers of the table skip: the parts index, temporary files
+    return path.endswith(".parquet") and not posixpath.basename(path).startswith((".", "_"))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

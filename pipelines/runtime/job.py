@@ -22,7 +22,7 @@ import numpy as np
 import ray.data
 
 from pipelines.runtime import lease
-from pipelines.runtime.outputs import CommittedParts, OutputSummary, RunOutput
+from pipelines.runtime.outputs import CommittedParts, Listing, OutputSummary, RunOutput
 from pipelines.runtime.placement import BlockWork, ClusterShape, rows_per_block
 from pipelines.runtime.progress import ProgressReporter
 from pipelines.runtime.run_record import library_versions, utc_now
@@ -45,6 +45,7 @@ class PlannedJob(Protocol):
     model: Any  # ModelDescription
     output: RunOutput
     identity: dict
+    listing: Listing | None  # the output as the plan listed it (None: not listed), for the steps before the run commits
 
     @property
     def input_rows(self) -> int: ...
@@ -63,7 +64,9 @@ class PlannedJob(Protocol):
     def dataset(self, stages: list[Stage], block_rows: int) -> ray.data.Dataset: ...
     def record_fields(self) -> dict: ...  # what run.json holds beside the common fields
     def final_fields(self) -> dict: ...  # and what it holds once the run is over (of the whole output)
-    def final_counts(self, totals: "RunTotals | None") -> dict: ...  # input_rows, ok_rows, error_rows, ...
+    # (input_rows, ok_rows, error_rows, ...; the listing they come from): of the output at the end of the run,
+    # from ``listing`` where given (nothing committed since it was taken)
+    def final_counts(self, totals: "RunTotals | None", listing: Listing | None) -> tuple[dict, Listing]: ...
     def error_reasons(self, summary: OutputSummary) -> dict[str, int]: ...  # of what the output holds
     def latent_stats_text(self) -> tuple[str, str]: ...  # (what the statistics are over, how warnings open)
 
@@ -148,8 +151,8 @@ def _run_job(plan: PlannedJob) -> dict:
         record["note"] = "every input row was accounted for by an earlier run: nothing to do, no model loaded"
         # transient errors left beside a finished output hold rows committed since (a block Ray retried
         # after its first try wrote them): they go, as a run would retry them
-        plan.output.reopen_transient_errors()
-        return _finish(plan, record, started, progress, totals=None)
+        plan.output.reopen_transient_errors(plan.listing)
+        return _finish(plan, record, started, progress, totals=None, listing=plan.listing)
 
     # 1. stages for this cluster, wiring checked before anything runs; then what the output holds,
     # rows of transient errors pending again (this run retries them)
@@ -157,7 +160,7 @@ def _run_job(plan: PlannedJob) -> dict:
     placement = plan.placement(cluster)
     stages = plan.model_stages(placement, cluster)
     check_wiring(stages, plan.stage_input_columns())
-    retried = plan.output.reopen_transient_errors()
+    retried = plan.output.reopen_transient_errors(plan.listing)
     plan.before_run()
     progress = ProgressReporter(label=plan.label, total=plan.input_rows, done=plan.rows_done_before)
     block_rows = job_block_rows(plan, stages)
@@ -201,11 +204,13 @@ def stage_record(stage: Stage) -> dict:
     return {**vars(stage.options), "device": kwargs.get("device"), "dtype": kwargs.get("dtype"), "gpu_share": kwargs.get("gpu_share")}
 
 
-def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressReporter, totals: RunTotals | None) -> dict:
-    # 3. counts, statistics and the run record, from what the output holds (earlier runs included)
-    counts = plan.final_counts(totals)
+def _finish(plan: PlannedJob, record: dict, started: float, progress: ProgressReporter, totals: RunTotals | None,
+            listing: Listing | None = None) -> dict:
+    # 3. counts, statistics and the run record, from what the output holds (earlier runs included): one
+    # listing for both, ``listing`` where nothing was committed since it was taken
+    counts, listing = plan.final_counts(totals, listing)
     progress.finish(accounted=counts["ok_rows"] + counts["error_rows"])
-    summary = plan.output.summarize(totals.parts if totals else None)
+    summary = plan.output.summarize(totals.parts if totals else None, listing)
     over, suggests = plan.latent_stats_text()
     shape = plan.model.shape
     report = latent_stats_report(summary.stats, latent_channels=shape.latent_channels, scaling_factor=shape.scaling_factor,

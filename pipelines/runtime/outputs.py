@@ -69,6 +69,9 @@ INDEX_SCHEMA = pa.schema([
 COUNTED_ERROR_COLUMNS = ("reason", "code", "cause")  # an errors part's footer counts its rows per value of these
 
 Counts = dict[str, dict[str, int]]  # rows per value of each counted column: {"reason": {"bad prompt": 3}, ...}
+# what the results and errors folders held at one moment: folder ("manifest", "errors") -> {part URI: version},
+# sorted. Steps of a run with nothing committed between them share one (a listing is a request per 1,000 parts)
+Listing = dict[str, dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -228,9 +231,15 @@ class RunOutput:
             )
         return previous
 
-    def spans(self) -> tuple[list[PartSpan], list[PartSpan]]:
-        """(results parts, errors parts) committed so far, from the listing."""
-        return tuple([PartSpan.of(uri) for uri in _part_uris(folder)] for folder in (self.results_uri, self.errors_uri))
+    def listing(self) -> Listing:
+        """Each part of the results and errors folders with its version. A listing that failed raises
+        ``io.StorageError``, never "no parts"; a folder not there yet holds none."""
+        return {folder: io.list_part_versions(io.join(self.uri, folder)) for folder in (self.results_folder, ERRORS_FOLDER)}
+
+    def spans(self, listing: Listing | None = None) -> tuple[list[PartSpan], list[PartSpan]]:
+        """(results parts, errors parts) committed so far, from ``listing`` (else a listing now)."""
+        listing = self.listing() if listing is None else listing
+        return tuple([PartSpan.of(uri) for uri in listing[folder]] for folder in (self.results_folder, ERRORS_FOLDER))
 
     def commit(self, results: pa.Table | None, errors: pa.Table | None, stats: ChannelStats | None) -> list[dict]:
         """Commit rows: errors first, results last (a results part marks its rows done).
@@ -251,12 +260,15 @@ class RunOutput:
             records.append({"folder": self.results_folder, "name": posixpath.basename(uri), "stats": stats.to_dict() if stats else None})
         return records
 
-    def reopen_transient_errors(self) -> int:
+    def reopen_transient_errors(self, listing: Listing | None = None) -> int:
         """Delete the errors parts of transient rows, before a run resumes: their rows are pending again
-        and this run retries them. Return how many rows."""
-        reopened = [span for span in self.spans()[1] if span.transient]
+        and this run retries them. Return how many rows. They leave ``listing`` too: it stays what the
+        output holds."""
+        listing = self.listing() if listing is None else listing
+        reopened = [span for span in self.spans(listing)[1] if span.transient]
         for span in reopened:
             io.remove_tree(span.uri)
+            del listing[ERRORS_FOLDER][span.uri]
         return sum(span.rows for span in reopened)
 
     def transient_error_reasons(self, summary: OutputSummary) -> dict[str, int]:
@@ -268,9 +280,9 @@ class RunOutput:
             add_counts(counts, _footer_counts(uri, metadata))
         return dict(counts.get("reason", {}))
 
-    def counts(self) -> tuple[int, int]:
+    def counts(self, listing: Listing | None = None) -> tuple[int, int]:
         """(result rows, error rows) committed in the output so far, from the parts' names."""
-        results, errors = self.spans()
+        results, errors = self.spans(listing)
         return sum(span.rows for span in results), sum(span.rows for span in errors)
 
     def latent_stats(self) -> ChannelStats | None:
@@ -282,16 +294,16 @@ class RunOutput:
         values the rest are counted under ``OTHER_REASONS``."""
         return self.summarize().error_reasons(column)
 
-    def summarize(self, committed: CommittedParts | None = None) -> OutputSummary:
+    def summarize(self, committed: CommittedParts | None = None, listing: Listing | None = None) -> OutputSummary:
         """Statistics and error counts over every part the output lists, exact, and the parts index for them.
 
         Each listed part is counted once, from the first of: a group of the saved index whose parts
         are all listed with the versions it summarised; a group of this run's commits (``committed``)
         whose parts are all listed and in no such group; its footer, read in parallel with the others'.
         """
-        # 1. the listing, each part with its version; then the groups that still hold
-        listed = {folder: {posixpath.basename(uri): version for uri, version in io.list_part_versions(io.join(self.uri, folder)).items()}
-                  for folder in (self.results_folder, ERRORS_FOLDER)}
+        # 1. the listing (``listing``, else one now), each part with its version; then the groups that still hold
+        listed = {folder: {posixpath.basename(uri): version for uri, version in parts.items()}
+                  for folder, parts in (self.listing() if listing is None else listing).items()}
         saved = self._read_index()
         kept: list[PartGroup] = []
         covered: set[tuple[str, str]] = set()
@@ -409,11 +421,6 @@ def _listed_fingerprint(group: PartGroup, listed: dict[str, str], covered: set[t
     if any(name not in listed or (group.folder, name) in covered for name in group.names):
         return None
     return _fingerprint(group.names, [listed[name] for name in group.names])
-
-
-def _part_uris(folder: str) -> list[str]:
-    # a folder not there yet holds no part; a listing that failed raises io.StorageError, never "no parts"
-    return io.list_parts(folder)
 
 
 def _describe_changes(before: dict, after: dict) -> str:
