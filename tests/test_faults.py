@@ -1,6 +1,6 @@
 """Faults with real processes and real signals: the model actor SIGKILLed mid-run, twice; the driver
 SIGKILLed mid-run, then the job rerun (``generate`` and ``encode``); an object store that throttles, cuts connections, refuses some
-rows' image writes (transient errors, retried by the rerun) or refuses listings; and one writer per
+rows' image writes or source reads (image-to-image, ``encode``: transient errors, retried by the rerun) or refuses listings; and one writer per
 output (a second run refused, a dead run's lease taken over).
 
 The job runs as a user runs it (``python -m jobs.cli generate``, embedded Ray, in its own
@@ -595,3 +595,117 @@ def test_refused_listings_on_a_finished_rerun_exit_3_naming_the_location_and_cha
     ids = io.read_parquet_folder(f"{output}/manifest", ["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(f"listed-{index}" for index in range(rows))
 
+
+
+# -- source reads the store refuses: image-to-image and encode ---------------------------------------
+
+
+def put_objects(bucket: str, objects: dict[str, bytes]) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    for key, data in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def test_refused_source_image_reads_are_transient_errors_the_rerun_draws_those_rows(s3_endpoint, model_cache, tmp_path):
+    """Image-to-image from sources on S3, the GETs of two refused (403) during the first run: exit 3, those rows
+    transient errors (a missing source stays the row's own); the rerun draws exactly them, as their twins are drawn."""
+    from helpers import assert_images_match
+    from image_helpers import picture, png
+    from pipelines.runtime import io
+
+    # rows "a" and "b" read their sources; their twins read the same bytes under keys the proxy refuses
+    sources = {"a": png(picture(1, 64, 64)), "b": png(picture(2, 64, 64))}
+    put_objects("img2img-bucket", {**{f"sources/{name}.png": data for name, data in sources.items()},
+                                   **{f"sources/refused-{name}.png": data for name, data in sources.items()}})
+    twins = {"a-twin": "a", "b-twin": "b"}
+    rows = [{"id": name, "prompt": f"a drawing of {name}", "seed": index, "init_image": f"s3://img2img-bucket/sources/{name}.png"}
+            for index, name in enumerate(sources)]
+    rows += [{**rows[index], "id": twin, "init_image": f"s3://img2img-bucket/sources/refused-{name}.png"}
+             for index, (twin, name) in enumerate(twins.items())]
+    rows.append({"id": "missing", "prompt": "x", "seed": 9, "init_image": "s3://img2img-bucket/sources/missing.png"})
+    output = tmp_path / "out"
+    command = job_command(write_prompts(tmp_path / "prompts.parquet", rows), str(output), "--strength", "0.6", steps=4)
+
+    # 1. the first run, through a proxy that refuses the twins' source reads
+    proxy = FaultyS3Proxy(s3_endpoint, refuse=lambda method, path: method == "GET" and "/sources/refused-" in path, refuse_status=403)
+    started = time.monotonic()
+    try:
+        first = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
+    finally:
+        proxy.close()
+    print(f"first run {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    assert proxy.counts["refused"] >= 2, proxy.counts
+
+    # 2. incomplete, exit 3; the refused rows are transient errors of the validate stage, the missing one permanent
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr and f"2 of {len(rows)} rows failed for a cause outside them" in first.stderr, first.stderr[-3000:]
+    record = io.read_json(str(output / "run.json"))
+    assert record["status"] == "incomplete" and record["error_causes"] == {"permanent": 1, "transient": 2}
+    errors = {row["id"]: row for row in pq.read_table(output / "errors").to_pylist()}
+    assert {row_id: (row["stage"], row["cause"]) for row_id, row in errors.items()} == {
+        "a-twin": ("validate", "transient"), "b-twin": ("validate", "transient"), "missing": ("validate", "permanent")}
+    for twin, name in twins.items():
+        assert f"init_image: cannot read 's3://img2img-bucket/sources/refused-{name}.png'" in errors[twin]["reason"], errors[twin]
+    assert sorted(manifest_ids(str(output))) == ["a", "b"]
+
+    # 3. the rerun, reads allowed: exactly the refused rows, their error rows gone, the missing one left as it was
+    started = time.monotonic()
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    print(f"rerun {time.monotonic() - started:.1f} s")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    record = io.read_json(str(output / "run.json"))
+    assert record["status"] == "complete" and record["error_causes"] == {"permanent": 1, "transient": 0}
+    assert record["transient_errors_retried"] == 2 and record["counts"]["generated_this_run"] == 2
+    assert [(row["id"], row["cause"]) for row in pq.read_table(output / "errors").to_pylist()] == [("missing", "permanent")]
+    images = images_by_id(str(output))
+    assert sorted(images) == ["a", "a-twin", "b", "b-twin"]
+    for twin, name in twins.items():
+        assert_images_match(images[twin], images[name])
+
+
+def test_encode_source_reads_refused_end_incomplete_and_the_rerun_encodes_exactly_those_rows(s3_endpoint, model_cache, tmp_path):
+    """Image paths on S3, the GETs of two answered 503 SlowDown through every retry: exit 3, incomplete; the rerun
+    encodes exactly those two rows and ends complete."""
+    from image_helpers import picture, png, write_table
+    from pipelines.runtime import io
+
+    rows = 6
+    refused = {"img-1", "img-4"}
+    put_objects("encode-source-bucket", {f"images/img-{index}.png": png(picture(index, 64, 64)) for index in range(rows)})
+    table = write_table(tmp_path / "table.parquet", [
+        {"id": f"img-{index}", "file": f"s3://encode-source-bucket/images/img-{index}.png"} for index in range(rows)])
+    output = tmp_path / "latents"
+    command = [sys.executable, "-m", "jobs.cli", "encode", "--model", "tiny", "--images", table, "--output", str(output),
+               "--path-column", "file", "--resolution", "64"]
+
+    # 1. the first run, through a proxy that answers those rows' reads 503 (one client attempt, then s3fs's retries)
+    proxy = FaultyS3Proxy(s3_endpoint, refuse=lambda method, path: method == "GET" and any(f"/images/{row_id}.png" in path for row_id in refused))
+    started = time.monotonic()
+    try:
+        first = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1"})
+    finally:
+        proxy.close()
+    print(f"first run {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    assert proxy.counts["refused"] >= 2, proxy.counts
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr and f"2 of {rows} rows failed for a cause outside them" in first.stderr, first.stderr[-3000:]
+    record = io.read_json(str(output / "run.json"))
+    assert record["status"] == "incomplete" and record["error_causes"] == {"permanent": 0, "transient": 2}
+    errors = pq.read_table(output / "errors").to_pylist()
+    assert sorted((row["id"], row["code"], row["cause"]) for row in errors) == [(row_id, "unreadable_path", "transient") for row_id in sorted(refused)]
+
+    # 2. the rerun, reads allowed: those two rows encoded, no error left
+    started = time.monotonic()
+    rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    print(f"rerun {time.monotonic() - started:.1f} s")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    record = io.read_json(str(output / "run.json"))
+    assert record["status"] == "complete" and record["error_causes"] == {"permanent": 0, "transient": 0}
+    assert record["counts"]["encoded_this_run"] == len(refused) and record["counts"]["ok_rows"] == rows
+    assert sorted(encoded_ids(str(output))["latents"]) == sorted(f"img-{index}" for index in range(rows))
+    assert encoded_ids(str(output))["errors"] == []

@@ -105,6 +105,7 @@ def test_bad_sources_and_strengths_go_to_errors_naming_the_column_and_the_job_go
     assert sorted(errors.index) == sorted(BAD_REASONS)
     for row_id, reason in BAD_REASONS.items():
         assert reason in errors.loc[row_id, "reason"], errors.loc[row_id, "reason"]
+    assert set(errors["cause"]) == {"permanent"}  # a missing source included (a refused read: tests/test_faults.py)
     counts = record["counts"]
     assert record["status"] == "complete" and counts["error_rows"] == len(BAD_REASONS)
     assert counts["ok_rows"] + counts["error_rows"] == counts["input_rows"] == len(rows_of(sources))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.runtime import io
 from pipelines.runtime.schemas import PERMANENT, TRANSIENT
-from workers.runtime.columns import FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, failed_rows
+from workers.runtime.columns import FAILED_CAUSE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN, failed_rows
 
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -77,11 +77,12 @@ def encode_generated(batch: dict[str, np.ndarray], image_format: str, quality: i
 
     A row a model stage failed (out of GPU memory, a non-finite image, an invalid row: the
     stage and reason it recorded) or whose latent is not finite (stage ``denoiser``) gets
-    ``error_stage`` and ``error_reason`` instead of an image. ``channels``: the latent's
+    ``error_stage``, ``error_reason`` and ``error_cause`` (the row's own unless the stage
+    recorded otherwise, ``FAILED_CAUSE_COLUMN``) instead of an image. ``channels``: the latent's
     (statistics of failed rows are NaN of that size); None: from the batch's other rows.
     Imports no model code (no torch here): it runs in CPU tasks.
     """
-    images, reasons, stages = [], [], []
+    images, reasons, stages, causes = [], [], [], []
     aggregates: dict[str, list] = {"latent_count": [], "latent_mean": [], "latent_std": [], "latent_min": [], "latent_max": []}
     failed = failed_rows(batch)
     channels = channels or next((np.shape(latent)[0] for latent, fail in zip(batch["latents"], failed) if not fail), 1)
@@ -92,6 +93,7 @@ def encode_generated(batch: dict[str, np.ndarray], image_format: str, quality: i
             images.append(None)
             reasons.append(str(batch[FAILED_REASON_COLUMN][index]))
             stages.append(str(batch[FAILED_STAGE_COLUMN][index]))
+            causes.append((str(batch[FAILED_CAUSE_COLUMN][index]) if FAILED_CAUSE_COLUMN in batch else "") or PERMANENT)
             continue
         values = np.asarray(batch["latents"][index], np.float64)
         values = values.reshape(values.shape[0], -1)
@@ -101,8 +103,10 @@ def encode_generated(batch: dict[str, np.ndarray], image_format: str, quality: i
         images.append(encode_image(batch["image"][index], image_format, quality) if finite else None)
         reasons.append("" if finite else "the final latent has non-finite values (NaN or infinity)")
         stages.append("" if finite else "denoiser")
+        causes.append("" if finite else PERMANENT)
     batch.update({name: np.array(values) for name, values in aggregates.items()})
-    batch.update(image=_objects(images), error_reason=np.array(reasons, dtype=object), error_stage=np.array(stages, dtype=object))
+    batch.update(image=_objects(images), error_reason=np.array(reasons, dtype=object), error_stage=np.array(stages, dtype=object),
+                 error_cause=np.array(causes, dtype=object))
     return batch
 
 
@@ -111,11 +115,10 @@ def write_generated_images(batch: dict[str, np.ndarray], output: str, image_form
 
     A row whose image cannot be written gets an error reason (stage ``write``) instead of
     an image; the other rows go on. ``error_cause`` says whose fault each failure is: the
-    row's (a model stage's failure, a non-finite latent) or the storage's (a write that
-    failed after its retries: a rerun retries the row). Runs apart from the model actors (no torch here).
+    row's (a model stage's failure, a non-finite latent) or the storage's (a write, or the
+    read of a source image, that failed after its retries: a rerun retries the row). Runs apart from the model actors (no torch here).
     """
     batch = encode_generated(batch, image_format, quality)
-    batch["error_cause"] = np.array([PERMANENT if reason else "" for reason in batch["error_reason"]], dtype=object)
     paths = []
     for index, (row_id, data) in enumerate(zip(batch["id"], batch.pop("image"))):
         if data is None:

@@ -7,7 +7,9 @@ validation task (``prompt_rows``) reads it, records where it came from (its URI,
 ``pipelines.encoding.image_decode`` (decompression bombs refused from the header, EXIF
 orientation, every mode to RGB), resized to cover the row's size and centre-cropped. The crop
 travels to the denoiser as raw bytes (``init_pixels``); the manifest records the source, its
-sha256 and the strength.
+sha256 and the strength. A source that is not there, or not an image, is the row's error
+(permanent); one the store refused or did not answer after its retries is a transient error,
+which a rerun retries (the rule of ``encode``'s sources, ``io.is_transient``).
 
 A row's identity stays its id (or input position), as for every generated row: a rerun resumes
 without reading the sources of the rows it already holds (that would cost as much as the job's
@@ -78,7 +80,10 @@ class Source:
 
 
 def read_source(value, row: int | None, settings: SourceSettings) -> Source:
-    """The bytes of a row's ``init_image`` (bytes, or a path / URI), or a ValueError naming the column."""
+    """The bytes of a row's ``init_image`` (bytes, or a path / URI), or a ValueError naming the column.
+
+    A read the store refused or did not answer after its retries (``io.is_transient``, as ``encode``'s
+    sources) raises ``io.StorageError`` instead: not the row's fault, its error is transient."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Source(f"input row {row}" if row is not None else "input bytes", bytes(value))
     if not isinstance(value, str) or not value.strip():
@@ -86,8 +91,10 @@ def read_source(value, row: int | None, settings: SourceSettings) -> Source:
     uri = io.resolve_reference(settings.base_of(row), value.strip())
     try:
         return Source(uri, io.read_bytes(uri))
-    except Exception as error:  # any backend's failure means the same to the user: no bytes
-        raise ValueError(f"init_image: cannot read {uri!r}: {type(error).__name__}: {error}") from None
+    except io.StorageError as error:  # read_bytes wraps any backend's failure
+        if io.is_transient(error):
+            raise
+        raise ValueError(f"init_image: {error}") from None  # not there, a folder, not a valid URI: no retry changes it
 
 
 def source_crop(source: Source, height: int, width: int, settings: SourceSettings) -> np.ndarray:
@@ -102,7 +109,8 @@ def source_crop(source: Source, height: int, width: int, settings: SourceSetting
 
 
 def resolve_source(row: dict, height: int, width: int, settings: SourceSettings) -> tuple[dict, str | None]:
-    """(the row's ``INIT_IMAGE_FIELDS``, None) or ({}, reason). A null ``init_image``: a text-to-image row."""
+    """(the row's ``INIT_IMAGE_FIELDS``, None) or ({}, reason). A null ``init_image``: a text-to-image row.
+    A source the store refused raises ``io.StorageError`` (``read_source``)."""
     value, strength = row.get("init_image"), row.get("strength")
     if strength is not None and not (isinstance(strength, float) and math.isnan(strength)) and value is None:
         return {}, f"strength is {strength!r} but the row has no init_image"

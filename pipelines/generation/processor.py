@@ -27,7 +27,7 @@ from pipelines.runtime.placement import TASK_CPUS, check_stage_names, vae_micro_
 from pipelines.runtime.row_ids import position_id
 from pipelines.runtime.schemas import INIT_IMAGE_MANIFEST_FIELDS, LATENT_FIELDS, LORA_FIELDS, MANIFEST_FIELDS
 from workers.runtime.loras import check_lora_support, json_lists
-from workers.runtime.columns import BUSY_COLUMN_PREFIX, COUNT_COLUMN_PREFIX, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
+from workers.runtime.columns import BUSY_COLUMN_PREFIX, COUNT_COLUMN_PREFIX, FAILED_CAUSE_COLUMN, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
 
 if TYPE_CHECKING:  # ray and PIL load when a processor is applied, not when ``pipelines`` is imported
     import ray.data
@@ -43,8 +43,8 @@ GENERATED_COLUMNS = {
 }
 SAVED_LATENT_COLUMNS = {"latent": _TYPES["latent"], "latent_shape": _TYPES["latent_shape"]}  # with save_latents
 # what only the job's commit reads: the processor's rows leave without them
-_JOB_ONLY = ("latents", "error_stage", "error_reason", "latent_count", "latent_min", "latent_max",
-             FAILED_STAGE_COLUMN, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN)
+_JOB_ONLY = ("latents", "error_stage", "error_reason", "error_cause", "latent_count", "latent_min", "latent_max",
+             FAILED_STAGE_COLUMN, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_CAUSE_COLUMN)
 
 
 @dataclass(frozen=True)

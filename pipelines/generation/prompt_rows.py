@@ -4,6 +4,8 @@ Runs as a CPU task in Ray Data, before any model. Every row goes on with its own
 columns: a bad row is marked failed (stage ``validate``) and the model stages skip it,
 so that the job's commit writes it to ``errors/`` and the processor returns it with its
 ``error``; the others carry every setting explicitly, so workers never see a missing value.
+A failure is the row's own (permanent) except a source image the store refused or did not
+answer after its retries (``FAILED_CAUSE_COLUMN``: transient, a rerun retries the row).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.generation.init_images import INIT_IMAGE_COLUMNS, INIT_IMAGE_FIELDS, NO_SOURCE, SourceSettings, resolve_source, uses_init_images
+from pipelines.runtime import io
 from pipelines.runtime.repeated_ids import RepeatedIds
 from pipelines.runtime.row_ids import MAX_SEED, derived_seed, position_id
-from pipelines.runtime.schemas import LORA_COLUMNS, PAIR_COLUMNS, check_prompt_schema
-from workers.runtime.columns import FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
+from pipelines.runtime.schemas import LORA_COLUMNS, PAIR_COLUMNS, PERMANENT, TRANSIENT, check_prompt_schema
+from workers.runtime.columns import FAILED_CAUSE_COLUMN, FAILED_CODE_COLUMN, FAILED_REASON_COLUMN, FAILED_STAGE_COLUMN
 
 
 # what a validated row carries to the model stages (and the family's conditioning columns it has)
@@ -62,7 +65,8 @@ def _missing(value) -> bool:
 
 
 def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str | None]:
-    """(the row's resolved settings, None) or (None, reason). ``row["id"]`` (a string or None) seeds a row without a seed."""
+    """(the row's resolved settings, None) or (None, reason). ``row["id"]`` (a string or None) seeds a row without a seed.
+    A source image the store refused raises ``io.StorageError`` (not the row's fault: ``resolve_with_cause``)."""
     prompt = row.get("prompt")
     if _missing(prompt):
         return None, "prompt is null"
@@ -113,6 +117,14 @@ def resolve_row(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str |
         "negative_prompt": str(setting("negative_prompt", defaults.negative_prompt)),
         "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, **size, **pairs, **loras, **source,
     }, None
+
+
+def resolve_with_cause(row: dict, defaults: PromptDefaults) -> tuple[dict | None, str | None, str]:
+    """``resolve_row`` with whose fault a failure is: (settings, None, PERMANENT) or (None, reason, cause)."""
+    try:
+        return (*resolve_row(row, defaults), PERMANENT)
+    except io.StorageError as error:  # the store refused the row's source after its retries: a rerun retries the row
+        return None, f"init_image: {error}", TRANSIENT
 
 
 def uses_loras(columns, defaults: PromptDefaults) -> bool:
@@ -173,16 +185,17 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
     read = [column for column in ("prompt", "row", *SETTING_TYPES, *PAIR_COLUMNS, *LORA_COLUMNS, *INIT_IMAGE_COLUMNS)
             if column in table.column_names]
     loras, init_images = uses_loras(table.column_names, defaults), uses_init_images(table.column_names)
-    settings, reasons = [], []
+    settings, reasons, causes = [], [], []
     for row, row_id, first_row in zip(table.select(read).to_pylist(), ids, first_rows):
-        resolved, reason = resolve_row({**row, "id": row_id}, defaults)
+        resolved, reason, cause = resolve_with_cause({**row, "id": row_id}, defaults)
         if repeated is not None and row_id is None:
-            resolved, reason = None, "id is null"
+            resolved, reason, cause = None, "id is null", PERMANENT
         elif first_row >= 0:
-            resolved, reason = None, f"id {row_id!r} repeats the id of input row {first_row}"
+            resolved, reason, cause = None, f"id {row_id!r} repeats the id of input row {first_row}", PERMANENT
         settings.append(resolved or {**defaults.placeholder(), **{column: None for column in PAIR_COLUMNS if column in row},
                                      "lora": [], "lora_scale": [], **NO_SOURCE})
         reasons.append(reason or "")
+        causes.append(cause if reason else "")
 
     # 3. the settings and failures as columns beside the input's own (a job's ids as strings)
     columns = {column: pa.array([row[column] for row in settings], kind) for column, kind in SETTING_TYPES.items()}
@@ -201,6 +214,7 @@ def normalize_prompts(table: pa.Table, *, defaults: PromptDefaults, repeated: Re
         FAILED_STAGE_COLUMN: pa.array([VALIDATE_STAGE if fail else "" for fail in failed], pa.string()),
         FAILED_CODE_COLUMN: pa.array([INVALID_CODE if fail else "" for fail in failed], pa.string()),
         FAILED_REASON_COLUMN: pa.array(reasons, pa.string()),
+        FAILED_CAUSE_COLUMN: pa.array(causes, pa.string()),
     })
     for column, values in columns.items():
         index = table.column_names.index(column) if column in table.column_names else -1

@@ -31,6 +31,10 @@ def stack_column(arrays: list[np.ndarray]) -> np.ndarray:
 FAILED_STAGE_COLUMN = "failed_stage"
 FAILED_CODE_COLUMN = "failed_code"
 FAILED_REASON_COLUMN = "failed_reason"
+# Whose fault a failure is ("permanent" or "transient", the pipelines' error causes). Only the pipelines'
+# validation sets it, as it alone reads storage for a row (a source image the store refused: transient);
+# "" or no column: the row's own, as every model stage's failure.
+FAILED_CAUSE_COLUMN = "failed_cause"
 OOM_SPLITS_COLUMN_PREFIX = f"{COUNT_COLUMN_PREFIX}oom_splits_"  # a count: run.json groups them per stage
 # "count_peak_<...>" columns are maxima, not sums: a stage's peak GPU memory is the largest of its batches'
 PEAK_COUNT_PREFIX = "peak_"
