@@ -5,6 +5,7 @@ It enforces Ray's token authentication with its own token file, which the tests 
 to the client through RAY_AUTH_TOKEN_PATH, the way Ray itself reads it.
 """
 
+import ast
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -170,14 +173,70 @@ def test_a_missing_or_wrong_token_says_how_to_provide_it(head, tmp_path, monkeyp
     assert "needs an authentication token" in result.stderr and "ray get-auth-token" in result.stderr
 
 
-AIRFLOW_RUN = textwrap.dedent("""
+# One Airflow process for several DAG runs (Airflow's import costs seconds), so that a test can
+# change the input between runs: each line read, "DAG_ID [CONF_JSON]", is one dag.test() of that
+# DAG as Airflow finds it in the dags folder; the outcome follows the run's log as a RESULT line.
+AIRFLOW_RUNS = textwrap.dedent("""
     import json, sys
-    from jobs.airflow_dag import dag
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.dag import DagModel
 
-    run = dag.test(run_conf=json.loads(sys.argv[1]))
-    states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
-    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states}))
+    bag = DagBag(dag_folder=sys.argv[1])
+    if bag.import_errors:
+        sys.exit(f"DAG files that do not load: {bag.import_errors}")
+    for line in sys.stdin:
+        dag_id, _, conf = line.strip().partition(" ")
+        run = bag.get_dag(dag_id).test(run_conf=json.loads(conf) if conf else None)
+        states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+        next_run = DagModel.get_current(dag_id).next_dagrun_create_after  # when a scheduler would start the next run
+        print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "next_run": str(next_run)}), flush=True)
 """)
+# what the DAG's submit_job task prints: the Ray job of the run and what it did with it
+SUBMISSION = re.compile(r"^Ray job (latentray-\S+): (submitted|attached|already succeeded) \(status", re.MULTILINE)
+
+
+@dataclass
+class DagRun:
+    state: str
+    tasks: dict[str, str]
+    next_run: str
+    log: str
+
+    @property
+    def submission(self) -> tuple[str, str]:
+        """(submission id, "submitted" / "attached" / "already succeeded") of the run's submit_job task."""
+        found = SUBMISSION.findall(self.log)
+        assert len(found) == 1, self.log[-5000:]
+        return found[0]
+
+
+class AirflowRuns:
+    """Runs DAGs of a dags folder on request in one Airflow process (``AIRFLOW_RUNS``)."""
+
+    def __init__(self, env: dict[str, str], dags, log_path):
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "-c", AIRFLOW_RUNS, str(dags)], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def run(self, dag_id: str, conf: dict | None = None) -> DagRun:
+        self.process.stdin.write(f"{dag_id} {json.dumps(conf) if conf else ''}\n")
+        self.process.stdin.flush()
+        lines = []
+        for line in self.process.stdout:  # read as it comes: the run's log never fills the pipe
+            self.log.write(line)
+            if line.startswith("RESULT "):
+                return DagRun(**json.loads(line.removeprefix("RESULT ")), log="".join(lines))
+            lines.append(line)
+        raise AssertionError(f"the Airflow process ended (exit {self.process.wait()}): {''.join(lines)[-5000:]}")
+
+    def close(self) -> None:
+        self.process.stdin.close()  # the end of its input ends it, between runs
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # stopped inside a run (a failed test): its Ray job is the head's to end
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 def airflow_environment(home) -> dict[str, str]:
@@ -186,36 +245,81 @@ def airflow_environment(home) -> dict[str, str]:
     return env
 
 
-def test_airflow_dag_runs_a_generate_job_on_the_head(head_token, tmp_path):
+def readme_daily_dag(**values) -> str:
+    """The README's scheduled DAG file, its keyword arguments set to ``values`` (what a user edits: the locations).
+
+    Read from the README itself, so that the DAG it shows is the one this test runs.
+    """
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    _, found, section = readme.partition("**A scheduled, incremental DAG.**")
+    assert found, "README.md: no scheduled DAG example under its heading; this test runs that example"
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(snippet)
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "latentray_dag")
+    keywords = {keyword.arg: keyword for keyword in call.keywords}
+    assert ast.literal_eval(keywords["schedule"].value) == "@daily" and ast.literal_eval(keywords["input"].value).endswith("/")
+    for name, value in values.items():
+        expression = ast.parse(repr(value), mode="eval").body
+        if name in keywords:
+            keywords[name].value = expression
+        else:
+            call.keywords.append(ast.keyword(arg=name, value=expression))
+    return ast.unparse(tree)
+
+
+def test_airflow_dags_run_jobs_and_the_readme_daily_dag_generates_each_new_file_once(head_token, tmp_path):
     head = head_token
-    home = tmp_path / "airflow"
-    (home / "dags").mkdir(parents=True)
-    # what a user does: drop the DAG file into Airflow's dags folder
-    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "jobs", "airflow_dag.py"), home / "dags" / "latentray_dag.py")
+    home, prompts, output = tmp_path / "airflow", tmp_path / "prompts", tmp_path / "out"
+    dags = home / "dags"
+    dags.mkdir(parents=True)
+    day_1 = PROMPTS + [{"id": "blank", "prompt": " "}]  # a row that ends in errors/: counted once, never retried
+    write_prompts(prompts / "day-1.parquet", day_1)
+    params = {"input": f"{prompts}/", "output": str(output), "model": "tiny",
+              "options": {"steps": 1, "height": 16, "width": 16, "stage": ["fused.num_cpus=0.5"]},
+              "ray_address": head.address, "max_error_rate": 0.25, "poll_seconds": 1}
+    # what a user does: copy the DAG file into Airflow's dags folder; write the README's daily DAG there
+    shutil.copy(Path(__file__).parents[1] / "jobs" / "airflow_dag.py", dags / "latentray_dag.py")
+    (dags / "daily_images.py").write_text(readme_daily_dag(**params))
     env = airflow_environment(home)
-    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"],
-                             env=env, capture_output=True, text=True, timeout=180)
+    migrate = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, capture_output=True, text=True, timeout=180)
     assert migrate.returncode == 0, migrate.stderr[-3000:]
 
-    prompts = write_prompts(tmp_path / "prompts.parquet", PROMPTS + [{"id": "blank", "prompt": " "}])
-    output = tmp_path / "out"
-    conf = {"kind": "generate", "input": prompts, "output": str(output), "model": "tiny",
-            "options": {"steps": 2, "height": 32, "width": 32, "stage": ["fused.num_cpus=0.5"]},
-            "ray_address": head.address, "max_error_rate": 0.25, "poll_seconds": 1}
-    result = subprocess.run([sys.executable, "-c", AIRFLOW_RUN, json.dumps(conf)], env=env, capture_output=True, text=True, timeout=300)
-    (tmp_path / "dag-test.log").write_text(result.stdout + result.stderr)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, (result.stdout[-3000:], result.stderr[-5000:])
-    outcome = json.loads(lines[-1].removeprefix("RESULT "))
-    assert outcome["state"] == "success", (outcome, result.stderr[-5000:])
-    assert set(outcome["tasks"].values()) == {"success"} and len(outcome["tasks"]) == 5
-    assert "running trigger in line" in result.stdout + result.stderr  # the wait was deferred to the trigger
+    airflow = AirflowRuns(env, dags, tmp_path / "airflow.log")
+    try:
+        # day 1: the folder's rows; day 2: a new file, only its rows; day 3: no new file, nothing
+        first = airflow.run("daily_images")
+        first_record = json.loads((output / "run.json").read_text())
+        images_before = {path.name: path.stat().st_mtime_ns for path in (output / "images").iterdir()}
+        write_prompts(prompts / "day-2.parquet", NEW_PROMPTS)
+        second = airflow.run("daily_images")
+        second_record = (output / "run.json").read_text()
+        third = airflow.run("daily_images")
+        # the DAG triggered by hand with the same params names the same job
+        by_hand = airflow.run("latentray", {"kind": "generate", **params})
+    finally:
+        airflow.close()
 
-    record = json.loads((output / "run.json").read_text())
-    assert record["counts"]["input_rows"] == 5 and record["counts"]["ok_rows"] == 4 and record["counts"]["error_rows"] == 1
-    assert sorted(pd.read_parquet(output / "manifest")["id"]) == [row["id"] for row in PROMPTS]
-    # one Ray job for this output, submitted by the DAG's submit task; the wait task attached to it
-    request = job_request_from_arguments("generate", ["--prompts", prompts, "--output", str(output), "--model", "tiny",
-                                                      "--steps", "2", "--height", "32", "--width", "32", "--stage", "fused.num_cpus=0.5"])
-    assert [job.submission_id for job in latentray_jobs(head) if job.submission_id.startswith(request.id_prefix)] == [request.attempt_id(1)]
-    assert f"input state {request.input_state};" in result.stdout + result.stderr  # the wait named the job by check_input's listing
+    for run in (first, second, third, by_hand):
+        assert run.state == "success" and set(run.tasks.values()) == {"success"} and len(run.tasks) == 5, run.log[-5000:]
+    assert first.next_run != "None" and by_hand.next_run == "None"  # a scheduler runs the daily DAG by itself
+    assert "running trigger in line" in first.log  # the wait was deferred to the trigger
+
+    # one Ray job per state of the folder, each named by the state its run listed
+    request = job_request_from_arguments("generate", [
+        "--prompts", params["input"], "--output", str(output), "--model", "tiny", "--steps", "1", "--height", "16",
+        "--width", "16", "--stage", "fused.num_cpus=0.5"])
+    assert first.submission[1] == "submitted" and second.submission == (request.attempt_id(1), "submitted")
+    assert first.submission[0] != second.submission[0]
+    assert third.submission == by_hand.submission == (second.submission[0], "already succeeded")
+    jobs = [job.submission_id for job in latentray_jobs(head) if (job.metadata or {}).get("latentray_output") == str(output)]
+    assert sorted(jobs) == sorted([first.submission[0], second.submission[0]])
+    assert f"input state {request.input_state};" in second.log  # the wait named the job by check_input's listing
+
+    # every row once: day 1's by the first job, day 2's by the second, nothing again
+    counts = first_record["counts"]
+    assert (counts["input_rows"], counts["ok_rows"], counts["error_rows"], counts["generated_this_run"]) == (5, 4, 1, 4)
+    counts = json.loads(second_record)["counts"]
+    assert (counts["input_rows"], counts["ok_rows"], counts["error_rows"], counts["generated_this_run"]) == (7, 6, 1, len(NEW_PROMPTS))
+    assert (output / "run.json").read_text() == second_record  # the third run and the hand-triggered one ran nothing
+    assert sorted(pd.read_parquet(output / "manifest")["id"]) == [row["id"] for row in PROMPTS + NEW_PROMPTS]
+    assert all((output / "images" / name).stat().st_mtime_ns == mtime for name, mtime in images_before.items())
