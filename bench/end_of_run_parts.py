@@ -42,7 +42,8 @@ class PartsRun:
     parts: int  # manifest parts
     errors_parts: int
     create_seconds: float
-    listing_seconds: float  # one listing of manifest/ and errors/
+    listing_seconds: float  # one listing of manifest/ and errors/ (``io.list_parts``: on S3, by prefixes at once)
+    plain_listing_seconds: float  # the same, one request after another (fsspec's ``find``)
     end_of_run_seconds: float
     end_of_run_footers_read: int
     rerun_seconds: float  # the whole `latentray generate` process
@@ -166,6 +167,11 @@ def run_case(parts: int, work: str, store: str) -> PartsRun:
     started = time.perf_counter()
     manifest, errors = io.list_parts(plan.output.results_uri), io.list_parts(plan.output.errors_uri)
     listing_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for folder in (plan.output.results_uri, plan.output.errors_uri):
+        fs, path = io.filesystem(folder)
+        fs.find(path)
+    plain_listing_seconds = time.perf_counter() - started
     sample = manifest[:: max(1, len(manifest) // FOOTER_SAMPLE)][:FOOTER_SAMPLE]
     started = time.perf_counter()
     for uri in sample:
@@ -173,6 +179,7 @@ def run_case(parts: int, work: str, store: str) -> PartsRun:
     footer_milliseconds = (time.perf_counter() - started) / len(sample) * 1000
     os.remove(prompts)
     return PartsRun(store=store, parts=len(manifest), errors_parts=len(errors), create_seconds=create_seconds, listing_seconds=listing_seconds,
+                    plain_listing_seconds=plain_listing_seconds,
                     end_of_run_seconds=end_of_run_seconds, end_of_run_footers_read=footers_read, rerun_seconds=rerun_seconds,
                     rerun_exit_code=rerun.returncode, footer_milliseconds=footer_milliseconds)
 
@@ -194,10 +201,10 @@ def print_parts_report(runs: list[PartsRun]) -> list[dict]:
 
     print(f"\nend of run at many parts: {os.cpu_count()} CPUs\n")
     print(common.format_columns(
-        ("store", "manifest parts", "errors parts", "create (s)", "parts/s", "listing (s)", "end of run (s)", "rerun process (s)",
+        ("store", "manifest parts", "errors parts", "create (s)", "parts/s", "listing (s)", "one request at a time (s)", "end of run (s)", "rerun process (s)",
          "footer (ms)", "one by one (s)"),
         [(run.store, f"{run.parts:,}", f"{run.errors_parts:,}", f"{run.create_seconds:.0f}", f"{run.parts / run.create_seconds:.0f}",
-          f"{run.listing_seconds:.1f}", f"{run.end_of_run_seconds:.1f}", f"{run.rerun_seconds:.1f}", f"{run.footer_milliseconds:.1f}",
+          f"{run.listing_seconds:.1f}", f"{run.plain_listing_seconds:.1f}", f"{run.end_of_run_seconds:.1f}", f"{run.rerun_seconds:.1f}", f"{run.footer_milliseconds:.1f}",
           f"{run.one_by_one_seconds:.0f}") for run in runs],
     ))
     print("- end of run: counts, latent_stats.json, the parts index and run.json after the last commit; "
