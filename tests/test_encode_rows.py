@@ -13,6 +13,7 @@ from image_helpers import picture, png
 from pipelines.encoding.encode_rows import RowSettings, SourceColumns, prepare_images
 from pipelines.encoding.image_decode import Preprocessing
 from pipelines.encoding.latent_output import LatentLayout, commit_latents, latents_of, remove_rows, tensor_values, upgrade_part
+from pipelines.encoding import ledger
 from pipelines.encoding.ledger import DONE_KEY_COLUMN, REPEAT_OF_COLUMN, look_up, settle
 from pipelines.runtime import io
 from pipelines.runtime.outputs import RunOutput
@@ -91,8 +92,11 @@ def test_commit_writes_a_tensor_part_with_exact_stats_and_sends_overflow_to_erro
     assert "--latent-dtype float32" in errors_of(tmp_path).loc["c", "reason"]
 
 
-def test_the_ledger_removes_superseded_copies_looks_up_done_keys_and_counts(tmp_path, ray_session):
-    """The tasks of ``pipelines.encoding.ledger`` on a real local Ray: an interrupted rerun left two copies of "b"."""
+@pytest.mark.parametrize("in_driver_rows", [0, ledger.LEDGER_IN_DRIVER_ROWS], ids=["tasks", "in-driver"])
+def test_the_ledger_removes_superseded_copies_looks_up_done_keys_and_counts(tmp_path, ray_session, monkeypatch, in_driver_rows):
+    """``pipelines.encoding.ledger`` on a real local Ray, as tasks and (a small ledger) in the driver, with the same
+    results: an interrupted rerun left two copies of "b"."""
+    monkeypatch.setattr(ledger, "LEDGER_IN_DRIVER_ROWS", in_driver_rows)
     output = RunOutput(str(tmp_path / "out"), "latents")
     rng = np.random.default_rng(1)
     first = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)

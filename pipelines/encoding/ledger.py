@@ -48,6 +48,11 @@ DONE_KEY_COLUMN, REPEAT_OF_COLUMN = "done_key", "repeat_of"
 LOOKUP_SCHEMA = pa.schema([("row", pa.int64()), (DONE_KEY_COLUMN, pa.string()), (REPEAT_OF_COLUMN, pa.int64())])
 STALE_SCHEMA = pa.schema([("part", pa.int64()), ("index", pa.int64())])
 COUNTS = ("ok_rows", "error_rows", "encoded_this_run", "errors_this_run", "rows_not_in_input")
+# A ledger of at most this many input and output rows runs its steps in the driver (a few MB): tasks
+# would cost more than the work. It also keeps small jobs clear of a stall seen in Ray 2.60 on a
+# 2-core machine under load: the first tasks of a ledger submitted while the previous job's actors
+# were torn down were never leased (nothing queued or running anywhere; cause not found)
+LEDGER_IN_DRIVER_ROWS = 50_000
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,11 @@ class Lookup:
 def look_up(output: RunOutput, fragments: list[io.ParquetFragment], id_column: str | None) -> Lookup:
     """Before a run: remove superseded copies; each input row's done key and repeat, per row group."""
     parts = output_parts(output)
-    buckets = _bucket_count(fragments, parts)
+    buckets, in_driver = _bucket_count(fragments, parts), _in_driver(fragments, parts)
     lookup_groups = fragment_groups(fragments, rows_per_group(buckets, LOOKUP_GROUP_ROWS))
-    result = _shuffle(output, parts, fragments, id_column, buckets, lookup_groups=lookup_groups, current_run=None)
+    result = _shuffle(output, parts, fragments, id_column, buckets, lookup_groups=lookup_groups, current_run=None, in_driver=in_driver)
     # one items table per row group, as before the lookups: one reading task each
-    items = [ref for group, refs in zip(lookup_groups, result.lookups) for ref in remote_returning(_lookup_items, len(group), group, *refs)]
+    items = [ref for group, refs in zip(lookup_groups, result.lookups) for ref in _call(in_driver, _lookup_items, len(group), group, *refs)]
     return Lookup(items=items or [ray.put(_items_table([], LOOKUP_SCHEMA.empty_table()))], rows_done=result.summary["rows_done"],
                   last_run=result.summary["last_run"], superseded_rows_removed=result.removed)
 
@@ -91,7 +96,8 @@ def settle(output: RunOutput, fragments: list[io.ParquetFragment], id_column: st
     """After run ``run``: remove superseded copies (position-keyed errors of earlier runs too: this run
     wrote every one that still applies); return where the input rows ended and what the run wrote."""
     parts = output_parts(output)
-    result = _shuffle(output, parts, fragments, id_column, _bucket_count(fragments, parts), lookup_groups=[], current_run=run)
+    result = _shuffle(output, parts, fragments, id_column, _bucket_count(fragments, parts), lookup_groups=[], current_run=run,
+                      in_driver=_in_driver(fragments, parts))
     counts = {name: result.summary[name] for name in COUNTS}
     input_rows = sum(fragment.num_rows for fragment in fragments)
     return {"input_rows": input_rows, **counts, "superseded_rows_removed": result.removed,
@@ -109,24 +115,41 @@ class _ShuffleResult:
 
 
 def _bucket_count(fragments: list[io.ParquetFragment], parts: list[OutputPart]) -> int:
-    return bucket_count(sum(fragment.num_rows for fragment in fragments) + sum(part.rows for part in parts))
+    return bucket_count(_ledger_rows(fragments, parts))
+
+
+def _in_driver(fragments: list[io.ParquetFragment], parts: list[OutputPart]) -> bool:
+    return _ledger_rows(fragments, parts) <= LEDGER_IN_DRIVER_ROWS
+
+
+def _ledger_rows(fragments: list[io.ParquetFragment], parts: list[OutputPart]) -> int:
+    return sum(fragment.num_rows for fragment in fragments) + sum(part.rows for part in parts)
+
+
+def _call(in_driver: bool, function, count: int, *args, **kwargs) -> list[ray.ObjectRef]:
+    """``remote_returning``; for a small ledger (``LEDGER_IN_DRIVER_ROWS``) the same function called
+    here, on its arguments' values, its results put in the object store as a task's would be."""
+    if not in_driver:
+        return remote_returning(function, count, *args, **kwargs)
+    values = function._function(*[ray.get(arg) if isinstance(arg, ray.ObjectRef) else arg for arg in args], **kwargs)
+    return [ray.put(value) for value in (values if count > 1 else [values])]
 
 
 def _shuffle(output: RunOutput, parts: list[OutputPart], fragments: list[io.ParquetFragment], id_column: str | None,
-             buckets: int, lookup_groups: list[list[io.ParquetFragment]], current_run: int | None) -> _ShuffleResult:
+             buckets: int, lookup_groups: list[list[io.ParquetFragment]], current_run: int | None, in_driver: bool) -> _ShuffleResult:
     # 1. both sides split by the hash of the id: input row groups, then output parts
-    inputs = [remote_returning(_input_entries, buckets, group, id_column, buckets)
+    inputs = [_call(in_driver, _input_entries, buckets, group, id_column, buckets)
               for group in fragment_groups(fragments, rows_per_group(buckets))]
     part_groups = groups_of_rows(parts, [part.rows for part in parts], rows_per_group(buckets, PART_GROUP_ROWS))
     part_group_starts = np.cumsum([0] + [len(group) for group in part_groups])[:-1]
-    outputs = [remote_returning(_output_entries, 1 + buckets, output, group, int(start), buckets)
+    outputs = [_call(in_driver, _output_entries, 1 + buckets, output, group, int(start), buckets)
                for start, group in zip(part_group_starts, part_groups)]
 
     # 2. one task per bucket: lookups, stale copies and counts of its ids
     returns = 1 + len(lookup_groups) + len(part_groups)
     settled = [
-        remote_returning(
-            _settle_bucket, returns, len(inputs), *[refs[bucket] for refs in inputs], *[refs[1 + bucket] for refs in outputs],
+        _call(
+            in_driver, _settle_bucket, returns, len(inputs), *[refs[bucket] for refs in inputs], *[refs[1 + bucket] for refs in outputs],
             lookup_starts=np.asarray([group[0].first_row for group in lookup_groups], np.int64),
             part_group_starts=np.asarray(part_group_starts, np.int64), current_run=current_run,
         )
@@ -136,8 +159,8 @@ def _shuffle(output: RunOutput, parts: list[OutputPart], fragments: list[io.Parq
 
     # 3. stale copies out, one task per group of parts (their names as their reading task left them)
     removed = ray.get([
-        _remove_stale.remote(output, refs[0], [part.is_results for part in group], int(start),
-                             *[bucket_refs[1 + len(lookup_groups) + index] for bucket_refs in settled])
+        _call(in_driver, _remove_stale, 1, output, refs[0], [part.is_results for part in group], int(start),
+              *[bucket_refs[1 + len(lookup_groups) + index] for bucket_refs in settled])[0]
         for index, (start, group, refs) in enumerate(zip(part_group_starts, part_groups, outputs))
     ])
     lookups = [[bucket_refs[1 + group] for bucket_refs in settled] for group in range(len(lookup_groups))]
