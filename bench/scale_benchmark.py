@@ -4,6 +4,7 @@
     python bench/scale_benchmark.py --rows 100000 1000000 --encode-rows 100000 --json scale.json
     python bench/scale_benchmark.py --rows --encode-rows --parts 10000 50000    # only the end of run at many parts
     python bench/scale_benchmark.py --rows --encode-rows --parts 300000 --parts-store local    # the same in a local folder
+    python bench/scale_benchmark.py --rows --encode-rows --text-cache-keys 1000000            # only the job text cache at 1M texts
 
 Rows need little model work, so the figures show what latentray itself costs per row: one
 row in ``--real-every`` is a real prompt (the tiny model draws it at 16x16 in 1 step) and
@@ -17,6 +18,10 @@ The largest encoding run is rerun the same way.
 
 ``--parts N ...`` adds the end of a run at N manifest parts on the local S3 server
 (``end_of_run_parts.py``): a real output of N parts, the end of its run and its rerun.
+
+``--text-cache-keys N`` adds the job text cache at N distinct texts (``text_cache_scale.py``):
+text-stage stand-ins drive the real cache actors; its memory, the object store's use and
+the driver's memory as the distinct texts pass its byte budget.
 
 Goals (issue 11): driver peak RSS at 10M <= 1.5x that at 100k; time per row at 10M <=
 1.2x that at 100k; the rerun of a finished output under 5% of the first run's wall time.
@@ -41,6 +46,7 @@ import pyarrow.parquet as pq
 
 import common
 from end_of_run_parts import print_parts_report, run_parts_benchmark
+from text_cache_scale import print_text_cache_report, run_text_cache_benchmark
 
 ROW_GROUP_ROWS = 100_000
 SIZE = 16  # pixels: the tiny model's smallest useful image, so model work stays negligible
@@ -204,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts-store", choices=("s3", "local"), default="s3",
                         help="--parts: the local S3 server (moto), or a local folder under --work-dir (its listing takes "
                              "seconds where moto's grows with the square of the objects: what is left is the driver's own work)")
+    parser.add_argument("--text-cache-keys", type=common.positive_integer, metavar="N",
+                        help="also drive the job text cache with N distinct texts (no model) and report its memory")
+    parser.add_argument("--text-cache-asks", type=common.positive_integer, default=2,
+                        help="--text-cache-keys: lookups per distinct text (a 10M-row job of 1M prompts makes ~10; "
+                             "2 keeps 1M texts near 10 minutes on 2 cores)")
+    parser.add_argument("--text-cache-mib", type=common.positive_integer,
+                        help="--text-cache-keys: the cache's budget (default: a job's, a quarter of the object store)")
     parser.add_argument("--work-dir", help="where inputs and outputs go (default: the system's temp folder)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     options = parser.parse_args(argv)
@@ -211,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     report = print_report(runs, options) if runs else {}
     if options.parts:
         report["parts"] = print_parts_report(run_parts_benchmark(options.parts, options.work_dir, options.parts_store))
+    if options.text_cache_keys:
+        report["text_cache"] = print_text_cache_report(
+            run_text_cache_benchmark(options.text_cache_keys, options.text_cache_asks, options.text_cache_mib))
     common.write_json(report, options.json)
     return 0
 
