@@ -53,6 +53,17 @@ def run_clean(command: list[str]) -> float:
     return time.monotonic() - started
 
 
+def run_through(proxy: "FaultyS3Proxy", command: list[str], label: str, **environment: str) -> subprocess.CompletedProcess:
+    """Run the job to its end with its S3 requests through ``proxy`` (closed after); print its time and the proxy's counts."""
+    started = time.monotonic()
+    try:
+        return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, **environment})
+    finally:
+        proxy.close()
+        print(f"{label} {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+
+
 def process_titles() -> dict[int, str]:
     titles = {}
     for entry in os.listdir("/proc"):
@@ -490,13 +501,7 @@ def test_object_store_throttling_cut_connections_and_refused_writes_lose_and_rep
     # 1. the job from and to the object store, through a proxy that throttles 10%, cuts 2% and refuses two rows' image writes
     refused = lambda method, path: method == "PUT" and any(f"/out/images/{row_id}.png" in path for row_id in twins)
     proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50, refuse=refused, refuse_status=403)
-    started = time.monotonic()
-    try:
-        faulty = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
-    finally:
-        proxy.close()
-    print(f"first run {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    faulty = run_through(proxy, command, "first run")
     assert proxy.counts["slow_down"] > 0 and proxy.counts["cut"] > 0 and proxy.counts["refused"] >= 2 * 3, proxy.counts
 
     # 2. those rows are transient errors: the run is incomplete, exit 3, with a line that says so
@@ -510,13 +515,7 @@ def test_object_store_throttling_cut_connections_and_refused_writes_lose_and_rep
 
     # 3. the rerun, through a proxy that still throttles and cuts but refuses nothing: exactly those rows, their error rows gone
     proxy = FaultyS3Proxy(s3_endpoint, slow_down_every=10, cut_every=50)
-    started = time.monotonic()
-    try:
-        rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
-    finally:
-        proxy.close()
-    print(f"rerun {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    rerun = run_through(proxy, command, "rerun")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     record = io.read_json("s3://fault-bucket/out/run.json")
     assert record["status"] == "complete" and record["transient_errors_retried"] == 2 and record["counts"]["generated_this_run"] == 2
@@ -570,13 +569,7 @@ def test_refused_listings_on_a_finished_rerun_exit_3_naming_the_location_and_cha
 
     # 2. its rerun, with every listing of out/manifest/ answered 503 (through one client attempt, then s3fs's retries)
     proxy = FaultyS3Proxy(s3_endpoint, refuse=lambda method, path: "list-type" in path and "prefix=out/manifest" in path.replace("%2F", "/"))
-    try:
-        environment = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"}
-        started = time.monotonic()
-        rerun = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600, env=environment)
-    finally:
-        proxy.close()
-    print(f"refused rerun {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    rerun = run_through(proxy, command, "refused rerun", AWS_MAX_ATTEMPTS="2")
     assert proxy.counts["refused"] > 0, proxy.counts
     assert rerun.returncode == 3, rerun.stderr[-3000:]
     assert "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
@@ -631,13 +624,7 @@ def test_refused_source_image_reads_are_transient_errors_the_rerun_draws_those_r
 
     # 1. the first run, through a proxy that refuses the twins' source reads
     proxy = FaultyS3Proxy(s3_endpoint, refuse=lambda method, path: method == "GET" and "/sources/refused-" in path, refuse_status=403)
-    started = time.monotonic()
-    try:
-        first = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint})
-    finally:
-        proxy.close()
-    print(f"first run {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    first = run_through(proxy, command, "first run")
     assert proxy.counts["refused"] >= 2, proxy.counts
 
     # 2. incomplete, exit 3; the refused rows are transient errors of the validate stage, the missing one permanent
@@ -684,13 +671,7 @@ def test_encode_source_reads_refused_end_incomplete_and_the_rerun_encodes_exactl
 
     # 1. the first run, through a proxy that answers those rows' reads 503 (one client attempt, then s3fs's retries)
     proxy = FaultyS3Proxy(s3_endpoint, refuse=lambda method, path: method == "GET" and any(f"/images/{row_id}.png" in path for row_id in refused))
-    started = time.monotonic()
-    try:
-        first = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1"})
-    finally:
-        proxy.close()
-    print(f"first run {time.monotonic() - started:.1f} s, proxy {proxy.counts}")
+    first = run_through(proxy, command, "first run", AWS_MAX_ATTEMPTS="1")
     assert proxy.counts["refused"] >= 2, proxy.counts
     assert first.returncode == 3, first.stderr[-3000:]
     assert "Traceback" not in first.stderr and f"2 of {rows} rows failed for a cause outside them" in first.stderr, first.stderr[-3000:]
